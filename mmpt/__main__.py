@@ -1,0 +1,5 @@
+import sys
+
+from mmpt.cli import main
+
+sys.exit(main())

@@ -1,0 +1,107 @@
+"""mmpt command line.
+
+    mmpt train --config demo train.steps=100            (single process)
+    torchrun --nproc_per_node=2 -m mmpt.cli train --config demo
+    mmpt eval zeroshot --run runs/demo --out runs/demo/zeroshot.json
+    mmpt shards build --manifest pairs.jsonl --out data/mine --prefix mine
+    mmpt export --run runs/demo --out exports/demo --results runs/demo/zeroshot.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from mmpt.config import ConfigError, load_config
+from mmpt.data.shards import DataError
+
+
+def cmd_train(args) -> int:
+    cfg = load_config(args.config, args.overrides)
+    from mmpt.train.loop import train
+
+    train(cfg)
+    return 0
+
+
+def cmd_eval_zeroshot(args) -> int:
+    from mmpt.eval.zeroshot import run_zeroshot
+    from mmpt.hub import load_pretrained
+
+    model, cfg = load_pretrained(args.run)
+    result = run_zeroshot(model, cfg, args.data or cfg.data.val, args.classes or cfg.data.classes,
+                          args.batch_size or cfg.eval.batch_size)
+    text = json.dumps(result, indent=1)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(text + "\n")
+    print(text)
+    print(f"zero-shot top-1 {result['top1']:.3f} (chance {result['chance_top1']:.3f}) on {result['num_samples']} samples",
+          file=sys.stderr)
+    return 0
+
+
+def cmd_shards_build(args) -> int:
+    from mmpt.data.shards import WriteReport, manifest_samples, write_shards
+
+    refused = WriteReport()
+    report = write_shards(manifest_samples(args.manifest, refused), args.out, args.prefix, args.shard_size)
+    summary = report.summary()
+    summary.update(refused=dict(refused.refused), refused_examples=refused.refused_examples)
+    print(json.dumps(summary, indent=1))
+    return 0 if report.written else 1
+
+
+def cmd_export(args) -> int:
+    from mmpt.hub import export
+
+    print(export(args.run, args.out, args.results))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="mmpt", description="Distributed multimodal pretraining.",
+                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    sub = ap.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("train", help="train a model (launch with torchrun for several processes)")
+    p.add_argument("--config", required=True, help="shipped config name (demo) or YAML path")
+    p.add_argument("overrides", nargs="*", help="dotted.key=value overrides")
+    p.set_defaults(func=cmd_train)
+
+    ev = sub.add_parser("eval", help="evaluate a trained model").add_subparsers(dest="eval_command", required=True)
+    p = ev.add_parser("zeroshot", help="zero-shot classification on held-out shards")
+    p.add_argument("--run", required=True, help="run directory (DeepSpeed checkpoints) or export directory")
+    p.add_argument("--data", help="shard spec (default: the run's data.val)")
+    p.add_argument("--classes", help="classes JSON with classnames and templates (default: data.classes)")
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--out", help="write the result JSON here")
+    p.set_defaults(func=cmd_eval_zeroshot)
+
+    sh = sub.add_parser("shards", help="build webdataset shards").add_subparsers(dest="shards_command", required=True)
+    p = sh.add_parser("build", help="image-text manifest (CSV or JSONL: image, text, label, ...) -> tar shards")
+    p.add_argument("--manifest", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--prefix", required=True)
+    p.add_argument("--shard-size", type=int, default=1000)
+    p.set_defaults(func=cmd_shards_build)
+
+    p = sub.add_parser("export", help="run checkpoint -> safetensors + config + model card")
+    p.add_argument("--run", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--results", help="eval JSON to put in the model card")
+    p.set_defaults(func=cmd_export)
+    return ap
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ConfigError, DataError, FileNotFoundError) as e:
+        print(f"mmpt {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,226 @@
+"""Typed run configuration: dataclasses loaded from YAML, with dotted CLI overrides.
+
+    cfg = load_config("demo", ["train.steps=50", "model.width=64"])
+
+`NAME` resolves to the YAML shipped in `mmpt/configs/NAME.yaml`; anything else is a path.
+Every user mistake (unknown key, wrong type, missing file) raises `ConfigError` whose
+message names the dotted key or the file, so the CLI can print one line and exit.
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+CONFIG_DIR = Path(__file__).parent / "configs"
+
+
+class ConfigError(ValueError):
+    """A user mistake in a config file or override; the message names the key or file."""
+
+
+@dataclass
+class DataConfig:
+    train: str = "data/demo/train"  # shard dir (with sizes.json), brace pattern, or glob
+    val: str = "data/demo/val"
+    classes: str = "data/demo/classes.json"  # classnames + prompt templates for zero-shot
+    batch_size: int = 64  # per rank
+    num_workers: int = 1
+    shuffle_buffer: int = 500
+    bad_sample_limit: float = 0.01  # fraction of skipped samples that stops the run
+
+
+@dataclass
+class ModelConfig:
+    width: int = 128
+    depth: int = 4
+    heads: int = 4
+    mlp_ratio: float = 4.0
+    patch_size: int = 8
+    image_size: int = 32
+    context_length: int = 16
+    vocab_size: int = 49408  # open_clip BPE
+    sot_id: int = 49406
+    eot_id: int = 49407
+    embed_dim: int = 128
+    decoder_layers: int = 1  # unimodal causal text layers of the caption decoder
+    decoder_cross_layers: int = 1  # multimodal layers (cross-attend to encoder tokens)
+    dropout: float = 0.0
+    grad_checkpointing: bool = False
+    modalities: list = field(default_factory=lambda: ["image", "text"])
+
+
+@dataclass
+class LossConfig:
+    contrastive_weight: float = 1.0
+    caption_weight: float = 1.0
+    init_temperature: float = 0.07
+    max_logit_scale: float = 100.0
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-3
+    weight_decay: float = 0.1
+    betas: list = field(default_factory=lambda: [0.9, 0.98])
+    eps: float = 1e-6
+    warmup_steps: int = 50
+    grad_clip: float = 1.0
+
+
+@dataclass
+class DeepSpeedConfig:
+    zero_stage: int = 2
+    bf16: bool = False
+    extra: dict = field(default_factory=dict)  # merged last into the generated DeepSpeed JSON
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 400
+    log_every: int = 10
+    ckpt_every: int = 200
+    keep_checkpoints: int = 2
+    out_dir: str = "runs/demo"
+    resume: bool = True  # continue from the newest checkpoint in out_dir if one exists
+    seed: int = 0
+
+
+@dataclass
+class EvalConfig:
+    batch_size: int = 256
+    top_k: list = field(default_factory=lambda: [1, 5])
+
+
+@dataclass
+class Config:
+    name: str = "demo"
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _check_value(value: Any, tp: Any, key: str) -> Any:
+    """Coerce/validate one leaf value against its annotation; raise naming the key."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return None if value is None else _check_value(value, args[0], key)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    elif tp is list or origin is list:
+        if isinstance(value, list):
+            return value
+    elif tp is dict or origin is dict:
+        if isinstance(value, dict):
+            return value
+    else:
+        return value
+    name = getattr(tp, "__name__", str(tp))
+    raise ConfigError(f"{key}: expected {name}, got {type(value).__name__} {value!r}")
+
+
+def _build(cls: type, data: dict, prefix: str) -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    for key in data:
+        if key not in names:
+            raise ConfigError(f"unknown key '{prefix}{key}' (valid: {', '.join(sorted(names))})")
+    kwargs = {}
+    for key, value in data.items():
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            kwargs[key] = _build(tp, value, f"{prefix}{key}.")
+        else:
+            kwargs[key] = _check_value(value, tp, f"{prefix}{key}")
+    return cls(**kwargs)
+
+
+def resolve_path(name_or_path: str) -> Path:
+    """A shipped config name (`demo`) or a YAML path."""
+    shipped = CONFIG_DIR / f"{name_or_path}.yaml"
+    if shipped.is_file():
+        return shipped
+    path = Path(name_or_path)
+    if path.is_file():
+        return path
+    names = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+    raise ConfigError(f"config '{name_or_path}': no such file and not a shipped config ({', '.join(names)})")
+
+
+def _apply_override(data: dict, item: str) -> None:
+    if "=" not in item:
+        raise ConfigError(f"override '{item}': expected dotted.key=value")
+    key, raw = item.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw else ""
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override '{key}': cannot parse value {raw!r}: {e}") from None
+    node = data
+    parts = key.split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override '{key}': '{part}' is not a section")
+    node[parts[-1]] = value
+
+
+def validate(cfg: Config) -> Config:
+    m, d = cfg.model, cfg.data
+    if m.width % m.heads:
+        raise ConfigError(f"model.width={m.width} must be divisible by model.heads={m.heads}")
+    if m.image_size % m.patch_size:
+        raise ConfigError(f"model.image_size={m.image_size} must be divisible by model.patch_size={m.patch_size}")
+    if cfg.deepspeed.zero_stage not in (0, 1, 2, 3):
+        raise ConfigError(f"deepspeed.zero_stage={cfg.deepspeed.zero_stage}: must be 0, 1, 2 or 3")
+    for key, val in [("data.batch_size", d.batch_size), ("train.steps", cfg.train.steps), ("model.depth", m.depth)]:
+        if val <= 0:
+            raise ConfigError(f"{key}={val}: must be positive")
+    if not 0.0 <= d.bad_sample_limit <= 1.0:
+        raise ConfigError(f"data.bad_sample_limit={d.bad_sample_limit}: must be in [0, 1]")
+    known = {"image", "text"}
+    for mod in m.modalities:
+        if mod not in known:
+            raise ConfigError(f"model.modalities: unknown modality '{mod}' (known: {', '.join(sorted(known))})")
+    return cfg
+
+
+def load_config(name_or_path: str, overrides: Optional[list] = None) -> Config:
+    path = resolve_path(name_or_path)
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: invalid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: top level must be a mapping")
+    for item in overrides or []:
+        _apply_override(data, item)
+    return validate(_build(Config, data, ""))
+
+
+def config_from_dict(data: dict) -> Config:
+    return validate(_build(Config, data, ""))

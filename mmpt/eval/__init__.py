@@ -1,0 +1,1 @@
+"""Zero-shot evaluation (classification now; retrieval and captioning grow here)."""

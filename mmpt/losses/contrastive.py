@@ -1,0 +1,84 @@
+"""Exact distributed InfoNCE over any pair of embeddings (`emb_a`, `emb_b`), modality-agnostic.
+
+Each rank scores its local rows against the columns of every rank (gathered with gradient), in both
+directions. The mean of the per-rank losses equals the full-batch InfoNCE, and after the usual gradient
+averaging across ranks the gradients equal the full-batch gradients (tested against float64).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+
+class GatherWithGrad(torch.autograd.Function):
+    """all_gather whose backward sums every rank's gradient for this rank's slice.
+
+    Written out (not torch.distributed.nn.all_gather) because that one breaks in backward on gloo
+    subgroups; all_reduce + slice works on every backend and group.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, group) -> torch.Tensor:
+        ctx.group = group
+        ctx.rank, ctx.n = dist.get_rank(group), x.size(0)
+        parts = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
+        dist.all_gather(parts, x.contiguous(), group=group)
+        return torch.cat(parts)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        grad = grad.contiguous()
+        dist.all_reduce(grad, group=ctx.group)
+        return grad[ctx.rank * ctx.n:(ctx.rank + 1) * ctx.n], None
+
+
+def _world(group) -> int:
+    return dist.get_world_size(group) if dist.is_available() and dist.is_initialized() else 1
+
+
+def _check_equal_sizes(n: int, group) -> None:
+    sizes = [torch.zeros(1, dtype=torch.long) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(sizes, torch.tensor([n]), group=group)
+    sizes = [int(s) for s in sizes]
+    if len(set(sizes)) > 1:
+        raise ValueError(f"contrastive_loss: local batch sizes differ across ranks {sizes}; "
+                         "use equal per-rank batches (drop the partial last batch)")
+
+
+def contrastive_loss(emb_a: torch.Tensor, emb_b: torch.Tensor, logit_scale: torch.Tensor,
+                     group: Optional[dist.ProcessGroup] = None, check_sizes: bool = True) -> tuple[torch.Tensor, dict]:
+    """Symmetric InfoNCE of matching rows of emb_a and emb_b across all ranks of `group`.
+
+    Returns this rank's loss (mean over ranks = global loss) and a report. Computed in fp32 whatever the
+    embedding dtype.
+    """
+    if emb_a.shape != emb_b.shape:
+        raise ValueError(f"contrastive_loss: emb_a {tuple(emb_a.shape)} and emb_b {tuple(emb_b.shape)} differ")
+    a, b, scale = emb_a.float(), emb_b.float(), logit_scale.float()
+    n, world = a.size(0), _world(group)
+    if world > 1:
+        if check_sizes:
+            _check_equal_sizes(n, group)
+        all_a, all_b = GatherWithGrad.apply(a, group), GatherWithGrad.apply(b, group)
+        offset = dist.get_rank(group) * n
+    else:
+        all_a, all_b, offset = a, b, 0
+    labels = torch.arange(offset, offset + n, device=a.device)
+    loss_ab = F.cross_entropy(scale * a @ all_b.t(), labels)
+    loss_ba = F.cross_entropy(scale * b @ all_a.t(), labels)
+    report = {"global_batch": n * world, "negatives_per_positive": n * world - 1,
+              "bytes_gathered": 2 * a.element_size() * a.numel() * (world - 1)}
+    return (loss_ab + loss_ba) / 2, report
+
+
+class ContrastiveLoss(nn.Module):
+    def __init__(self, group: Optional[dist.ProcessGroup] = None):
+        super().__init__()
+        self.group = group
+
+    def forward(self, emb_a, emb_b, logit_scale):
+        return contrastive_loss(emb_a, emb_b, logit_scale, self.group)

@@ -1,0 +1,64 @@
+"""Composition of stems, trunk and heads into one model returning a dict (see mmpt/model/__init__.py)."""
+from __future__ import annotations
+
+import itertools
+import math
+from typing import Optional
+
+import torch
+from torch import nn
+
+from mmpt.model.heads import CaptionDecoder, EmbeddingHead
+from mmpt.model.stems import build_stems
+from mmpt.model.trunk import MLP, Trunk
+
+
+def pair_name(a: str, b: str) -> str:
+    return "|".join(sorted((a, b)))
+
+
+class MultimodalModel(nn.Module):
+    def __init__(self, cfg, init_temperature: float = 0.07, max_logit_scale: float = 100.0):
+        super().__init__()
+        self.cfg = cfg
+        self.max_log_scale = math.log(max_logit_scale)
+        self.stems = build_stems(cfg)
+        hidden = int(cfg.width * cfg.mlp_ratio)
+        self.trunk = Trunk(cfg.width, cfg.depth, cfg.heads, lambda i: MLP(cfg.width, hidden, cfg.dropout),
+                           cfg.dropout, cfg.grad_checkpointing)
+        self.heads = nn.ModuleDict({m: EmbeddingHead(cfg.width, cfg.heads, cfg.embed_dim) for m in cfg.modalities})
+        pairs = [pair_name(a, b) for a, b in itertools.combinations(sorted(cfg.modalities), 2)]
+        # One learnable temperature per modality pair (log scale, clamped in forward).
+        self.log_scales = nn.ParameterDict({p.replace("|", "_"): nn.Parameter(torch.tensor(math.log(1 / init_temperature)))
+                                            for p in pairs})
+        self.decoder = CaptionDecoder(cfg) if "text" in cfg.modalities and cfg.decoder_cross_layers > 0 else None
+
+    def encode(self, modality: str, x: torch.Tensor) -> dict:
+        tokens, mask = self.stems[modality](x)
+        trunk = self.trunk(tokens, mask)
+        return {"emb": self.heads[modality](trunk["hidden"], mask), "hidden": trunk["hidden"], "mask": mask,
+                "aux": trunk["aux"]}
+
+    def logit_scale(self, a: str, b: str) -> torch.Tensor:
+        return self.log_scales[pair_name(a, b).replace("|", "_")].clamp(max=self.max_log_scale).exp()
+
+    def forward(self, batch: dict, caption_source: Optional[str] = "image") -> dict:
+        present = [m for m in self.stems if m in batch]
+        enc = {m: self.encode(m, batch[m]) for m in present}
+        out = {"emb": {m: e["emb"] for m, e in enc.items()},
+               "aux": {f"{m}.{k}": v for m, e in enc.items() for k, v in e["aux"].items()},
+               "logit_scale": {pair_name(a, b): self.logit_scale(a, b)
+                               for a, b in itertools.combinations(sorted(present), 2)}}
+        if self.decoder is not None and caption_source in enc and "text" in batch:
+            src = enc[caption_source]
+            out.update(self.decoder(batch["text"], src["hidden"], src["mask"]))
+        return out
+
+    @torch.no_grad()
+    def caption(self, modality: str, x: torch.Tensor, max_len: Optional[int] = None) -> torch.Tensor:
+        src = self.encode(modality, x)
+        return self.decoder.generate(src["hidden"], src["mask"], max_len)
+
+
+def build_model(cfg, init_temperature: float = 0.07, max_logit_scale: float = 100.0) -> MultimodalModel:
+    return MultimodalModel(cfg, init_temperature, max_logit_scale)

@@ -1,0 +1,101 @@
+"""DeepSpeed engine: distributed init, the DeepSpeed JSON built from the typed config, optimizer, schedule.
+
+The DeepSpeed config is generated, not hand-written, so batch sizes and ZeRO stage can't disagree with
+the run config; `deepspeed.extra` in the YAML is merged last for anything else DeepSpeed offers.
+"""
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from mmpt.losses import objective
+
+
+class TrainModule(nn.Module):
+    """What the DeepSpeed engine wraps: batch dict in, loss dict out."""
+
+    def __init__(self, model: nn.Module, loss_cfg):
+        super().__init__()
+        self.model, self.loss_cfg = model, loss_cfg
+
+    def forward(self, batch: dict) -> dict:
+        return objective(self.model(batch), self.loss_cfg)
+
+
+def init_distributed() -> tuple[int, int]:
+    """Init the process group (gloo without CUDA, nccl with it) once; works with and without torchrun."""
+    import deepspeed
+
+    os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
+    for key, default in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0"),
+                         ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", "29511")):
+        os.environ.setdefault(key, default)
+    if not dist.is_initialized():
+        deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+    return dist.get_rank(), dist.get_world_size()
+
+
+def shutdown_distributed() -> None:
+    # gloo processes exiting without teardown sometimes abort; always barrier + destroy.
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    for key, value in extra.items():
+        base[key] = _merge(dict(base.get(key, {})), value) if isinstance(value, dict) else value
+    return base
+
+
+def deepspeed_config(cfg, world_size: int) -> dict:
+    ds = {
+        "train_micro_batch_size_per_gpu": cfg.data.batch_size,
+        "gradient_accumulation_steps": 1,
+        "train_batch_size": cfg.data.batch_size * world_size,
+        "gradient_clipping": cfg.optim.grad_clip,
+        "zero_optimization": {"stage": cfg.deepspeed.zero_stage},
+        "bf16": {"enabled": cfg.deepspeed.bf16},
+        "steps_per_print": 10**9,
+        "zero_allow_untested_optimizer": True,
+    }
+    return _merge(ds, cfg.deepspeed.extra)
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list:
+    """No weight decay on norms, biases, position/modality embeddings, pooling queries and temperatures."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        leaf = name.split(".")[-1]
+        skip = p.ndim < 2 or leaf in ("pos", "modality", "query") or name.startswith("model.log_scales")
+        (no_decay if skip else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def lr_lambda(warmup: int, total: int):
+    def f(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        return 0.5 * (1 + math.cos(math.pi * progress))
+    return f
+
+
+def build_engine(module: nn.Module, cfg, world_size: int):
+    import deepspeed
+
+    o = cfg.optim
+    # A torch optimizer: DeepSpeed's FusedAdam would JIT-compile for minutes on CPU-only machines.
+    optimizer = torch.optim.AdamW(param_groups(module, o.weight_decay), lr=o.lr, betas=tuple(o.betas), eps=o.eps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(o.warmup_steps, cfg.train.steps))
+    engine, _, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, lr_scheduler=scheduler,
+                                           config=deepspeed_config(cfg, world_size))
+    return engine
