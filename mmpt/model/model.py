@@ -28,8 +28,9 @@ class MultimodalModel(nn.Module):
                            cfg.dropout, cfg.grad_checkpointing)
         self.heads = nn.ModuleDict({m: EmbeddingHead(cfg.width, cfg.heads, cfg.embed_dim) for m in cfg.modalities})
         pairs = [pair_name(a, b) for a, b in itertools.combinations(sorted(cfg.modalities), 2)]
-        # One learnable temperature per modality pair (log scale, clamped in forward).
-        self.log_scales = nn.ParameterDict({p.replace("|", "_"): nn.Parameter(torch.tensor(math.log(1 / init_temperature)))
+        # One learnable temperature per modality pair (log scale, clamped in forward). Shape (1,), not a
+        # scalar: DeepSpeed's parameter broadcast cannot view 0-dim tensors as bytes.
+        self.log_scales = nn.ParameterDict({p.replace("|", "_"): nn.Parameter(torch.full((1,), math.log(1 / init_temperature)))
                                             for p in pairs})
         self.decoder = CaptionDecoder(cfg) if "text" in cfg.modalities and cfg.decoder_cross_layers > 0 else None
 
@@ -40,7 +41,7 @@ class MultimodalModel(nn.Module):
                 "aux": trunk["aux"]}
 
     def logit_scale(self, a: str, b: str) -> torch.Tensor:
-        return self.log_scales[pair_name(a, b).replace("|", "_")].clamp(max=self.max_log_scale).exp()
+        return self.log_scales[pair_name(a, b).replace("|", "_")].clamp(max=self.max_log_scale).exp()[0]
 
     def forward(self, batch: dict, caption_source: Optional[str] = "image") -> dict:
         present = [m for m in self.stems if m in batch]

@@ -94,10 +94,9 @@ def _train(cfg: Config, rank: int, world: int) -> dict:
         used_total += batch["image"].size(0) * world
         bar.update(1)
         if step % cfg.train.log_every == 0 or step == cfg.train.steps:
-            last = _log_step(engine, losses, step, window, logger, bar)
             skipped_total += _reduce_counts(skipped_local, SKIP_REASONS)
             skipped_local.clear()
-            last["skipped"] = sum(skipped_total.values())
+            last = _log_step(engine, losses, step, window, logger, bar, skipped=sum(skipped_total.values()))
             check_bad_fraction(skipped_total, used_total, cfg.data.bad_sample_limit)
         if step % cfg.train.ckpt_every == 0 or step == cfg.train.steps:
             checkpoint.save(engine, out_dir, step, {"skipped": dict(skipped_total), "samples": used_total},
@@ -106,13 +105,14 @@ def _train(cfg: Config, rank: int, world: int) -> dict:
     logger.close()
     summary = {"steps": step, "samples": used_total, "skipped": dict(skipped_total), **last}
     if rank == 0:
-        print(f"done: {step} steps, {used_total} samples, skipped {sum(skipped_total.values())} bad samples "
-              f"{dict(skipped_total) or ''}; checkpoints in {checkpoint.checkpoint_dir(out_dir)}", flush=True)
+        reasons = f" {dict(skipped_total)}" if skipped_total else ""
+        print(f"done: {step} steps, {used_total} samples, skipped {sum(skipped_total.values())} bad samples{reasons}; "
+              f"checkpoints in {checkpoint.checkpoint_dir(out_dir)}", flush=True)
     return summary
 
 
-def _log_step(engine, losses: dict, step: int, window: dict, logger: RunLogger, bar) -> dict:
-    metrics = _reduce_mean({k: v.item() for k, v in losses.items()})
+def _log_step(engine, losses: dict, step: int, window: dict, logger: RunLogger, bar, **extra) -> dict:
+    metrics = {**_reduce_mean({k: v.item() for k, v in losses.items()}), **extra}
     now = time.time()
     metrics["samples_per_s"] = window["n"] / max(now - window["t"], 1e-9)
     metrics["lr"] = engine.get_lr()[0]

@@ -1,0 +1,32 @@
+# Two commands do all set-up on a fresh machine (see README):
+#   make demo   install, build the embedded demo shards, train with torchrun on 2 processes, zero-shot eval
+#   make test   install, run the test suite
+# Both are idempotent: the venv is reinstalled only when pyproject.toml or constraints.txt change, demo
+# shards are built once, and a finished demo run resumes from its last checkpoint with nothing left to do.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(abspath $(VENV))/bin
+STAMP := $(VENV)/.installed
+NPROC ?= 2
+RUN ?= runs/demo
+
+.PHONY: demo test install clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	# One pip call under the constraints file: torch/torchvision/torchaudio/torchcodec come out matched.
+	$(BIN)/pip install -q --disable-pip-version-check -c constraints.txt -e '.[test]'
+	touch $@
+
+demo: $(STAMP)
+	$(BIN)/python data_pipelines/demo_digits.py --out data/demo
+	PATH=$(BIN):$$PATH NPROC=$(NPROC) launchers/torchrun.sh train --config demo train.out_dir=$(RUN)
+	$(BIN)/mmpt eval zeroshot --run $(RUN) --out $(RUN)/zeroshot.json
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q tests
+
+clean:
+	rm -rf $(VENV) runs data/demo

@@ -1,0 +1,112 @@
+import io
+import json
+import subprocess
+import sys
+import tarfile
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from mmpt.data.shards import DataError, list_shards, read_sizes, write_shards
+from mmpt.data.stream import make_loader
+from mmpt.data.tokenizer import decode
+
+
+def png(value: int, size: int = 20) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(np.full((size, size, 3), value, dtype=np.uint8)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def read_all(spec, batch_size=4):
+    loader = make_loader(spec, image_size=16, context_length=16, batch_size=batch_size, train=False, num_workers=0)
+    keys, labels, texts, skipped = [], [], [], {}
+    for batch in loader:
+        keys += batch["__key__"]
+        labels += batch["label"].tolist()
+        texts += [decode(t.tolist(), 16) for t in batch["text"]]
+        for reason, n in batch["_skipped"].items():
+            skipped[reason] = skipped.get(reason, 0) + n
+        assert batch["image"].shape[1:] == (3, 16, 16)
+    return keys, labels, texts, skipped
+
+
+def test_write_then_read_round_trip(tmp_path):
+    samples = [{"__key__": f"s{i:03d}", "png": png(i * 20), "txt": f"caption number {i}", "json": {"label": i % 3}}
+               for i in range(10)]
+    report = write_shards(samples, tmp_path, "rt", shard_size=4)
+    assert report.written == 10 and report.shards == ["rt-000000.tar", "rt-000001.tar", "rt-000002.tar"]
+    assert read_sizes(tmp_path) == {"rt-000000.tar": 4, "rt-000001.tar": 4, "rt-000002.tar": 2}
+    with tarfile.open(tmp_path / "rt-000000.tar") as tar:
+        assert sorted(tar.getnames())[:3] == ["s000.json", "s000.png", "s000.txt"]
+    keys, labels, texts, skipped = read_all(str(tmp_path))
+    assert keys == [f"s{i:03d}" for i in range(10)]
+    assert labels == [i % 3 for i in range(10)]
+    assert texts == [f"caption number {i}" for i in range(10)]
+    assert skipped == {}
+
+
+def test_bad_samples_are_skipped_and_counted(tmp_path):
+    samples = [
+        {"__key__": "good", "png": png(10), "txt": "fine", "json": {"label": 1}},
+        {"__key__": "broken", "png": b"not a png at all", "txt": "x", "json": {"label": 1}},
+        {"__key__": "nocap", "png": png(10), "json": {"label": 1}},
+        {"__key__": "emptycap", "png": png(10), "txt": "   ", "json": {"label": 1}},
+        {"__key__": "noimage", "txt": "only text", "json": {"label": 1}},
+        {"__key__": "badjson", "png": png(10), "txt": "y", "json": b"{not json"},
+    ]
+    write_shards(samples, tmp_path, "bad", shard_size=10)
+    keys, _, _, skipped = read_all(str(tmp_path))
+    assert keys == ["good"]
+    assert skipped == {"undecodable_image": 1, "missing_caption": 1, "empty_caption": 1, "missing_image": 1,
+                       "bad_json": 1}
+
+
+def test_truncated_tar_is_counted_not_fatal(tmp_path):
+    samples = [{"__key__": f"k{i}", "png": png(i), "txt": "t", "json": {"label": 0}} for i in range(6)]
+    write_shards(samples, tmp_path, "tr", shard_size=3)
+    shard = tmp_path / "tr-000001.tar"
+    shard.write_bytes(shard.read_bytes()[:700])  # cut inside the first member
+    keys, _, _, skipped = read_all(str(tmp_path))
+    assert keys[:3] == ["k0", "k1", "k2"]
+    assert skipped.get("corrupt_tar", 0) >= 1
+
+
+def test_list_shards_errors(tmp_path):
+    with pytest.raises(DataError, match="sizes.json"):
+        list_shards(str(tmp_path))
+    with pytest.raises(DataError, match="matches no shards"):
+        list_shards(str(tmp_path / "*.tar"))
+    with pytest.raises(DataError, match="2 shard\(s\) missing, first: .*x-000000.tar"):
+        list_shards(str(tmp_path / "x-{000000..000001}.tar"))
+
+
+def test_cli_build_from_manifest_reports_refusals(tmp_path):
+    (tmp_path / "a.png").write_bytes(png(50))
+    (tmp_path / "b.jpg").write_bytes(b"garbage")
+    rows = [{"image": "a.png", "text": "a grey square", "label": 2},
+            {"image": "b.jpg", "text": "broken", "label": 1},
+            {"image": "missing.png", "text": "gone"},
+            {"image": "a.png", "text": ""},
+            {"image": "a.bmp", "text": "odd extension"}]
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    proc = subprocess.run([sys.executable, "-m", "mmpt.cli", "shards", "build", "--manifest", str(manifest),
+                           "--out", str(tmp_path / "out"), "--prefix", "m"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    summary = json.loads(proc.stdout)
+    assert summary["written"] == 1
+    assert summary["refused"] == {"unreadable": 1, "missing_file": 1, "empty_caption": 1, "unknown_extension": 1}
+    keys, labels, texts, _ = read_all(str(tmp_path / "out"))
+    assert labels == [2] and texts == ["a grey square"]
+
+
+def test_demo_builder_is_complete_and_idempotent(demo_data):
+    train, val = read_sizes(demo_data / "train"), read_sizes(demo_data / "val")
+    assert sum(train.values()) == 1500 and sum(val.values()) == 297
+    classes = json.loads((demo_data / "classes.json").read_text())
+    assert len(classes["classnames"]) == 10 and all("{}" in t for t in classes["templates"])
+    proc = subprocess.run([sys.executable, "data_pipelines/demo_digits.py", "--out", str(demo_data)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and "skipping" in proc.stdout
