@@ -1,0 +1,158 @@
+"""Writing, listing and counting webdataset tar shards.
+
+A shard directory holds `PREFIX-000000.tar ...` plus `sizes.json` ({shard file name: sample count}).
+Samples use the standard webdataset keys: `png`/`jpg`/`webp` image bytes, `txt` caption, `json` metadata
+(the class label lives in `json["label"]`).
+
+    mmpt shards build --manifest pairs.jsonl --out data/mine --prefix mine --shard-size 1000
+"""
+from __future__ import annotations
+
+import csv
+import glob
+import io
+import json
+import os
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import webdataset as wds
+
+SIZES_FILE = "sizes.json"
+IMAGE_EXTS = ("png", "jpg", "jpeg", "webp")
+
+
+class DataError(ValueError):
+    """A user-facing data problem (missing shards, bad manifest); the message names the file."""
+
+
+@dataclass
+class WriteReport:
+    written: int = 0
+    shards: list = field(default_factory=list)
+    refused: Counter = field(default_factory=Counter)  # reason -> count
+    refused_examples: dict = field(default_factory=dict)  # reason -> first offending item
+
+    def refuse(self, reason: str, item: str) -> None:
+        self.refused[reason] += 1
+        self.refused_examples.setdefault(reason, item)
+
+    def summary(self) -> dict:
+        return {"written": self.written, "shards": len(self.shards), "refused": dict(self.refused),
+                "refused_examples": self.refused_examples}
+
+
+def write_shards(samples: Iterable[dict], out_dir: str | os.PathLike, prefix: str,
+                 shard_size: int = 1000) -> WriteReport:
+    """Write samples (dicts with `__key__` and encoded fields) into tar shards plus sizes.json."""
+    if shard_size <= 0:
+        raise DataError(f"shard size must be positive, got {shard_size}")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    report, sizes = WriteReport(), {}
+    writer, count = None, 0
+    for sample in samples:
+        if writer is None or count == shard_size:
+            if writer is not None:
+                writer.close()
+            name = f"{prefix}-{len(report.shards):06d}.tar"
+            writer, count = wds.TarWriter(str(out / name)), 0
+            report.shards.append(name)
+        writer.write(sample)
+        count += 1
+        sizes[report.shards[-1]] = count
+        report.written += 1
+    if writer is not None:
+        writer.close()
+    (out / SIZES_FILE).write_text(json.dumps(sizes, indent=1) + "\n")
+    return report
+
+
+def read_sizes(shard_dir: str | os.PathLike) -> dict:
+    path = Path(shard_dir) / SIZES_FILE
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise DataError(f"{path}: missing (a shard directory needs sizes.json; build it with `mmpt shards build`)") from None
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}: invalid JSON: {e}") from None
+
+
+def list_shards(spec: str) -> list[str]:
+    """Expand a shard spec: a directory with sizes.json, a brace pattern, a glob, or a pipe:/http URL pattern.
+
+    Local files that do not exist are an error here, before any training starts.
+    """
+    if os.path.isdir(spec):
+        sizes = read_sizes(spec)
+        urls = [os.path.join(spec, name) for name in sizes]
+    elif any(ch in spec for ch in "*?[") and "://" not in spec:
+        urls = sorted(glob.glob(spec))
+    else:
+        urls = wds.shardlists.expand_urls(spec)
+    if not urls:
+        raise DataError(f"shard spec '{spec}' matches no shards")
+    local = [u for u in urls if "://" not in u and not u.startswith("pipe:")]
+    missing = [u for u in local if not os.path.isfile(u)]
+    if missing:
+        raise DataError(f"shard spec '{spec}': {len(missing)} shard(s) missing, first: {missing[0]}")
+    return urls
+
+
+def count_samples(spec: str) -> int | None:
+    """Total samples from sizes.json when the spec is a directory; None when unknown."""
+    return sum(read_sizes(spec).values()) if os.path.isdir(spec) else None
+
+
+def read_manifest(path: str | os.PathLike) -> Iterator[dict]:
+    """Rows of a CSV (header line) or JSONL manifest."""
+    p = Path(path)
+    if not p.is_file():
+        raise DataError(f"manifest {p}: no such file")
+    if p.suffix == ".csv":
+        with p.open(newline="") as f:
+            yield from csv.DictReader(f)
+        return
+    with p.open() as f:
+        for lineno, line in enumerate(f, 1):
+            if line.strip():
+                try:
+                    yield json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise DataError(f"manifest {p}:{lineno}: invalid JSON: {e}") from None
+
+
+def manifest_samples(manifest: str | os.PathLike, report: WriteReport) -> Iterator[dict]:
+    """Encode image-text manifest rows as webdataset samples; refused rows are counted by reason."""
+    from PIL import Image
+
+    base = Path(manifest).parent
+    for i, row in enumerate(read_manifest(manifest)):
+        ident = row.get("image") or f"row {i}"
+        text = (row.get("text") or "").strip()
+        if not text:
+            report.refuse("empty_caption", ident)
+            continue
+        if not row.get("image"):
+            report.refuse("missing_image_field", ident)
+            continue
+        path = Path(row["image"]) if os.path.isabs(row["image"]) else base / row["image"]
+        ext = path.suffix.lower().lstrip(".")
+        if ext not in IMAGE_EXTS:
+            report.refuse("unknown_extension", str(path))
+            continue
+        try:
+            data = path.read_bytes()
+            Image.open(io.BytesIO(data)).verify()
+        except FileNotFoundError:
+            report.refuse("missing_file", str(path))
+            continue
+        except Exception:
+            report.refuse("unreadable", str(path))
+            continue
+        meta = {k: v for k, v in row.items() if k not in ("image", "text")}
+        if "label" in meta and meta["label"] not in (None, ""):
+            meta["label"] = int(meta["label"])
+        yield {"__key__": f"{i:09d}", "jpg" if ext == "jpeg" else ext: data, "txt": text, "json": meta}
