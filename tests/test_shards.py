@@ -78,7 +78,7 @@ def test_list_shards_errors(tmp_path):
         list_shards(str(tmp_path))
     with pytest.raises(DataError, match="matches no shards"):
         list_shards(str(tmp_path / "*.tar"))
-    with pytest.raises(DataError, match="2 shard\(s\) missing, first: .*x-000000.tar"):
+    with pytest.raises(DataError, match=r"2 shard\(s\) missing, first: .*x-000000.tar"):
         list_shards(str(tmp_path / "x-{000000..000001}.tar"))
 
 
