@@ -31,7 +31,7 @@ def cmd_eval_zeroshot(args) -> int:
 
     model, cfg = load_pretrained(args.run)
     result = run_zeroshot(model, cfg, args.data or cfg.data.val, args.classes or cfg.data.classes,
-                          args.batch_size or cfg.eval.batch_size)
+                          args.batch_size or cfg.eval.batch_size, args.modality)
     text = json.dumps(result, indent=1)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
@@ -74,6 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run", required=True, help="run directory (DeepSpeed checkpoints) or export directory")
     p.add_argument("--data", help="shard spec (default: the run's data.val)")
     p.add_argument("--classes", help="classes JSON with classnames and templates (default: data.classes)")
+    p.add_argument("--modality", default="image", choices=["image", "video", "audio"])
     p.add_argument("--batch-size", type=int)
     p.add_argument("--out", help="write the result JSON here")
     p.set_defaults(func=cmd_eval_zeroshot)

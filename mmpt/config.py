@@ -25,13 +25,43 @@ class ConfigError(ValueError):
 
 
 @dataclass
+class SourceConfig:
+    name: str = "digits"
+    shards: str = "data/demo/train"  # shard dir (with sizes.json), brace pattern, glob, or pipe:/http URLs
+    modalities: list = field(default_factory=lambda: ["image", "text"])  # the pair this source feeds
+    weight: float = 1.0
+
+
+@dataclass
+class VideoConfig:
+    num_frames: int = 8
+    fps: Optional[float] = None  # None: frames spread uniformly over the clip
+    window_seconds: Optional[float] = None  # with fps: a random (train) / centred (eval) window of S seconds
+
+
+@dataclass
+class AudioConfig:
+    sample_rate: int = 16000
+    seconds: float = 1.0
+    num_mel_bins: int = 128
+    norm_mean: float = -4.27
+    norm_std: float = 4.57
+
+
+@dataclass
 class DataConfig:
-    train: str = "data/demo/train"  # shard dir (with sizes.json), brace pattern, or glob
+    sources: list[SourceConfig] = field(default_factory=lambda: [SourceConfig()])
     val: str = "data/demo/val"
     classes: str = "data/demo/classes.json"  # classnames + prompt templates for zero-shot
     batch_size: int = 64  # per rank
     num_workers: int = 1
-    shuffle_buffer: int = 500
+    shuffle_slots: int = 4  # shards read interleaved per worker and source
+    shuffle_buffer: int = 256
+    pin_memory: bool = False
+    prefetch: int = 2
+    tokenizer: str = "openclip"  # or a local HuggingFace tokenizer directory
+    video: VideoConfig = field(default_factory=VideoConfig)
+    audio: AudioConfig = field(default_factory=AudioConfig)
     bad_sample_limit: float = 0.01  # fraction of skipped samples that stops the run
 
 
@@ -136,6 +166,9 @@ def _check_value(value: Any, tp: Any, key: str) -> Any:
         if isinstance(value, str):
             return value
     elif tp is list or origin is list:
+        item = (typing.get_args(tp) or [None])[0]
+        if isinstance(value, list) and dataclasses.is_dataclass(item):
+            return [_build(item, v, f"{key}[{i}].") for i, v in enumerate(value)]
         if isinstance(value, list):
             return value
     elif tp is dict or origin is dict:
@@ -211,6 +244,16 @@ def validate(cfg: Config) -> Config:
     for mod in m.modalities:
         if mod not in known:
             raise ConfigError(f"model.modalities: unknown modality '{mod}' (known: {', '.join(sorted(known))})")
+    if not d.sources:
+        raise ConfigError("data.sources: at least one source is needed")
+    for i, src in enumerate(d.sources):
+        if len(src.modalities) != 2 or len(set(src.modalities)) != 2:
+            raise ConfigError(f"data.sources[{i}].modalities={src.modalities}: must name two different modalities")
+        missing = [x for x in src.modalities if x not in m.modalities]
+        if missing:
+            raise ConfigError(f"data.sources[{i}].modalities: {missing} not in model.modalities={m.modalities}")
+        if src.weight <= 0:
+            raise ConfigError(f"data.sources[{i}].weight={src.weight}: must be positive")
     return cfg
 
 

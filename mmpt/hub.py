@@ -47,7 +47,7 @@ def render_model_card(cfg: Config, n_params: int, results: dict | None) -> str:
     m = cfg.model
     return template.format(name=cfg.name, pairs=pairs, modalities=", ".join(mods), width=m.width, depth=m.depth,
                            heads=m.heads, embed_dim=m.embed_dim, parameters=f"{n_params:,}", steps=cfg.train.steps,
-                           train_data=cfg.data.train, results=table,
+                           train_data=", ".join(f"{s.name}: {s.shards}" for s in cfg.data.sources), results=table,
                            config=yaml.safe_dump(cfg.to_dict(), sort_keys=False).strip())
 
 

@@ -18,7 +18,7 @@ TINY = ["model.width=32", "model.depth=2", "model.heads=2", "model.embed_dim=32"
 
 
 def train(demo_data, out_dir, steps, *extra):
-    data = [f"data.train={demo_data}/train", f"data.val={demo_data}/val", f"data.classes={demo_data}/classes.json"]
+    data = [f"data.sources=[{{name: d, shards: {demo_data}/train, modalities: [image, text]}}]", f"data.val={demo_data}/val", f"data.classes={demo_data}/classes.json"]
     env = {"NPROC": "2", "MASTER_PORT": str(random.randint(20000, 40000)), "OMP_NUM_THREADS": "1"}
     proc = run(["launchers/torchrun.sh", "train", "--config", "demo", *TINY, *data, f"train.out_dir={out_dir}",
                 f"train.steps={steps}", *extra], env=env)
@@ -78,7 +78,9 @@ def test_zero3_trains_and_consolidates(demo_data, tmp_path):
 
 
 def test_missing_shards_fail_before_training(tmp_path):
-    proc = run([sys.executable, "-m", "mmpt.cli", "train", "--config", "demo", f"data.train={tmp_path}/nothing-*.tar",
+    spec = f"{tmp_path}/nothing-*.tar"
+    proc = run([sys.executable, "-m", "mmpt.cli", "train", "--config", "demo",
+                f"data.sources=[{{name: x, shards: '{spec}', modalities: [image, text]}}]",
                 f"train.out_dir={tmp_path}/run"], env={"WORLD_SIZE": "1", "RANK": "0"})
     assert proc.returncode == 2
     assert f"shard spec '{tmp_path}/nothing-*.tar' matches no shards" in proc.stderr

@@ -9,7 +9,8 @@ import pytest
 from PIL import Image
 
 from mmpt.data.shards import DataError, list_shards, read_sizes, write_shards
-from mmpt.data.stream import make_loader
+from mmpt.data.decode import DecodeSpec
+from mmpt.data.stream import eval_loader
 from mmpt.data.tokenizer import decode
 
 
@@ -20,13 +21,13 @@ def png(value: int, size: int = 20) -> bytes:
 
 
 def read_all(spec, batch_size=4):
-    loader = make_loader(spec, image_size=16, context_length=16, batch_size=batch_size, train=False, num_workers=0)
+    loader = eval_loader(spec, ["image", "text"], DecodeSpec(image_size=16, context_length=16), batch_size)
     keys, labels, texts, skipped = [], [], [], {}
     for batch in loader:
         keys += batch["__key__"]
         labels += batch["label"].tolist()
         texts += [decode(t.tolist(), 16) for t in batch["text"]]
-        for reason, n in batch["_skipped"].items():
+        for reason, n in batch["_skipped"]["reasons"].items():
             skipped[reason] = skipped.get(reason, 0) + n
         assert batch["image"].shape[1:] == (3, 16, 16)
     return keys, labels, texts, skipped
@@ -59,7 +60,7 @@ def test_bad_samples_are_skipped_and_counted(tmp_path):
     write_shards(samples, tmp_path, "bad", shard_size=10)
     keys, _, _, skipped = read_all(str(tmp_path))
     assert keys == ["good"]
-    assert skipped == {"undecodable_image": 1, "missing_caption": 1, "empty_caption": 1, "missing_image": 1,
+    assert skipped == {"undecodable_image": 1, "missing_text": 1, "empty_text": 1, "missing_image": 1,
                        "bad_json": 1}
 
 

@@ -1,80 +1,90 @@
-"""Decoding one webdataset sample into tensors keyed by modality.
+"""One webdataset sample (bytes per key) -> tensors keyed by modality, for the modalities a source pairs.
 
-Bad input never raises out of the stream: `SampleDecoder` raises `BadSample(reason)`, which the stream
-counts per reason and reports (see `mmpt.data.stream`).
+Bad input never raises out of the stream: `SampleDecoder` raises `BadSample` with a reason tagged by
+modality (e.g. `undecodable_video`), which the stream counts and reports (see `mmpt.data.stream`).
 """
 from __future__ import annotations
 
-import io
 import json
+import random
+from dataclasses import dataclass, field
 
-import torch
-from PIL import Image, ImageOps
-from torchvision.transforms import v2 as T
+from mmpt.data.media import (AUDIO_EXTS, IMAGE_EXTS, VIDEO_EXTS, AudioSpec, BadSample, VideoSpec, decode_audio,
+                             decode_image, decode_video)
+from mmpt.data.tokenizer import Tokenizer
 
-from mmpt.data.tokenizer import tokenize
-
-IMAGE_KEYS = ("png", "jpg", "jpeg", "webp")
-MAX_IMAGE_PIXELS = 64_000_000
-# Every reason a sample can be skipped for (the stream adds "corrupt_tar"); totals are kept per reason.
-SKIP_REASONS = ("corrupt_tar", "missing_image", "undecodable_image", "oversize_image",
-                "missing_caption", "empty_caption", "bad_json")  # decompression-bomb guard: refuse, don't allocate
+MEDIA_EXTS = {"image": IMAGE_EXTS, "video": VIDEO_EXTS, "audio": AUDIO_EXTS}
+KNOWN_KEYS = {"txt", "json", "cls", *IMAGE_EXTS, *VIDEO_EXTS, *AUDIO_EXTS}
+MODALITIES = ("image", "video", "audio", "text")
 
 
-class BadSample(Exception):
-    """A sample that cannot be used; `reason` is a short stable tag used for counting."""
-
-    def __init__(self, reason: str, detail: str = ""):
-        super().__init__(f"{reason}: {detail}" if detail else reason)
-        self.reason = reason
-
-
-def image_transform(size: int, train: bool) -> T.Compose:
-    # Mild crop-scale jitter only: digit identity must survive the augmentation.
-    geometry = (T.RandomResizedCrop(size, scale=(0.8, 1.0), ratio=(0.9, 1.1), antialias=True) if train
-                else T.Compose([T.Resize(size, antialias=True), T.CenterCrop(size)]))
-    return T.Compose([T.ToImage(), geometry, T.ToDtype(torch.float32, scale=True),
-                      T.Normalize(mean=[0.5] * 3, std=[0.5] * 3)])
+@dataclass
+class DecodeSpec:
+    image_size: int = 32
+    video: VideoSpec = field(default_factory=VideoSpec)
+    audio: AudioSpec = field(default_factory=AudioSpec)
+    context_length: int = 16
+    tokenizer: str = "openclip"
 
 
-def decode_image(data: bytes, transform) -> torch.Tensor:
+def media_key(sample: dict, modality: str) -> str | None:
+    return next((k for k in MEDIA_EXTS[modality] if k in sample), None)
+
+
+def _text(sample: dict) -> str:
+    raw = sample.get("txt")
+    if raw is None:
+        raise BadSample("missing_text")
+    text = raw.decode("utf-8", errors="replace") if isinstance(raw, bytes) else str(raw)
+    if not text.strip():
+        raise BadSample("empty_text")
+    return text.strip()
+
+
+def _label(sample: dict) -> int:
+    if "json" not in sample:
+        return int(sample["cls"]) if "cls" in sample else -1
     try:
-        with Image.open(io.BytesIO(data)) as img:
-            if img.width * img.height > MAX_IMAGE_PIXELS:
-                raise BadSample("oversize_image", f"{img.width}x{img.height}")
-            img = ImageOps.exif_transpose(img).convert("RGB")
-    except BadSample:
-        raise
-    except Exception as e:
-        raise BadSample("undecodable_image", str(e)) from None
-    return transform(img)
+        meta = json.loads(sample["json"])
+    except (ValueError, UnicodeDecodeError) as e:
+        raise BadSample("bad_json", str(e)) from None
+    return int(meta.get("label", -1)) if isinstance(meta, dict) else -1
 
 
 class SampleDecoder:
-    """Raw webdataset sample (bytes per key) -> {"image": (3,H,W), "text": (L,), "label": int, "__key__"}."""
+    """Decode the given modalities of a sample; audio falls back to the video file's audio track."""
 
-    def __init__(self, image_size: int, context_length: int, train: bool):
-        self.transform = image_transform(image_size, train)
-        self.context_length = context_length
+    def __init__(self, modalities: list, spec: DecodeSpec, train: bool):
+        unknown = [m for m in modalities if m not in MODALITIES]
+        if unknown:
+            raise ValueError(f"unknown modalities {unknown} (known: {', '.join(MODALITIES)})")
+        self.modalities, self.spec, self.train = list(modalities), spec, train
+        self.tokenizer = Tokenizer(spec.tokenizer, spec.context_length) if "text" in modalities else None
+
+    def _media(self, sample: dict, modality: str, rng: random.Random):
+        key = media_key(sample, modality)
+        if key is None and modality == "audio":
+            key = media_key(sample, "video")  # the audio track of a video file
+        if key is None:
+            present = sorted(k for k in sample if not k.startswith("__"))
+            unknown = [k for k in present if k not in KNOWN_KEYS]
+            raise BadSample("unknown_extension" if unknown else f"missing_{modality}", f"keys {present}")
+        try:
+            if modality == "image":
+                return decode_image(sample[key], self.spec.image_size, self.train, rng)
+            if modality == "video":
+                return decode_video(sample[key], self.spec.video, self.train, rng)
+            return decode_audio(sample[key], self.spec.audio, self.train, rng)
+        except BadSample as e:
+            raise BadSample(f"{e.reason}_{modality}", str(e)) from None
 
     def __call__(self, sample: dict) -> dict:
+        rng = random.Random(sample.get("__seed__", 0))
         out = {"__key__": sample.get("__key__", "?"), "__url__": sample.get("__url__", "?")}
-        key = next((k for k in IMAGE_KEYS if k in sample), None)
-        if key is None:
-            raise BadSample("missing_image", f"keys {sorted(k for k in sample if not k.startswith('__'))}")
-        out["image"] = decode_image(sample[key], self.transform)
-        text = sample.get("txt")
-        if text is None:
-            raise BadSample("missing_caption")
-        text = text.decode("utf-8", errors="replace").strip() if isinstance(text, bytes) else str(text).strip()
-        if not text:
-            raise BadSample("empty_caption")
-        out["text"] = tokenize([text], self.context_length)[0]
-        out["label"] = -1
-        if "json" in sample:
-            try:
-                meta = json.loads(sample["json"])
-            except (ValueError, UnicodeDecodeError) as e:
-                raise BadSample("bad_json", str(e)) from None
-            out["label"] = int(meta.get("label", -1)) if isinstance(meta, dict) else -1
+        for modality in self.modalities:
+            if modality == "text":
+                out["text"] = self.tokenizer.encode(_text(sample))
+            else:
+                out[modality] = self._media(sample, modality, rng)
+        out["label"] = _label(sample)
         return out

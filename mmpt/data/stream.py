@@ -1,114 +1,193 @@
-"""Webdataset streams: shards -> (resample | split by node and worker) -> samples -> shuffle -> decode -> batch.
+"""Streams from shards to batch dicts keyed by modality.
 
-Training streams are resampled: each (rank, worker) draws shards with its own deterministic seed, so the
-stream never ends and no rank waits for another at an epoch boundary. Evaluation streams are finite and
-split by node and worker, so every sample is seen exactly once.
+Training: one `TaskLoader` per task (a modality pair fed by one or more weighted sources), each a DataLoader
+over `TaskStream` (see `mmpt.data.resumable`: resampled per rank and worker, exactly resumable).
+`MultiTaskLoader` picks the task of each step from a seeded RNG, so every rank runs the same task.
+Evaluation: `eval_loader`, a finite webdataset pipeline split by node and worker (each sample once).
 
-Bad samples are skipped and counted per reason inside the worker; every batch carries the counts since the
-previous batch under `"_skipped"` so the trainer can total them exactly across workers.
+Each training batch carries `_skipped` ({"reasons": {...}, "shards": {...}}) since the previous batch.
 """
 from __future__ import annotations
 
 import logging
-import random
-from collections import Counter
+import os
+from dataclasses import dataclass
 
 import torch
 import webdataset as wds
-from webdataset.utils import pytorch_worker_info
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from mmpt.data.decode import BadSample, SampleDecoder
+from mmpt.data.decode import DecodeSpec, SampleDecoder
+from mmpt.data.media import BadSample
+from mmpt.data.resumable import SkipCounter, Source, WorkerStream, batches, collate, rng_for
 from mmpt.data.shards import list_shards
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("mmpt.data")
 
 
-class SkipCounter:
-    """Counts skipped samples by reason in one worker; logs the first of each reason with shard and key."""
-
-    def __init__(self):
-        self.pending = Counter()
-        self.seen = set()
-
-    def record(self, reason: str, where: str, detail: str = "") -> None:
-        self.pending[reason] += 1
-        if reason not in self.seen:
-            self.seen.add(reason)
-            log.warning("skipping bad sample (%s) at %s %s (further ones are counted, not logged)", reason, where, detail)
-
-    def decode_with(self, decoder):
-        def run(sample):
-            try:
-                return decoder(sample)
-            except BadSample as e:
-                self.record(e.reason, f"{sample.get('__url__', '?')}:{sample.get('__key__', '?')}", str(e))
-                return None
-        return run
-
-    def tar_handler(self, exn: Exception) -> bool:
-        self.record("corrupt_tar", getattr(exn, "args", ["?"])[-1] if exn.args else "?", repr(exn))
-        return True  # keep going with the next sample/shard
-
-    def take(self) -> dict:
-        out, self.pending = dict(self.pending), Counter()
-        return out
+def dist_info() -> tuple[int, int]:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 
 
-def _worker_seed(seed: int) -> int:
-    rank, _, worker, _ = pytorch_worker_info()
-    return seed * 1_000_003 + rank * 1009 + worker
+def warn_few_shards(n_shards: int, name: str, num_workers: int) -> None:
+    rank, world = dist_info()
+    readers = world * max(1, num_workers)
+    if n_shards < readers and rank == 0:
+        log.warning("%s: %d shard(s) for %d readers (ranks x workers): readers will share shards and batches will "
+                    "correlate (finite mode: some readers get none). Fix: rebuild with a smaller --shard-size so there "
+                    "are at least %d shards, or lower data.num_workers.", name, n_shards, readers, readers)
 
 
-def shuffle_stage(bufsize: int, seed: int):
-    """Buffer shuffle seeded per (rank, worker) at iteration time, so workers don't share one sequence."""
-    def stage(src):
-        rng = random.Random(_worker_seed(seed))
-        buf = []
-        for sample in src:
-            buf.append(sample)
-            if len(buf) >= bufsize:
-                i = rng.randrange(len(buf))
-                buf[i], buf[-1] = buf[-1], buf[i]
-                yield buf.pop()
-        rng.shuffle(buf)
-        yield from buf
-    return stage
+@dataclass
+class TaskConfig:
+    name: str
+    modalities: list
+    sources: list  # [Source]
+    batch_size: int
 
 
-def collate(counter: SkipCounter):
-    def run(samples: list) -> dict:
-        return {
-            "image": torch.stack([s["image"] for s in samples]),
-            "text": torch.stack([s["text"] for s in samples]),
-            "label": torch.tensor([s["label"] for s in samples], dtype=torch.long),
-            "__key__": [s["__key__"] for s in samples],
-            "_skipped": counter.take(),
-        }
-    return run
+class TaskStream(IterableDataset):
+    def __init__(self, task: TaskConfig, spec: DecodeSpec, seed: int, slots: int, buffer: int):
+        self.task, self.spec, self.seed, self.slots, self.buffer = task, spec, seed, slots, buffer
+        self.resume_states: dict = {}
+        self.worker_offset = 0
+
+    def __iter__(self):
+        info = get_worker_info()
+        n_workers, physical = (info.num_workers, info.id) if info else (1, 0)
+        worker = (physical + self.worker_offset) % n_workers  # logical id: see TaskLoader.load_state_dict
+        rank, _ = dist_info()
+        counter = SkipCounter(log)
+        stream = WorkerStream(self.task.sources, self.seed, rank, worker, self.slots, self.buffer, counter,
+                              self.resume_states.get(worker))
+        decoders = [SampleDecoder(s.modalities, self.spec, train=True) for s in self.task.sources]
+        return batches(stream, decoders, self.task.batch_size, self.task.modalities, counter, worker)
 
 
-def build_dataset(spec: str, *, image_size: int, context_length: int, batch_size: int, train: bool,
-                  seed: int = 0, shuffle_buffer: int = 0) -> wds.DataPipeline:
-    urls = list_shards(spec)
-    counter = SkipCounter()
-    if train:
-        shards = [wds.ResampledShards(urls, seed=seed, deterministic=True,
-                                      worker_seed=lambda: _worker_seed(0))]
-    else:
-        shards = [wds.SimpleShardList(urls), wds.split_by_node, wds.split_by_worker]
-    stages = shards + [wds.tarfile_to_samples(handler=counter.tar_handler)]
-    if shuffle_buffer > 1:
-        stages.append(shuffle_stage(shuffle_buffer, seed))
-    decoder = SampleDecoder(image_size, context_length, train=train)
-    stages += [wds.map(counter.decode_with(decoder)),
-               wds.batched(batch_size, collation_fn=collate(counter), partial=not train)]
-    return wds.DataPipeline(*stages)
+class TaskLoader:
+    """An infinite DataLoader for one task with `state_dict()` / `load_state_dict()` for exact resume."""
+
+    def __init__(self, task: TaskConfig, spec: DecodeSpec, seed: int, num_workers: int = 1, slots: int = 4,
+                 buffer: int = 256, pin_memory: bool = False, prefetch: int = 2):
+        self.task, self.num_workers = task, num_workers
+        self.dataset = TaskStream(task, spec, seed, slots, buffer)
+        self.kw = dict(batch_size=None, num_workers=num_workers, pin_memory=pin_memory,
+                       persistent_workers=num_workers > 0, prefetch_factor=prefetch if num_workers > 0 else None)
+        self.consumed, self.states, self._it = 0, {}, None
+        warn_few_shards(sum(len(s.urls) for s in task.sources), task.name, num_workers)
+
+    def __next__(self) -> dict:
+        if self._it is None:
+            self._it = iter(DataLoader(self.dataset, **self.kw))
+        batch = next(self._it)
+        self.states[batch.pop("_worker")] = batch.pop("_state")
+        self.consumed += 1
+        return batch
+
+    def __iter__(self):
+        return self
+
+    def state_dict(self) -> dict:
+        return {"consumed": self.consumed, "num_workers": max(1, self.num_workers), "workers": dict(self.states),
+                "rank_world": list(dist_info())}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state["num_workers"] != max(1, self.num_workers) or list(state["rank_world"]) != list(dist_info()):
+            raise ValueError(f"task '{self.task.name}': data state saved with {state['num_workers']} workers at "
+                             f"(rank, world)={state['rank_world']}; cannot resume exactly with {self.num_workers} "
+                             f"workers at {list(dist_info())}")
+        self.consumed = state["consumed"]
+        self.states = {int(k): v for k, v in state["workers"].items()}
+        self.dataset.resume_states = self.states
+        # DataLoader always starts at worker 0; shift logical ids so batch order continues round-robin.
+        self.dataset.worker_offset = self.consumed % max(1, self.num_workers)
+        self._it = None
 
 
-def make_loader(spec: str, *, image_size: int, context_length: int, batch_size: int, train: bool,
-                num_workers: int = 1, seed: int = 0, shuffle_buffer: int = 0) -> wds.WebLoader:
-    dataset = build_dataset(spec, image_size=image_size, context_length=context_length,
-                            batch_size=batch_size, train=train, seed=seed, shuffle_buffer=shuffle_buffer)
-    return wds.WebLoader(dataset, batch_size=None, num_workers=num_workers,
-                         persistent_workers=train and num_workers > 0,
-                         prefetch_factor=4 if num_workers > 0 else None)
+class MultiTaskLoader:
+    """Alternating tasks: step k runs the task drawn from rng(seed, k) by weight, identical on every rank."""
+
+    def __init__(self, loaders: dict, weights: dict, seed: int):
+        self.loaders, self.weights, self.seed, self.step = loaders, weights, seed, 0
+        self.names = sorted(loaders)
+
+    def __next__(self) -> tuple[str, dict]:
+        name = rng_for(self.seed, "task", self.step).choices(self.names, [self.weights[n] for n in self.names])[0]
+        self.step += 1
+        return name, next(self.loaders[name])
+
+    def __iter__(self):
+        return self
+
+    def state_dict(self) -> dict:
+        return {"step": self.step, "tasks": {n: l.state_dict() for n, l in self.loaders.items()}}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step = state["step"]
+        for name, sub in state["tasks"].items():
+            self.loaders[name].load_state_dict(sub)
+
+
+def eval_loader(spec_str: str, modalities: list, spec: DecodeSpec, batch_size: int, num_workers: int = 0):
+    """Finite, every sample once across ranks and workers, in shard order; partial last batch kept."""
+    urls = list_shards(spec_str)
+    warn_few_shards(len(urls), spec_str, num_workers)
+    counter = SkipCounter(log)
+    decoder = SampleDecoder(modalities, spec, train=False)
+
+    def decode(sample):
+        try:
+            return decoder(sample)
+        except BadSample as e:
+            counter.record(e.reason, sample.get("__url__", "?"), sample.get("__key__", "?"), str(e))
+            return None
+
+    def batch_fn(samples):
+        return {**collate(samples, modalities), "_skipped": counter.take()}
+
+    def on_tar_error(exn):
+        return counter.tar_handler(exn.args[-1] if exn.args else "?")(exn)
+
+    pipeline = wds.DataPipeline(wds.SimpleShardList(urls), wds.split_by_node, wds.split_by_worker,
+                                wds.tarfile_to_samples(handler=on_tar_error), wds.map(decode),
+                                wds.batched(batch_size, collation_fn=batch_fn, partial=True))
+    return wds.WebLoader(pipeline, batch_size=None, num_workers=num_workers)
+
+
+def make_sources(entries: list) -> list:
+    """Config source entries -> Source objects with expanded, checked shard lists (errors name the spec)."""
+    return [Source(e.name, list_shards(e.shards), list(e.modalities), e.weight) for e in entries]
+
+
+def decode_spec(cfg) -> DecodeSpec:
+    """Run Config -> what the decoders need (sizes follow the model so data and stems can't disagree)."""
+    from mmpt.data.media import AudioSpec, VideoSpec
+
+    v, a = cfg.data.video, cfg.data.audio
+    return DecodeSpec(image_size=cfg.model.image_size, context_length=cfg.model.context_length,
+                      tokenizer=cfg.data.tokenizer,
+                      video=VideoSpec(v.num_frames, cfg.model.image_size, v.fps, v.window_seconds),
+                      audio=AudioSpec(a.sample_rate, a.seconds, a.num_mel_bins, a.norm_mean, a.norm_std))
+
+
+def tasks_from_config(cfg) -> tuple[dict, dict]:
+    """Sources feeding the same modality pair form one task ("image-text"); its weight is their sum."""
+    tasks, weights = {}, {}
+    for src in make_sources(cfg.data.sources):
+        pair = sorted(src.modalities)
+        name = "-".join(pair)
+        task = tasks.setdefault(name, TaskConfig(name, pair, [], cfg.data.batch_size))
+        task.sources.append(src)
+        weights[name] = weights.get(name, 0.0) + src.weight
+    return tasks, weights
+
+
+def train_loader(cfg, seed: int) -> MultiTaskLoader:
+    d = cfg.data
+    tasks, weights = tasks_from_config(cfg)
+    spec = decode_spec(cfg)
+    loaders = {name: TaskLoader(task, spec, seed, d.num_workers, d.shuffle_slots, d.shuffle_buffer, d.pin_memory,
+                                d.prefetch) for name, task in tasks.items()}
+    return MultiTaskLoader(loaders, weights, seed)

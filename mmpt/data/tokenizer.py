@@ -1,42 +1,69 @@
-"""Text tokenizer: open_clip's BPE (its vocab ships in the wheel, so it works offline)."""
+"""Text tokenizers: open_clip's BPE by default (its vocab ships in the wheel, so it works offline), or a
+HuggingFace tokenizer loaded from a local directory (`data.tokenizer: /path/to/tokenizer`)."""
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
 
-PAD_ID = 0  # open_clip pads with id 0; the real end of a caption is the EOT token
-
 
 @functools.lru_cache(maxsize=4)
-def get_tokenizer(context_length: int):
+def _openclip(context_length: int):
     from open_clip.tokenizer import SimpleTokenizer
 
     return SimpleTokenizer(context_length=context_length)
 
 
-def tokenize(texts: list[str], context_length: int) -> torch.Tensor:
-    """(N, L) int64 token ids, SOT ... EOT then padding; long captions are truncated with EOT kept."""
-    return get_tokenizer(context_length)(texts)
+class Tokenizer:
+    """`encode(text) -> (L,) int64`: SOT ... EOT then padding (0), truncated with EOT kept."""
+
+    def __init__(self, name: str = "openclip", context_length: int = 16):
+        self.name, self.context_length = name, context_length
+        if name == "openclip":
+            tok = _openclip(context_length)
+            self.sot_id, self.eot_id, self.vocab_size = tok.sot_token_id, tok.eot_token_id, tok.vocab_size
+            self._hf = None
+        else:
+            if not os.path.isdir(name):
+                raise FileNotFoundError(f"tokenizer '{name}': not 'openclip' and not a local tokenizer directory")
+            from transformers import AutoTokenizer
+
+            self._hf = AutoTokenizer.from_pretrained(name, local_files_only=True)
+            self.sot_id = self._hf.bos_token_id if self._hf.bos_token_id is not None else self._hf.cls_token_id
+            self.eot_id = self._hf.eos_token_id if self._hf.eos_token_id is not None else self._hf.sep_token_id
+            self.vocab_size = len(self._hf)
+
+    def batch(self, texts: list) -> torch.Tensor:
+        if self._hf is None:
+            return _openclip(self.context_length)(texts)
+        ids = torch.zeros(len(texts), self.context_length, dtype=torch.long)
+        for i, text in enumerate(texts):
+            body = self._hf(text, add_special_tokens=False)["input_ids"][: self.context_length - 2]
+            row = [self.sot_id, *body, self.eot_id]
+            ids[i, : len(row)] = torch.tensor(row)
+        return ids
+
+    def encode(self, text: str) -> torch.Tensor:
+        return self.batch([text])[0]
 
 
-def eot_id(context_length: int) -> int:
-    return get_tokenizer(context_length).eot_token_id
+def tokenize(texts: list, context_length: int, name: str = "openclip") -> torch.Tensor:
+    return Tokenizer(name, context_length).batch(texts)
 
 
 def valid_mask(tokens: torch.Tensor, eot: int) -> torch.Tensor:
     """True up to and including the first EOT of each row (id 0 is a real BPE token, so no `!= 0`)."""
     is_eot = tokens == eot
     has_eot = is_eot.any(dim=1, keepdim=True)
-    first = torch.where(has_eot, is_eot.int().argmax(dim=1, keepdim=True), tokens.new_full((tokens.size(0), 1), tokens.size(1) - 1))
-    pos = torch.arange(tokens.size(1), device=tokens.device).unsqueeze(0)
-    return pos <= first
+    first = torch.where(has_eot, is_eot.int().argmax(dim=1, keepdim=True),
+                        tokens.new_full((tokens.size(0), 1), tokens.size(1) - 1))
+    return torch.arange(tokens.size(1), device=tokens.device).unsqueeze(0) <= first
 
 
-def decode(ids: list[int], context_length: int) -> str:
-    tok = get_tokenizer(context_length)
-    eot = tok.eot_token_id
+def decode(ids: list, context_length: int) -> str:
+    tok = _openclip(context_length)
     ids = [i for i in ids if i != tok.sot_token_id]
-    if eot in ids:
-        ids = ids[: ids.index(eot)]
+    if tok.eot_token_id in ids:
+        ids = ids[: ids.index(tok.eot_token_id)]
     return tok.decode(ids).strip()

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from mmpt.data.shards import DataError
-from mmpt.data.stream import make_loader
+from mmpt.data.stream import decode_spec, eval_loader
 from mmpt.data.tokenizer import tokenize
 
 
@@ -32,10 +32,10 @@ def load_classes(path: str | Path) -> tuple[list, list]:
 
 @torch.no_grad()
 def class_embeddings(model, classnames: list, templates: list, context_length: int,
-                     modality: str = "text") -> torch.Tensor:
+                     tokenizer: str = "openclip") -> torch.Tensor:
     """(C, E): per class, the normalised mean of its prompts' embeddings (CLIP's prompt ensembling)."""
     prompts = [t.format(c) for c in classnames for t in templates]
-    emb = model.encode(modality, tokenize(prompts, context_length))["emb"]
+    emb = model.encode("text", tokenize(prompts, context_length, tokenizer))["emb"]
     emb = emb.view(len(classnames), len(templates), -1).mean(1)
     return F.normalize(emb, dim=-1)
 
@@ -46,7 +46,7 @@ def zeroshot_classify(model, classifier: torch.Tensor, loader, modality: str = "
     correct = {k: 0 for k in top_k}
     n, skipped = 0, 0
     for batch in tqdm(loader, desc="zero-shot", leave=False):
-        skipped += sum(batch["_skipped"].values())
+        skipped += sum(batch["_skipped"]["reasons"].values())
         labels = batch["label"]
         if (labels < 0).any():
             raise DataError("zero-shot eval needs a label in every sample's json")
@@ -63,12 +63,12 @@ def zeroshot_classify(model, classifier: torch.Tensor, loader, modality: str = "
     return result
 
 
-def run_zeroshot(model, cfg, data_spec: str, classes_path: str, batch_size: int) -> dict:
+def run_zeroshot(model, cfg, data_spec: str, classes_path: str, batch_size: int, modality: str = "image") -> dict:
+    """Zero-shot classification of `modality` samples (labels in each sample's json) against text prompts."""
     model.eval()
     classnames, templates = load_classes(classes_path)
-    classifier = class_embeddings(model, classnames, templates, cfg.model.context_length)
-    loader = make_loader(data_spec, image_size=cfg.model.image_size, context_length=cfg.model.context_length,
-                         batch_size=batch_size, train=False, num_workers=0)
-    result = zeroshot_classify(model, classifier, loader, top_k=tuple(cfg.eval.top_k))
-    result.update(data=data_spec, templates=len(templates))
+    classifier = class_embeddings(model, classnames, templates, cfg.model.context_length, cfg.data.tokenizer)
+    loader = eval_loader(data_spec, [modality], decode_spec(cfg), batch_size)
+    result = zeroshot_classify(model, classifier, loader, modality, top_k=tuple(cfg.eval.top_k))
+    result.update(data=data_spec, modality=modality, templates=len(templates))
     return result

@@ -14,16 +14,11 @@ import yaml
 from tqdm import tqdm
 
 from mmpt.config import Config
-from mmpt.data.decode import SKIP_REASONS
-from mmpt.data.shards import list_shards
-from mmpt.data.stream import make_loader
+from mmpt.data.stream import tasks_from_config, train_loader
 from mmpt.model import build_model
 from mmpt.train import checkpoint
 from mmpt.train.engine import TrainModule, build_engine, init_distributed, shutdown_distributed
 from mmpt.train.logging import RunLogger
-
-TENSOR_KEYS = ("image", "text")
-
 
 class BadDataError(RuntimeError):
     pass
@@ -36,17 +31,24 @@ def _reduce_mean(values: dict) -> dict:
     return {k: v / dist.get_world_size() for k, v in zip(keys, t.tolist())}
 
 
-def _reduce_counts(counts: Counter, reasons: list) -> Counter:
-    t = torch.tensor([counts.get(r, 0) for r in reasons], dtype=torch.float64)
-    dist.all_reduce(t)
-    return Counter({r: int(v) for r, v in zip(reasons, t.tolist()) if v})
+def _gather_counts(counts: dict) -> dict:
+    """Sum {"reasons": Counter, "shards": Counter} over ranks (small dicts, so all_gather_object is fine)."""
+    parts = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, counts)
+    total = {"reasons": Counter(), "shards": Counter()}
+    for part in parts:
+        for kind in total:
+            total[kind].update(part[kind])
+    return total
 
 
-def check_bad_fraction(skipped: Counter, used: int, limit: float) -> None:
-    bad = sum(skipped.values())
+def check_bad_fraction(skipped: dict, used: int, limit: float) -> None:
+    bad = sum(skipped["reasons"].values())
     if bad and bad / (bad + used) > limit:
-        detail = ", ".join(f"{r}={n}" for r, n in skipped.most_common())
-        raise BadDataError(f"{bad} of {bad + used} samples were bad ({detail}), over data.bad_sample_limit={limit}")
+        reasons = ", ".join(f"{r}={n}" for r, n in skipped["reasons"].most_common())
+        worst = ", ".join(f"{u} ({n})" for u, n in skipped["shards"].most_common(5))
+        raise BadDataError(f"{bad} of {bad + used} samples were bad ({reasons}), over data.bad_sample_limit={limit}; "
+                           f"worst shards: {worst}")
 
 
 def write_run_config(cfg: Config, out_dir: Path) -> None:
@@ -64,7 +66,7 @@ def train(cfg: Config) -> dict:
 
 def _train(cfg: Config, rank: int, world: int) -> dict:
     out_dir = Path(cfg.train.out_dir)
-    list_shards(cfg.data.train)  # a spec matching nothing fails here, before the engine is built
+    tasks_from_config(cfg)  # a shard spec matching nothing fails here, before the engine is built
     if rank == 0:
         write_run_config(cfg, out_dir)
     torch.manual_seed(cfg.train.seed)
@@ -72,46 +74,51 @@ def _train(cfg: Config, rank: int, world: int) -> dict:
     engine = build_engine(TrainModule(model, cfg.loss), cfg, world)
     state = checkpoint.resume(engine, out_dir) if cfg.train.resume else {}
     start = int(state.get("step", 0))
-    skipped_total = Counter(state.get("skipped", {}))
-    used_total = int(state.get("samples", 0))
-    # Reseed the resampled stream on resume so the restarted run does not replay the first batches.
-    loader = make_loader(cfg.data.train, image_size=cfg.model.image_size, context_length=cfg.model.context_length,
-                         batch_size=cfg.data.batch_size, train=True, num_workers=cfg.data.num_workers,
-                         seed=cfg.train.seed * 100_003 + start, shuffle_buffer=cfg.data.shuffle_buffer)
+    skipped = {k: Counter(v) for k, v in state.get("skipped", {"reasons": {}, "shards": {}}).items()}
+    used = int(state.get("samples", 0))
+    loader = train_loader(cfg, cfg.train.seed)
+    if "data" in state:
+        loader.load_state_dict(state["data"][rank])
     logger = RunLogger(out_dir, enabled=rank == 0)
     bar = tqdm(total=cfg.train.steps, initial=start, disable=rank != 0, desc="train", dynamic_ncols=True)
-    skipped_local, window = Counter(), {"t": time.time(), "n": 0}
+    pending, window = {"reasons": Counter(), "shards": Counter()}, {"t": time.time(), "n": 0}
     step, last = start, {}
-    batches = iter(loader)
     while step < cfg.train.steps:
-        batch = next(batches)
-        skipped_local.update(batch.pop("_skipped"))
-        losses = engine({k: batch[k] for k in TENSOR_KEYS})
+        task, batch = next(loader)
+        for kind, counts in batch.pop("_skipped").items():
+            pending[kind].update(counts)
+        losses = engine({m: batch[m] for m in loader.loaders[task].task.modalities})
         engine.backward(losses["loss"])
         engine.step()
         step += 1
-        window["n"] += batch["image"].size(0) * world
-        used_total += batch["image"].size(0) * world
+        n = batch["label"].size(0) * world
+        window["n"] += n
+        used += n
         bar.update(1)
         if step % cfg.train.log_every == 0 or step == cfg.train.steps:
-            skipped_total += _reduce_counts(skipped_local, SKIP_REASONS)
-            skipped_local.clear()
-            last = _log_step(engine, losses, step, window, logger, bar, skipped=sum(skipped_total.values()))
-            check_bad_fraction(skipped_total, used_total, cfg.data.bad_sample_limit)
+            for kind, counts in _gather_counts(pending).items():
+                skipped[kind].update(counts)
+                pending[kind].clear()
+            last = _log_step(engine, losses, step, window, logger, bar, task=task,
+                             skipped=sum(skipped["reasons"].values()))
+            check_bad_fraction(skipped, used, cfg.data.bad_sample_limit)
         if step % cfg.train.ckpt_every == 0 or step == cfg.train.steps:
-            checkpoint.save(engine, out_dir, step, {"skipped": dict(skipped_total), "samples": used_total},
-                            cfg.train.keep_checkpoints)
+            data_states = [None] * world
+            dist.all_gather_object(data_states, loader.state_dict())
+            checkpoint.save(engine, out_dir, step, {"skipped": {k: dict(v) for k, v in skipped.items()},
+                                                    "samples": used, "data": data_states}, cfg.train.keep_checkpoints)
     bar.close()
     logger.close()
-    summary = {"steps": step, "samples": used_total, "skipped": dict(skipped_total), **last}
+    summary = {"steps": step, "samples": used, "skipped": dict(skipped["reasons"]), **last}
     if rank == 0:
-        reasons = f" {dict(skipped_total)}" if skipped_total else ""
-        print(f"done: {step} steps, {used_total} samples, skipped {sum(skipped_total.values())} bad samples{reasons}; "
+        reasons = f" {dict(skipped['reasons'])}" if skipped["reasons"] else ""
+        print(f"done: {step} steps, {used} samples, skipped {sum(skipped['reasons'].values())} bad samples{reasons}; "
               f"checkpoints in {checkpoint.checkpoint_dir(out_dir)}", flush=True)
     return summary
 
 
 def _log_step(engine, losses: dict, step: int, window: dict, logger: RunLogger, bar, **extra) -> dict:
+    # Loss names depend on the task, so only this step's task is reduced (every rank ran the same task).
     metrics = {**_reduce_mean({k: v.item() for k, v in losses.items()}), **extra}
     now = time.time()
     metrics["samples_per_s"] = window["n"] / max(now - window["t"], 1e-9)
