@@ -9,12 +9,21 @@ BIN := $(abspath $(VENV))/bin
 STAMP := $(VENV)/.installed
 NPROC ?= 2
 RUN ?= runs/demo
+# Debian packages: espeak-ng speaks the demo's audio; ffmpeg's libraries back torchcodec (torchaudio's decoder).
+APT_PACKAGES := espeak-ng ffmpeg
 
 .PHONY: demo test install clean
 
 install: $(STAMP)
 
 $(STAMP): pyproject.toml constraints.txt
+	@missing=$$(for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    echo "installing Debian packages: $$missing"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; \
+	  else echo "WARNING: missing system packages ($$missing); install them (e.g. sudo apt-get install $$missing)"; fi; \
+	fi
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	# One pip call under the constraints file: torch/torchvision/torchaudio/torchcodec come out matched.
 	$(BIN)/pip install -q --disable-pip-version-check -c constraints.txt -e '.[test]'

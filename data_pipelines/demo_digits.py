@@ -1,10 +1,16 @@
-"""Embedded demo dataset: scikit-learn's 1,797 real handwritten digits as image-text webdataset shards.
+"""Embedded demo dataset in four modalities, from scikit-learn's 1,797 real handwritten digits.
 
     python data_pipelines/demo_digits.py --out data/demo
 
-Writes `train/` and `val/` shard directories (PNG + caption + json label, with sizes.json) and
-`classes.json` (class names and prompt templates for zero-shot). The held-out split is fixed (seeded
-permutation), so every run evaluates on the same 297 digits. Skips the work when the output is complete.
+Writes shard directories (each with sizes.json) and zero-shot class files:
+- `train/`, `val/`: digit PNG + caption + json label (image-text); `classes.json`
+- `speech-train/`, `speech-val/`: the digit's word spoken by espeak-ng as FLAC + caption (audio-text);
+  `speech-classes.json`
+- `motion-train/`, `motion-val/`: MP4 of the digit moving left/right/up/down, with the spoken word as its AAC
+  audio track, + caption naming digit and direction (video-text, and video-audio from the same file);
+  `motion-classes.json`
+The held-out split is fixed (seeded permutation): validation media use only held-out digit images. Skips
+the work when the output is complete.
 """
 from __future__ import annotations
 
@@ -17,6 +23,8 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).parent))  # demo_media beside this file
 
 from mmpt.data.shards import SIZES_FILE, write_shards
 
@@ -36,6 +44,14 @@ PROMPTS = ["a handwritten digit {}", "the number {} written by hand", "a photo o
            "a drawing of the number {}", "an image of a {}"]
 NUM_VAL = 297
 PIXELS = 64
+SPEECH_CAPTIONS = ["the spoken word {word}", "someone saying {word}", "a voice says the number {word}",
+                   "a recording of the word {word}"]
+SPEECH_PROMPTS = ["the spoken word {}", "someone saying {}", "a voice says {}"]
+MOTION_CAPTIONS = ["the digit {word} moving {direction}", "a handwritten {num} sliding {direction}",
+                   "a video of the number {word} moving to the {direction}"]
+MOTION_PROMPTS = ["a video of the digit {}", "the digit {} moving", "a handwritten {} sliding"]
+MEDIA_COUNTS = {"speech": (400, 100), "motion": (600, 100)}  # (train, val)
+VIDEO_FRAMES, VIDEO_FPS = 16, 8
 
 
 def digit_png(pixels8x8: np.ndarray) -> bytes:
@@ -56,8 +72,37 @@ def samples(images: np.ndarray, labels: np.ndarray, index: list, seed: int):
                "json": {"label": label, "source_index": int(i), "class": WORDS[label]}}
 
 
+PARTS = ("train", "val", "speech-train", "speech-val", "motion-train", "motion-val")
+CLASS_FILES = {"classes.json": PROMPTS, "speech-classes.json": SPEECH_PROMPTS, "motion-classes.json": MOTION_PROMPTS}
+
+
 def is_complete(out: Path) -> bool:
-    return all((out / part / SIZES_FILE).is_file() for part in ("train", "val")) and (out / "classes.json").is_file()
+    return all((out / part / SIZES_FILE).is_file() for part in PARTS) and all((out / f).is_file() for f in CLASS_FILES)
+
+
+def speech_samples(labels: np.ndarray, index: list, count: int, seed: int):
+    from demo_media import flac_bytes, speak
+
+    rng = random.Random(seed)
+    for n in range(count):
+        label = int(labels[index[n % len(index)]])
+        yield {"__key__": f"speech{n:05d}", "flac": flac_bytes(speak(WORDS[label], rng)),
+               "txt": rng.choice(SPEECH_CAPTIONS).format(word=WORDS[label]),
+               "json": {"label": label, "class": WORDS[label]}}
+
+
+def motion_samples(images: np.ndarray, labels: np.ndarray, index: list, count: int, seed: int):
+    from demo_media import DIRECTIONS, motion_frames, mp4_bytes, speak
+
+    rng = random.Random(seed)
+    for n in range(count):
+        i = index[rng.randrange(len(index))]
+        label, direction = int(labels[i]), rng.choice(sorted(DIRECTIONS))
+        frames = motion_frames(images[i], direction, VIDEO_FRAMES, PIXELS, rng)
+        caption = rng.choice(MOTION_CAPTIONS).format(word=WORDS[label], num=label, direction=direction)
+        yield {"__key__": f"motion{n:05d}", "mp4": mp4_bytes(frames, VIDEO_FPS, speak(WORDS[label], rng)),
+               "txt": caption, "json": {"label": label, "class": WORDS[label], "direction": direction,
+                                        "source_index": int(i)}}
 
 
 def build(out: Path, shard_size: int = 200, seed: int = 0, force: bool = False) -> dict:
@@ -67,12 +112,20 @@ def build(out: Path, shard_size: int = 200, seed: int = 0, force: bool = False) 
 
     digits = load_digits()
     order = np.random.RandomState(seed).permutation(len(digits.target)).tolist()
-    val_index, train_index = sorted(order[:NUM_VAL]), order[NUM_VAL:]
+    split = {"train": order[NUM_VAL:], "val": sorted(order[:NUM_VAL])}
+    jobs = {part: samples(digits.images, digits.target, idx, seed) for part, idx in split.items()}
+    for part, idx in split.items():
+        train_n, val_n = MEDIA_COUNTS["speech"]
+        jobs[f"speech-{part}"] = speech_samples(digits.target, idx, train_n if part == "train" else val_n, seed + 1)
+        train_n, val_n = MEDIA_COUNTS["motion"]
+        jobs[f"motion-{part}"] = motion_samples(digits.images, digits.target, idx,
+                                                train_n if part == "train" else val_n, seed + 2)
     report = {}
-    for part, index in (("train", train_index), ("val", val_index)):
-        rep = write_shards(samples(digits.images, digits.target, index, seed), out / part, f"digits-{part}", shard_size)
-        report[part] = rep.summary()
-    (out / "classes.json").write_text(json.dumps({"classnames": WORDS, "templates": PROMPTS}, indent=1) + "\n")
+    for part in PARTS:
+        name = f"digits-{part}"
+        report[part] = write_shards(jobs[part], out / part, name, shard_size // 2 if "-" in part else shard_size).summary()
+    for name, prompts in CLASS_FILES.items():
+        (out / name).write_text(json.dumps({"classnames": WORDS, "templates": prompts}, indent=1) + "\n")
     return report
 
 

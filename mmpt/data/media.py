@@ -162,6 +162,8 @@ def load_waveform(data: bytes) -> tuple[torch.Tensor, int]:
     try:
         wav, sr = torchaudio.load(io.BytesIO(data))
     except Exception as e:
+        if "audio stream" in str(e):  # a container (e.g. a silent mp4) without an audio track
+            raise BadSample("missing", "no audio track") from None
         raise BadSample("undecodable", f"audio: {e}") from None
     if wav.numel() == 0:
         raise BadSample("zero_length", "audio has no samples")
