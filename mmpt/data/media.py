@@ -91,12 +91,12 @@ class VideoSpec:
     window_seconds: Optional[float] = None  # ... from a random (train) or centred (eval) window of S seconds
 
 
-def _video_reader(data: bytes, size: Optional[int] = None):
+def _video_reader(data: bytes, size: Optional[tuple] = None):
     import decord
 
     _nonempty(data, "video")
     try:
-        kwargs = {"width": size, "height": size} if size else {}
+        kwargs = {"width": size[0], "height": size[1]} if size else {}
         vr = decord.VideoReader(io.BytesIO(data), ctx=decord.cpu(0), num_threads=1, **kwargs)
     except Exception as e:
         raise BadSample("undecodable", f"video: {e}") from None
@@ -105,6 +105,14 @@ def _video_reader(data: bytes, size: Optional[int] = None):
     if len(vr) > MAX_VIDEO_FRAMES:
         raise BadSample("oversize", f"video has {len(vr)} frames")
     return vr
+
+
+def _crop(frames: torch.Tensor, size: int, train: bool, rng: random.Random) -> torch.Tensor:
+    """(T, 3, H, W) with min(H, W) >= size -> (T, 3, size, size), random (train) or centre crop."""
+    h, w = frames.shape[-2:]
+    top = rng.randint(0, h - size) if train else (h - size) // 2
+    left = rng.randint(0, w - size) if train else (w - size) // 2
+    return frames[..., top:top + size, left:left + size]
 
 
 def frame_indices(n_frames: int, native_fps: float, spec: VideoSpec, train: bool, rng: random.Random) -> list:
@@ -120,14 +128,24 @@ def frame_indices(n_frames: int, native_fps: float, spec: VideoSpec, train: bool
 
 
 def decode_video(data: bytes, spec: VideoSpec, train: bool, rng: random.Random) -> torch.Tensor:
-    """(T, 3, size, size) CLIP-normalised frames, resized by decord's own scaler while decoding."""
-    vr = _video_reader(data, spec.size)
-    idx = frame_indices(len(vr), vr.get_avg_fps() or 25.0, spec, train, rng)
+    """(T, 3, size, size) CLIP-normalised frames. decord scales while decoding (shorter side to `size`,
+    aspect kept: decord rejects other shapes), then one crop for all frames."""
+    vr = _video_reader(data)
+    h, w = vr[0].shape[:2]
+    scale = spec.size / min(h, w)
+    target = (max(spec.size, round(w * scale)), max(spec.size, round(h * scale)))
     try:
-        frames = torch.from_numpy(vr.get_batch(idx).asnumpy())  # (T, H, W, 3) uint8
+        if target != (w, h):
+            vr = _video_reader(data, target)
+        idx = frame_indices(len(vr), vr.get_avg_fps() or 25.0, spec, train, rng)
+        frames = torch.from_numpy(vr.get_batch(idx).asnumpy()).permute(0, 3, 1, 2)  # (T, 3, H, W) uint8
+    except BadSample:
+        raise
     except Exception as e:
         raise BadSample("undecodable", f"video frames: {e}") from None
-    return normalize(frames.permute(0, 3, 1, 2).float().div_(255))
+    if min(frames.shape[-2:]) < spec.size:  # decord rounded a side down: top up with a tiny resize
+        frames = F.interpolate(frames.float(), size=target[::-1], mode="bilinear", antialias=True)
+    return normalize(_crop(frames, spec.size, train, rng).float().div_(255))
 
 
 def probe_video(data: bytes) -> dict:
