@@ -3,7 +3,8 @@
     mmpt train --config demo train.steps=100            (single process)
     torchrun --nproc_per_node=2 -m mmpt.cli train --config demo
     mmpt eval zeroshot --run runs/demo --out runs/demo/zeroshot.json
-    mmpt shards build --manifest pairs.jsonl --out data/mine --prefix mine
+    mmpt shards build --manifest pairs.jsonl --out data/mine --prefix mine --workers 8
+    mmpt shards check data/mine --json
     mmpt export --run runs/demo --out exports/demo --results runs/demo/zeroshot.json
 """
 from __future__ import annotations
@@ -43,14 +44,26 @@ def cmd_eval_zeroshot(args) -> int:
 
 
 def cmd_shards_build(args) -> int:
-    from mmpt.data.shards import WriteReport, manifest_samples, write_shards
+    from mmpt.data.build import build_shards, folder_rows, manifest_rows
 
-    refused = WriteReport()
-    report = write_shards(manifest_samples(args.manifest, refused), args.out, args.prefix, args.shard_size)
-    summary = report.summary()
-    summary.update(refused=dict(refused.refused), refused_examples=refused.refused_examples)
+    if bool(args.manifest) == bool(args.folder):
+        raise DataError("shards build: give exactly one of --manifest or --folder")
+    rows = manifest_rows(args.manifest) if args.manifest else folder_rows(args.folder, args.labels_from_folders)
+    base = Path(args.manifest).parent if args.manifest else Path(".")
+    summary = build_shards(rows, base, args.out, args.prefix, args.shard_size, args.workers,
+                           None if args.no_shuffle else args.seed)
     print(json.dumps(summary, indent=1))
-    return 0 if report.written else 1
+    print(f"wrote {summary['written']} samples in {summary['shards']} shards to {args.out}; refused "
+          f"{sum(summary['refused'].values())} {summary['refused'] or ''}", file=sys.stderr)
+    return 0 if summary["written"] else 1
+
+
+def cmd_shards_check(args) -> int:
+    from mmpt.data.check import check_shards, format_report
+
+    report = check_shards(args.spec, args.workers)
+    print(json.dumps(report, indent=1) if args.json else format_report(report))
+    return 1 if report["bad_fraction"] > args.max_bad else 0
 
 
 def cmd_export(args) -> int:
@@ -80,12 +93,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_eval_zeroshot)
 
     sh = sub.add_parser("shards", help="build webdataset shards").add_subparsers(dest="shards_command", required=True)
-    p = sh.add_parser("build", help="image-text manifest (CSV or JSONL: image, text, label, ...) -> tar shards")
-    p.add_argument("--manifest", required=True)
+    p = sh.add_parser("build", help="manifest (CSV/JSONL) or folder of media + captions -> tar shards + sizes.json")
+    p.add_argument("--manifest", help="CSV or JSONL with image/video/audio/text/label columns")
+    p.add_argument("--folder", help="folder layout: files grouped by name (a.jpg + a.txt + a.json)")
+    p.add_argument("--labels-from-folders", action="store_true", help="parent folder names become class labels")
     p.add_argument("--out", required=True)
     p.add_argument("--prefix", required=True)
     p.add_argument("--shard-size", type=int, default=1000)
+    p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--seed", type=int, default=0, help="seed of the sample order shuffle")
+    p.add_argument("--no-shuffle", action="store_true", help="keep the manifest order")
     p.set_defaults(func=cmd_shards_build)
+    p = sh.add_parser("check", help="decode every sample; report bad ones and statistics")
+    p.add_argument("spec", help="shard directory, brace pattern or glob")
+    p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--max-bad", type=float, default=0.0, help="bad fraction above which the exit code is 1")
+    p.set_defaults(func=cmd_shards_check)
 
     p = sub.add_parser("export", help="run checkpoint -> safetensors + config + model card")
     p.add_argument("--run", required=True)

@@ -1,10 +1,8 @@
-"""Writing, listing and counting webdataset tar shards.
+"""Writing, listing and counting webdataset tar shards (building from manifests: `mmpt.data.build`).
 
 A shard directory holds `PREFIX-000000.tar ...` plus `sizes.json` ({shard file name: sample count}).
-Samples use the standard webdataset keys: `png`/`jpg`/`webp` image bytes, `txt` caption, `json` metadata
-(the class label lives in `json["label"]`).
-
-    mmpt shards build --manifest pairs.jsonl --out data/mine --prefix mine --shard-size 1000
+Samples use the standard webdataset keys: `jpg`/`png`/`webp`, `mp4`/`webm`/`mkv`, `flac`/`wav`/`mp3`/`ogg`,
+`txt` caption, `json` metadata (the class label lives in `json["label"]`).
 """
 from __future__ import annotations
 
@@ -21,7 +19,6 @@ from typing import Iterable, Iterator
 import webdataset as wds
 
 SIZES_FILE = "sizes.json"
-IMAGE_EXTS = ("png", "jpg", "jpeg", "webp")
 
 
 class DataError(ValueError):
@@ -122,37 +119,3 @@ def read_manifest(path: str | os.PathLike) -> Iterator[dict]:
                     yield json.loads(line)
                 except json.JSONDecodeError as e:
                     raise DataError(f"manifest {p}:{lineno}: invalid JSON: {e}") from None
-
-
-def manifest_samples(manifest: str | os.PathLike, report: WriteReport) -> Iterator[dict]:
-    """Encode image-text manifest rows as webdataset samples; refused rows are counted by reason."""
-    from PIL import Image
-
-    base = Path(manifest).parent
-    for i, row in enumerate(read_manifest(manifest)):
-        ident = row.get("image") or f"row {i}"
-        text = (row.get("text") or "").strip()
-        if not text:
-            report.refuse("empty_caption", ident)
-            continue
-        if not row.get("image"):
-            report.refuse("missing_image_field", ident)
-            continue
-        path = Path(row["image"]) if os.path.isabs(row["image"]) else base / row["image"]
-        ext = path.suffix.lower().lstrip(".")
-        if ext not in IMAGE_EXTS:
-            report.refuse("unknown_extension", str(path))
-            continue
-        try:
-            data = path.read_bytes()
-            Image.open(io.BytesIO(data)).verify()
-        except FileNotFoundError:
-            report.refuse("missing_file", str(path))
-            continue
-        except Exception:
-            report.refuse("unreadable", str(path))
-            continue
-        meta = {k: v for k, v in row.items() if k not in ("image", "text")}
-        if "label" in meta and meta["label"] not in (None, ""):
-            meta["label"] = int(meta["label"])
-        yield {"__key__": f"{i:09d}", "jpg" if ext == "jpeg" else ext: data, "txt": text, "json": meta}

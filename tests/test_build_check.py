@@ -1,0 +1,96 @@
+"""`mmpt shards build` (manifest and folder layouts, every refusal reason) and `mmpt shards check`."""
+import json
+import subprocess
+import sys
+import tarfile
+
+from tests.media_files import make_audio, make_video, png_bytes, spoken
+
+
+def mmpt(*args, timeout=300):
+    return subprocess.run([sys.executable, "-m", "mmpt.cli", *map(str, args)], capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def test_build_from_manifest_all_modalities_and_refusals(tmp_path):
+    (tmp_path / "a.png").write_bytes(png_bytes())
+    (tmp_path / "b.jpg").write_bytes(b"garbage")
+    (tmp_path / "empty.png").write_bytes(b"")
+    make_video(tmp_path / "v.mp4", audio=True)
+    spoken(tmp_path / "s.wav")
+    (tmp_path / "big.bmp").write_bytes(b"BM")
+    rows = [{"image": "a.png", "text": "a grey square", "label": 2},
+            {"video": "v.mp4", "text": "a test pattern", "label": 0, "source": "lavfi"},
+            {"audio": "s.wav", "text": "someone saying seven", "label": 7},
+            {"video": "v.mp4", "audio": "s.wav"},
+            {"image": "b.jpg", "text": "broken"},
+            {"image": "missing.png", "text": "gone"},
+            {"image": "a.png", "text": "  "},
+            {"image": "big.bmp", "text": "odd extension"},
+            {"image": "empty.png", "text": "nothing"},
+            {"image": "a.png"}]
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    proc = mmpt("shards", "build", "--manifest", manifest, "--out", tmp_path / "out", "--prefix", "m",
+                "--shard-size", "2", "--workers", "2")
+    assert proc.returncode == 0, proc.stderr
+    summary = json.loads(proc.stdout)
+    assert summary["written"] == 4 and summary["shards"] == 2
+    assert summary["refused"] == {"unreadable": 1, "missing_file": 1, "empty_caption": 1, "unknown_extension": 1,
+                                  "empty_file": 1, "fewer_than_two_modalities": 1}
+    assert summary["keys"] == {"png": 1, "mp4": 2, "wav": 2, "txt": 3, "json": 4}
+    assert json.loads((tmp_path / "out" / "sizes.json").read_text()) == {"m-000000.tar": 2, "m-000001.tar": 2}
+    with tarfile.open(tmp_path / "out" / "m-000000.tar") as tar:
+        assert all(n.split(".", 1)[1] in ("png", "mp4", "wav", "txt", "json") for n in tar.getnames())
+
+    check = mmpt("shards", "check", tmp_path / "out", "--json")
+    assert check.returncode == 0, check.stderr
+    report = json.loads(check.stdout)
+    assert report["samples"] == 4 and report["bad"] == 0
+    assert report["samples_per_modality"] == {"image": 1, "video": 2, "audio": 2, "text": 3, "audio_track": 2}
+    assert report["stats"]["video_duration"]["max"] > 1.5 and report["audio_sample_rates"] == {"22050": 2}
+
+
+def test_build_from_folder_with_labels(tmp_path):
+    for cls, value in (("cats", 10), ("dogs", 200)):
+        (tmp_path / "src" / cls).mkdir(parents=True)
+        for i in range(3):
+            (tmp_path / "src" / cls / f"{i}.png").write_bytes(png_bytes(value=value + i))
+            (tmp_path / "src" / cls / f"{i}.txt").write_text(f"a photo of {cls} number {i}")
+    (tmp_path / "src" / "dogs" / "3.flac").write_bytes(make_audio(tmp_path / "x.flac"))
+    (tmp_path / "src" / "dogs" / "3.txt").write_text("a bark")
+    proc = mmpt("shards", "build", "--folder", tmp_path / "src", "--labels-from-folders", "--out", tmp_path / "out",
+                "--prefix", "pets", "--no-shuffle")
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["written"] == 7
+    with tarfile.open(tmp_path / "out" / "pets-000000.tar") as tar:
+        metas = [json.load(tar.extractfile(m)) for m in tar.getmembers() if m.name.endswith(".json")]
+    assert [(m["class"], m["label"]) for m in metas] == [("cats", 0)] * 3 + [("dogs", 1)] * 4
+
+
+def test_check_reports_bad_samples_by_shard_and_key_and_fails(tmp_path):
+    import webdataset as wds
+
+    (tmp_path / "s").mkdir()
+    with wds.TarWriter(str(tmp_path / "s" / "x-000000.tar")) as w:
+        w.write({"__key__": "ok", "png": png_bytes(), "txt": "fine"})
+        w.write({"__key__": "badimg", "png": b"xx", "txt": "broken"})
+        w.write({"__key__": "nocap", "png": png_bytes()})
+        w.write({"__key__": "badvid", "mp4": b"\x00\x00\x00\x18ftypmp42", "txt": "video"})
+    (tmp_path / "s" / "sizes.json").write_text('{"x-000000.tar": 4}')
+    proc = mmpt("shards", "check", tmp_path / "s", "--json")
+    assert proc.returncode == 1
+    report = json.loads(proc.stdout)
+    assert report["bad_by_reason"] == {"undecodable_image": 1, "fewer_than_two_modalities": 1, "undecodable_video": 1}
+    assert {(b["key"], b["reason"]) for b in report["bad_samples"]} == {
+        ("badimg", "undecodable_image"), ("nocap", "fewer_than_two_modalities"), ("badvid", "undecodable_video")}
+    assert mmpt("shards", "check", tmp_path / "s", "--max-bad", "0.8").returncode == 0
+    human = mmpt("shards", "check", tmp_path / "s").stdout
+    assert "4 samples, 3 bad (75.00%)" in human and "x-000000.tar:badimg undecodable_image" in human
+
+
+def test_build_needs_manifest_or_folder(tmp_path):
+    proc = mmpt("shards", "build", "--out", tmp_path, "--prefix", "x")
+    assert proc.returncode == 2 and "exactly one of --manifest or --folder" in proc.stderr
+    proc = mmpt("shards", "build", "--manifest", tmp_path / "none.csv", "--out", tmp_path, "--prefix", "x")
+    assert proc.returncode == 2 and "none.csv: no such file" in proc.stderr
