@@ -66,6 +66,15 @@ def cmd_shards_check(args) -> int:
     return 1 if report["bad_fraction"] > args.max_bad else 0
 
 
+def cmd_bench(args) -> int:
+    import importlib
+
+    module = importlib.import_module(f"mmpt.bench.{args.what}")
+    result = module.run(**{k: v for k, v in vars(args).items() if k in ("samples", "size") and v is not None})
+    print(json.dumps(result, indent=None if args.json else 1))
+    return 0
+
+
 def cmd_export(args) -> int:
     from mmpt.hub import export
 
@@ -110,6 +119,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.add_argument("--max-bad", type=float, default=0.0, help="bad fraction above which the exit code is 1")
     p.set_defaults(func=cmd_shards_check)
+
+    p = sub.add_parser("bench", help="benchmarks; each prints one JSON object with its peer measured in the same run")
+    p.add_argument("what", choices=["data"])
+    p.add_argument("--json", action="store_true", help="one line of JSON (default: indented)")
+    p.add_argument("--samples", type=int)
+    p.add_argument("--size", type=int)
+    p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("export", help="run checkpoint -> safetensors + config + model card")
     p.add_argument("--run", required=True)

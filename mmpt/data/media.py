@@ -127,16 +127,29 @@ def frame_indices(n_frames: int, native_fps: float, spec: VideoSpec, train: bool
     return [int(start + i * step) % n_frames for i in range(t)]
 
 
+def video_size(data: bytes) -> tuple[int, int]:
+    """(width, height) from the container headers (PyAV), without decoding a frame."""
+    import av
+
+    _nonempty(data, "video")
+    try:
+        with av.open(io.BytesIO(data)) as container:
+            ctx = container.streams.video[0].codec_context
+            if not ctx.width or not ctx.height:
+                raise ValueError("video stream has no size")
+            return ctx.width, ctx.height
+    except (IndexError, ValueError, av.error.FFmpegError) as e:
+        raise BadSample("undecodable", f"video: {e or 'no video stream'}") from None
+
+
 def decode_video(data: bytes, spec: VideoSpec, train: bool, rng: random.Random) -> torch.Tensor:
     """(T, 3, size, size) CLIP-normalised frames. decord scales while decoding (shorter side to `size`,
     aspect kept: decord rejects other shapes), then one crop for all frames."""
-    vr = _video_reader(data)
-    h, w = vr[0].shape[:2]
+    w, h = video_size(data)
     scale = spec.size / min(h, w)
     target = (max(spec.size, round(w * scale)), max(spec.size, round(h * scale)))
     try:
-        if target != (w, h):
-            vr = _video_reader(data, target)
+        vr = _video_reader(data, target if target != (w, h) else None)
         idx = frame_indices(len(vr), vr.get_avg_fps() or 25.0, spec, train, rng)
         frames = torch.from_numpy(vr.get_batch(idx).asnumpy()).permute(0, 3, 1, 2)  # (T, 3, H, W) uint8
     except BadSample:
