@@ -14,7 +14,7 @@ from multiprocessing import Pool
 import webdataset as wds
 
 from mmpt.data import media
-from mmpt.data.decode import MEDIA_EXTS, KNOWN_KEYS, _label, _text
+from mmpt.data.decode import KNOWN_KEYS, MEDIA_EXTS, sample_label, sample_text
 from mmpt.data.shards import list_shards
 
 MAX_LISTED = 100
@@ -56,10 +56,10 @@ def _check_sample(sample: dict, stats: dict) -> None:
         except media.BadSample as e:
             raise media.BadSample(f"{e.reason}_{modality}", str(e)) from None
     if "txt" in sample:
-        text = _text(sample)
+        text = sample_text(sample)
         found.append("text")
         stats["caption_words"].append(len(text.split()))
-    _label(sample)
+    sample_label(sample)
     if len(found) < 2:
         raise media.BadSample("fewer_than_two_modalities", f"keys {keys}")
     stats["modalities"].extend(found)

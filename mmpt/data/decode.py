@@ -31,7 +31,7 @@ def media_key(sample: dict, modality: str) -> str | None:
     return next((k for k in MEDIA_EXTS[modality] if k in sample), None)
 
 
-def _text(sample: dict) -> str:
+def sample_text(sample: dict) -> str:
     raw = sample.get("txt")
     if raw is None:
         raise BadSample("missing_text")
@@ -41,7 +41,7 @@ def _text(sample: dict) -> str:
     return text.strip()
 
 
-def _label(sample: dict) -> int:
+def sample_label(sample: dict) -> int:
     if "json" not in sample:
         return int(sample["cls"]) if "cls" in sample else -1
     try:
@@ -83,8 +83,8 @@ class SampleDecoder:
         out = {"__key__": sample.get("__key__", "?"), "__url__": sample.get("__url__", "?")}
         for modality in self.modalities:
             if modality == "text":
-                out["text"] = self.tokenizer.encode(_text(sample))
+                out["text"] = self.tokenizer.encode(sample_text(sample))
             else:
                 out[modality] = self._media(sample, modality, rng)
-        out["label"] = _label(sample)
+        out["label"] = sample_label(sample)
         return out
