@@ -7,7 +7,7 @@ import torch
 
 from mmpt.data.decode import DecodeSpec
 from mmpt.data.resumable import Source
-from mmpt.data.shards import list_shards, write_shards
+from mmpt.data.shards import DataError, list_shards, write_shards
 from mmpt.data.stream import MultiTaskLoader, TaskConfig, TaskLoader, eval_loader
 from mmpt.train.loop import BadDataError, check_bad_fraction
 from tests.media_files import png_bytes
@@ -53,7 +53,7 @@ def test_resume_rejects_a_different_worker_count(tmp_path):
     loader = task_loader(src, 2)
     next(loader)
     other = task_loader(src, 1)
-    with pytest.raises(ValueError, match="cannot resume exactly with 1 workers"):
+    with pytest.raises(DataError, match="cannot resume exactly with 1 workers"):
         other.load_state_dict(loader.state_dict())
 
 

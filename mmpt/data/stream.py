@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from mmpt.data.decode import DecodeSpec, SampleDecoder
 from mmpt.data.media import BadSample
 from mmpt.data.resumable import SkipCounter, Source, WorkerStream, batches, collate, rng_for
-from mmpt.data.shards import list_shards
+from mmpt.data.shards import DataError, list_shards
 
 log = logging.getLogger("mmpt.data")
 
@@ -95,7 +95,7 @@ class TaskLoader:
 
     def load_state_dict(self, state: dict) -> None:
         if state["num_workers"] != max(1, self.num_workers) or list(state["rank_world"]) != list(dist_info()):
-            raise ValueError(f"task '{self.task.name}': data state saved with {state['num_workers']} workers at "
+            raise DataError(f"task '{self.task.name}': data state saved with {state['num_workers']} workers at "
                              f"(rank, world)={state['rank_world']}; cannot resume exactly with {self.num_workers} "
                              f"workers at {list(dist_info())}")
         self.consumed = state["consumed"]

@@ -67,3 +67,16 @@ def decode(ids: list, context_length: int) -> str:
     if tok.eot_token_id in ids:
         ids = ids[: ids.index(tok.eot_token_id)]
     return tok.decode(ids).strip()
+
+
+def check_model_fits(name: str, model_cfg) -> None:
+    """The model's vocab and special ids must match the tokenizer the data uses (ConfigError naming fields)."""
+    from mmpt.config import ConfigError
+
+    tok = Tokenizer(name, model_cfg.context_length)
+    problems = [f"model.{field}={getattr(model_cfg, field)} but tokenizer has {value}"
+                for field, value in (("sot_id", tok.sot_id), ("eot_id", tok.eot_id)) if getattr(model_cfg, field) != value]
+    if model_cfg.vocab_size < tok.vocab_size:
+        problems.append(f"model.vocab_size={model_cfg.vocab_size} < tokenizer vocab {tok.vocab_size}")
+    if problems:
+        raise ConfigError(f"data.tokenizer '{name}': " + "; ".join(problems))

@@ -15,6 +15,7 @@ from tqdm import tqdm
 
 from mmpt.config import Config
 from mmpt.data.stream import tasks_from_config, train_loader
+from mmpt.data.tokenizer import check_model_fits
 from mmpt.model import build_model
 from mmpt.train import checkpoint
 from mmpt.train.engine import TrainModule, build_engine, init_distributed, shutdown_distributed
@@ -67,6 +68,7 @@ def train(cfg: Config) -> dict:
 def _train(cfg: Config, rank: int, world: int) -> dict:
     out_dir = Path(cfg.train.out_dir)
     tasks_from_config(cfg)  # a shard spec matching nothing fails here, before the engine is built
+    check_model_fits(cfg.data.tokenizer, cfg.model)
     if rank == 0:
         write_run_config(cfg, out_dir)
     torch.manual_seed(cfg.train.seed)
