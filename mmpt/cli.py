@@ -5,6 +5,7 @@
     mmpt eval zeroshot --run runs/demo --out runs/demo/zeroshot.json
     mmpt shards build --manifest pairs.jsonl --out data/mine --prefix mine --workers 8
     mmpt shards check data/mine --json
+    mmpt model info imp_moe_b16 --json
     mmpt export --run runs/demo --out exports/demo --results runs/demo/zeroshot.json
 """
 from __future__ import annotations
@@ -75,6 +76,21 @@ def cmd_bench(args) -> int:
     return 0
 
 
+def cmd_model_info(args) -> int:
+    from mmpt.model.info import model_info
+
+    info = model_info(load_config(args.config))
+    if args.json:
+        print(json.dumps(info))
+        return 0
+    print(f"{info['name']}: {info['parameters']:,} parameters ({info['encoder_parameters']:,} encoder + heads, "
+          f"{info['decoder_parameters']:,} caption decoder); {info['active_parameters_per_token']:,} active per token")
+    print(f"MoE layers {info['moe_layers'] or 'none'} with {info['experts']} experts")
+    for m, g in info["gflops_per_sample"].items():
+        print(f"  {m:6s} {info['tokens_per_sample'][m]:5d} tokens  {g:8.2f} GFLOPs/sample (encoder forward)")
+    return 0
+
+
 def cmd_export(args) -> int:
     from mmpt.hub import export
 
@@ -126,6 +142,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--samples", type=int)
     p.add_argument("--size", type=int)
     p.set_defaults(func=cmd_bench)
+
+    md = sub.add_parser("model", help="model accounting").add_subparsers(dest="model_command", required=True)
+    p = md.add_parser("info", help="parameters (total, active per token) and FLOPs per sample per modality")
+    p.add_argument("config", help="shipped config name (demo, imp_b16, imp_moe_b16, imp_moe_l16) or YAML path")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_model_info)
 
     p = sub.add_parser("export", help="run checkpoint -> safetensors + config + model card")
     p.add_argument("--run", required=True)

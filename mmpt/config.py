@@ -66,6 +66,25 @@ class DataConfig:
 
 
 @dataclass
+class MoEConfig:
+    num_experts: int = 0  # 0 or 1: dense trunk
+    every: int = 0  # MoE in every k-th layer (layers k-1, 2k-1, ...); ignored when `last` is set
+    last: int = 0  # MoE in the last K layers; neither set: every layer
+    top_k: int = 1
+    router: str = "token_choice"  # or "expert_choice" (encoder only)
+    capacity_factor: float = 1.25
+    eval_capacity_factor: float = 2.0
+    drop_tokens: bool = True  # False: dropless (capacity = the busiest expert's load)
+    backend: str = "native"  # or "deepspeed" (expert parallel, ZeRO <= 2)
+    ep_size: int = 1
+    balance_weight: float = 0.01
+    z_loss_weight: float = 0.001
+    local_entropy_weight: float = 0.0  # LIMoE
+    global_entropy_weight: float = 0.0  # LIMoE, applied below the threshold
+    global_entropy_threshold: Optional[float] = None  # default ln(E) / 2
+
+
+@dataclass
 class ModelConfig:
     width: int = 128
     depth: int = 4
@@ -83,6 +102,14 @@ class ModelConfig:
     dropout: float = 0.0
     grad_checkpointing: bool = False
     modalities: list = field(default_factory=lambda: ["image", "text"])
+    video_frames: int = 8  # frames the video position embedding is laid out for (others interpolate)
+    tubelet: int = 2  # frames per video token
+    audio_frames: int = 98  # fbank frames the audio position embedding is laid out for
+    audio_mel: int = 128
+    audio_patch: int = 16
+    drop_token: dict = field(default_factory=dict)  # modality -> fraction of tokens dropped at train time
+    image_as_video: bool = False  # images go through the video stem as repeated frames (IMP)
+    moe: MoEConfig = field(default_factory=MoEConfig)
 
 
 @dataclass
@@ -240,10 +267,28 @@ def validate(cfg: Config) -> Config:
             raise ConfigError(f"{key}={val}: must be positive")
     if not 0.0 <= d.bad_sample_limit <= 1.0:
         raise ConfigError(f"data.bad_sample_limit={d.bad_sample_limit}: must be in [0, 1]")
-    known = {"image", "text"}
+    known = {"image", "video", "audio", "text"}
     for mod in m.modalities:
         if mod not in known:
             raise ConfigError(f"model.modalities: unknown modality '{mod}' (known: {', '.join(sorted(known))})")
+    moe = m.moe
+    if moe.router not in ("token_choice", "expert_choice"):
+        raise ConfigError(f"model.moe.router={moe.router!r}: must be token_choice or expert_choice")
+    if moe.backend not in ("native", "deepspeed"):
+        raise ConfigError(f"model.moe.backend={moe.backend!r}: must be native or deepspeed")
+    if moe.backend == "deepspeed" and moe.num_experts > 1 and cfg.deepspeed.zero_stage > 2:
+        raise ConfigError("model.moe.backend=deepspeed needs deepspeed.zero_stage <= 2 (DeepSpeed refuses its MoE under "
+                          "ZeRO-3); use model.moe.backend=native")
+    if moe.backend == "deepspeed" and moe.router == "expert_choice":
+        raise ConfigError("model.moe.router=expert_choice is native-only; set model.moe.backend=native")
+    if moe.num_experts > 1 and (moe.num_experts % moe.ep_size or moe.top_k not in (1, 2)):
+        raise ConfigError(f"model.moe: num_experts={moe.num_experts} must be divisible by ep_size={moe.ep_size} and "
+                          f"top_k={moe.top_k} must be 1 or 2")
+    for mod, rate in m.drop_token.items():
+        if mod not in known or not 0.0 <= float(rate) < 1.0:
+            raise ConfigError(f"model.drop_token.{mod}={rate}: needs a known modality and a rate in [0, 1)")
+    if m.video_frames % m.tubelet:
+        raise ConfigError(f"model.video_frames={m.video_frames} must be divisible by model.tubelet={m.tubelet}")
     if not d.sources:
         raise ConfigError("data.sources: at least one source is needed")
     for i, src in enumerate(d.sources):

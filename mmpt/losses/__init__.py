@@ -23,5 +23,30 @@ def objective(out: dict, loss_cfg, group=None) -> dict:
     if "caption_logits" in out:
         losses["caption_loss"] = caption_loss(out["caption_logits"], out["caption_targets"])
         total = total + loss_cfg.caption_weight * losses["caption_loss"]
+    total = total + moe_terms(out.get("aux", {}), losses)
     losses["loss"] = total if torch.is_tensor(total) else torch.zeros(())
     return losses
+
+
+MOE_METRICS = ("dropped_rate", "router_entropy", "global_entropy", "balance")
+
+
+def moe_terms(aux: dict, losses: dict):
+    """Sum the MoE layers' weighted aux losses; add per-modality means of their metrics to `losses`.
+
+    aux keys look like "<modality>.layer<i>.<name>" (see MultimodalModel.forward)."""
+    total, per = 0.0, {}
+    for key, value in aux.items():
+        modality, _, name = key.split(".", 2)
+        if name == "moe_loss":
+            total = total + value
+        elif name in MOE_METRICS or name == "expert_load":
+            per.setdefault((modality, name), []).append(value)
+    for (modality, name), values in per.items():
+        if name == "expert_load":  # busiest expert's share x E: 1.0 = balanced, E = collapsed onto one expert
+            losses[f"moe/{modality}/max_load"] = torch.stack([v.max() * v.numel() for v in values]).mean()
+        else:
+            losses[f"moe/{modality}/{name}"] = torch.stack(values).mean()
+    if torch.is_tensor(total):
+        losses["moe_loss"] = total.detach()
+    return total

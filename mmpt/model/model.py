@@ -9,8 +9,9 @@ import torch
 from torch import nn
 
 from mmpt.model.heads import CaptionDecoder, EmbeddingHead
-from mmpt.model.stems import build_stems
-from mmpt.model.trunk import MLP, Trunk
+from mmpt.model.moe import make_ffn
+from mmpt.model.stems import as_volume, build_stems
+from mmpt.model.trunk import Trunk
 
 
 def pair_name(a: str, b: str) -> str:
@@ -23,9 +24,9 @@ class MultimodalModel(nn.Module):
         self.cfg = cfg
         self.max_log_scale = math.log(max_logit_scale)
         self.stems = build_stems(cfg)
-        hidden = int(cfg.width * cfg.mlp_ratio)
-        self.trunk = Trunk(cfg.width, cfg.depth, cfg.heads, lambda i: MLP(cfg.width, hidden, cfg.dropout),
-                           cfg.dropout, cfg.grad_checkpointing)
+        self.modality = nn.ParameterDict({m: nn.Parameter(torch.zeros(1, 1, cfg.width)) for m in cfg.modalities})
+        self.trunk = Trunk(cfg.width, cfg.depth, cfg.heads, lambda i: make_ffn(cfg, i), cfg.dropout,
+                           cfg.grad_checkpointing)
         self.heads = nn.ModuleDict({m: EmbeddingHead(cfg.width, cfg.heads, cfg.embed_dim) for m in cfg.modalities})
         pairs = [pair_name(a, b) for a, b in itertools.combinations(sorted(cfg.modalities), 2)]
         # One learnable temperature per modality pair (log scale, clamped in forward). Shape (1,), not a
@@ -35,21 +36,29 @@ class MultimodalModel(nn.Module):
         self.decoder = CaptionDecoder(cfg) if "text" in cfg.modalities and cfg.decoder_cross_layers > 0 else None
 
     def encode(self, modality: str, x: torch.Tensor) -> dict:
-        tokens, mask = self.stems[modality](x)
-        trunk = self.trunk(tokens, mask)
+        if modality == "text":
+            tokens, mask = self.stems["text"](x)
+        elif modality == "image" and "image" not in self.stems:  # image_as_video: frames repeated
+            tokens, mask = self.stems["video"](as_volume("image", x, self.cfg.tubelet))
+        else:
+            tokens, mask = self.stems[modality](as_volume(modality, x))
+        trunk = self.trunk(tokens + self.modality[modality], mask)
         return {"emb": self.heads[modality](trunk["hidden"], mask), "hidden": trunk["hidden"], "mask": mask,
                 "aux": trunk["aux"]}
 
     def logit_scale(self, a: str, b: str) -> torch.Tensor:
         return self.log_scales[pair_name(a, b).replace("|", "_")].clamp(max=self.max_log_scale).exp()[0]
 
-    def forward(self, batch: dict, caption_source: Optional[str] = "image") -> dict:
-        present = [m for m in self.stems if m in batch]
+    def forward(self, batch: dict, caption_source: Optional[str] = None) -> dict:
+        present = [m for m in self.cfg.modalities if m in batch]
         enc = {m: self.encode(m, batch[m]) for m in present}
         out = {"emb": {m: e["emb"] for m, e in enc.items()},
                "aux": {f"{m}.{k}": v for m, e in enc.items() for k, v in e["aux"].items()},
                "logit_scale": {pair_name(a, b): self.logit_scale(a, b)
                                for a, b in itertools.combinations(sorted(present), 2)}}
+        if caption_source is None:  # caption whatever non-text modality is paired with the text
+            others = [m for m in present if m != "text"]
+            caption_source = others[0] if len(others) == 1 else None
         if self.decoder is not None and caption_source in enc and "text" in batch:
             src = enc[caption_source]
             out.update(self.decoder(batch["text"], src["hidden"], src["mask"]))

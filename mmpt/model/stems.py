@@ -1,7 +1,11 @@
 """Per-modality stems: raw batch tensor -> tokens (B, N, D) + key mask (B, N), True = real token.
 
-Each stem adds its own position embedding and a learned modality embedding, so the shared trunk can
-tell modalities apart. Stems live in a ModuleDict keyed by modality (see `build_stems`).
+One patch stem class serves image, video and audio — modality is configuration, not a class:
+an image is a one-frame volume (or, with `model.image_as_video`, fed to the video stem as repeated frames, as
+IMP does), a video is cut into t x p x p tubelets, a log-mel spectrogram is a one-channel image (F x M).
+Position embeddings are factorised (time x space) and interpolated, so one model serves several resolutions,
+frame counts and clip durations. DropToken (VATT/IMP) keeps a random subset of patch tokens at train time.
+Stems live in a ModuleDict keyed by modality (`build_stems`); modality embeddings are added by the model.
 """
 from __future__ import annotations
 
@@ -12,23 +16,31 @@ from torch import nn
 from mmpt.data.tokenizer import valid_mask
 
 
-class ImageStem(nn.Module):
-    """Non-overlapping p x p patches; position embeddings are interpolated for other resolutions."""
-
-    def __init__(self, width: int, patch_size: int, image_size: int):
+class PatchStem(nn.Module):
+    def __init__(self, width: int, channels: int, patch: tuple, grid: tuple, drop_token: float = 0.0):
         super().__init__()
-        self.patch_size = patch_size
-        self.grid = image_size // patch_size
-        self.proj = nn.Conv2d(3, width, kernel_size=patch_size, stride=patch_size)
-        self.pos = nn.Parameter(torch.randn(1, width, self.grid, self.grid) * 0.02)
-        self.modality = nn.Parameter(torch.zeros(1, 1, width))
+        self.patch, self.drop_token = tuple(patch), drop_token
+        self.proj = nn.Conv3d(channels, width, kernel_size=self.patch, stride=self.patch)
+        self.pos_time = nn.Parameter(torch.randn(1, width, grid[0]) * 0.02)
+        self.pos_space = nn.Parameter(torch.randn(1, width, grid[1], grid[2]) * 0.02)
 
-    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        x = self.proj(images)  # (B, D, H/p, W/p)
-        pos = self.pos
-        if x.shape[-2:] != pos.shape[-2:]:
-            pos = F.interpolate(pos, size=x.shape[-2:], mode="bicubic", align_corners=False)
-        x = (x + pos).flatten(2).transpose(1, 2) + self.modality
+    def position(self, t: int, h: int, w: int) -> torch.Tensor:
+        space = self.pos_space
+        if space.shape[-2:] != (h, w):
+            space = F.interpolate(space, size=(h, w), mode="bicubic", align_corners=False)
+        time = self.pos_time
+        if time.shape[-1] != t:
+            time = F.interpolate(time, size=t, mode="linear", align_corners=False)
+        return space[:, :, None] + time[..., None, None]  # (1, D, T, H, W)
+
+    def forward(self, volume: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """volume (B, C, T, H, W); T, H, W at least one patch each (a shorter remainder is cut off)."""
+        x = self.proj(volume)
+        x = (x + self.position(*x.shape[2:])).flatten(2).transpose(1, 2)  # (B, N, D)
+        if self.training and self.drop_token > 0:
+            keep = max(1, round(x.size(1) * (1 - self.drop_token)))
+            idx = torch.rand(x.shape[:2], device=x.device).argsort(1)[:, :keep].sort(1).values
+            x = x.gather(1, idx[..., None].expand(-1, -1, x.size(2)))
         return x, torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
 
 
@@ -40,20 +52,33 @@ class TextStem(nn.Module):
         self.eot_id = eot_id
         self.token = nn.Embedding(vocab_size, width)
         self.pos = nn.Parameter(torch.randn(1, context_length, width) * 0.01)
-        self.modality = nn.Parameter(torch.zeros(1, 1, width))
         nn.init.normal_(self.token.weight, std=0.02)
 
     def forward(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if tokens.size(1) > self.pos.size(1):
             raise ValueError(f"text length {tokens.size(1)} exceeds model.context_length={self.pos.size(1)}")
-        x = self.token(tokens) + self.pos[:, : tokens.size(1)] + self.modality
-        return x, valid_mask(tokens, self.eot_id)
+        return self.token(tokens) + self.pos[:, : tokens.size(1)], valid_mask(tokens, self.eot_id)
+
+
+def as_volume(modality: str, x: torch.Tensor, repeat: int = 1) -> torch.Tensor:
+    """Batch tensor -> (B, C, T, H, W): image (B,3,H,W), video (B,T,3,H,W), audio (B,1,F,M)."""
+    if modality == "video":
+        return x.permute(0, 2, 1, 3, 4)
+    return x.unsqueeze(2).expand(-1, -1, repeat, -1, -1) if repeat > 1 else x.unsqueeze(2)
 
 
 def build_stems(cfg) -> nn.ModuleDict:
     """cfg: ModelConfig. Only the modalities the config names are built."""
+    p, drop = cfg.patch_size, cfg.drop_token
+    grid = cfg.image_size // p
     makers = {
-        "image": lambda: ImageStem(cfg.width, cfg.patch_size, cfg.image_size),
+        "image": lambda: PatchStem(cfg.width, 3, (1, p, p), (1, grid, grid), drop.get("image", 0.0)),
+        "video": lambda: PatchStem(cfg.width, 3, (cfg.tubelet, p, p), (cfg.video_frames // cfg.tubelet, grid, grid),
+                                   drop.get("video", 0.0)),
+        "audio": lambda: PatchStem(cfg.width, 1, (1, cfg.audio_patch, cfg.audio_patch),
+                                   (1, cfg.audio_frames // cfg.audio_patch, cfg.audio_mel // cfg.audio_patch),
+                                   drop.get("audio", 0.0)),
         "text": lambda: TextStem(cfg.width, cfg.vocab_size, cfg.context_length, cfg.eot_id),
     }
-    return nn.ModuleDict({m: makers[m]() for m in cfg.modalities})
+    skip = {"image"} if cfg.image_as_video and "video" in cfg.modalities else set()
+    return nn.ModuleDict({m: makers[m]() for m in cfg.modalities if m not in skip})

@@ -45,13 +45,15 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
+    """Dense FFN. Returns a tensor (DeepSpeed calls experts as `expert(x)`); MoE layers return (y, aux)."""
+
     def __init__(self, dim: int, hidden: int, dropout: float = 0.0):
         super().__init__()
         self.fc1, self.fc2 = nn.Linear(dim, hidden), nn.Linear(hidden, dim)
         self.drop = nn.Dropout(dropout)
 
-    def forward(self, x: torch.Tensor, key_mask: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, dict]:
-        return self.drop(self.fc2(F.gelu(self.fc1(x)))), {}
+    def forward(self, x: torch.Tensor, key_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        return self.drop(self.fc2(F.gelu(self.fc1(x))))
 
 
 class Block(nn.Module):
@@ -68,7 +70,8 @@ class Block(nn.Module):
         x = x + self.attn(self.ln1(x), key_mask=key_mask, causal=causal)
         if self.cross is not None:
             x = x + self.cross(self.ln_cross(x), context=context, key_mask=context_mask)
-        y, aux = self.ffn(self.ln2(x), key_mask)
+        out = self.ffn(self.ln2(x), key_mask)
+        y, aux = out if isinstance(out, tuple) else (out, {})
         return x + y, aux
 
 
