@@ -33,6 +33,10 @@ demo: $(STAMP)
 	$(BIN)/python data_pipelines/demo_digits.py --out data/demo
 	PATH=$(BIN):$$PATH NPROC=$(NPROC) launchers/torchrun.sh train --config demo train.out_dir=$(RUN)
 	$(BIN)/mmpt eval zeroshot --run $(RUN) --out $(RUN)/zeroshot.json
+	$(BIN)/mmpt eval zeroshot --run $(RUN) --modality audio --data data/demo/speech-val \
+	  --classes data/demo/speech-classes.json --out $(RUN)/zeroshot_audio.json
+	$(BIN)/mmpt eval zeroshot --run $(RUN) --modality video --data data/demo/motion-val \
+	  --classes data/demo/motion-classes.json --out $(RUN)/zeroshot_video.json
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q tests

@@ -82,6 +82,9 @@ def list_shards(spec: str) -> list[str]:
 
     Local files that do not exist are an error here, before any training starts.
     """
+    plain = not any(ch in spec for ch in "*?[{") and "://" not in spec and not spec.startswith("pipe:")
+    if plain and not os.path.exists(spec):
+        raise DataError(f"shard spec '{spec}': no such directory or file")
     if os.path.isdir(spec):
         sizes = read_sizes(spec)
         urls = [os.path.join(spec, name) for name in sizes]

@@ -60,18 +60,34 @@ class CaptionDecoder(nn.Module):
         logits = h[target_mask] @ self.token.weight.t()
         return {"caption_logits": logits, "caption_targets": tokens[:, 1:][target_mask]}
 
+    def _next_logprobs(self, seq: torch.Tensor, context: torch.Tensor, context_mask: torch.Tensor) -> torch.Tensor:
+        return (self.hidden(seq, context, context_mask)[:, -1] @ self.token.weight.t()).float().log_softmax(-1)
+
     @torch.no_grad()
-    def generate(self, context: torch.Tensor, context_mask: torch.Tensor, max_len: Optional[int] = None) -> torch.Tensor:
-        """Greedy decoding; returns (B, L) ids starting with SOT, padded with 0 after EOT."""
+    def generate(self, context: torch.Tensor, context_mask: torch.Tensor, max_len: Optional[int] = None,
+                 num_beams: int = 1, length_penalty: float = 1.0) -> torch.Tensor:
+        """Greedy (num_beams=1) or beam search; (B, <=max_len) ids starting with SOT, 0-padded after EOT.
+        Beams are ranked by log-probability / length**length_penalty."""
         max_len = max_len or self.context_length
-        b = context.size(0)
-        out = torch.full((b, 1), self.sot_id, dtype=torch.long, device=context.device)
-        done = torch.zeros(b, dtype=torch.bool, device=context.device)
+        b, dev = context.size(0), context.device
+        k = num_beams
+        ctx, ctx_mask = context.repeat_interleave(k, 0), context_mask.repeat_interleave(k, 0)
+        seq = torch.full((b * k, 1), self.sot_id, dtype=torch.long, device=dev)
+        score = torch.zeros(b, k, device=dev)
+        score[:, 1:] = float("-inf")  # all beams start identical: expand only the first
+        done = torch.zeros(b * k, dtype=torch.bool, device=dev)
         for _ in range(max_len - 1):
-            logits = self.hidden(out, context, context_mask)[:, -1] @ self.token.weight.t()
-            nxt = torch.where(done, torch.zeros_like(done, dtype=torch.long), logits.argmax(-1))
-            out = torch.cat([out, nxt[:, None]], dim=1)
-            done |= nxt == self.eot_id
+            logp = self._next_logprobs(seq, ctx, ctx_mask)  # (B*k, V)
+            logp[done] = float("-inf")
+            logp[done, 0] = 0.0  # finished beams only extend with padding, at no cost
+            total = (score.view(-1, 1) + logp).view(b, -1)  # (B, k*V)
+            score, flat = total.topk(k, dim=-1)
+            beam, token = flat // logp.size(1), flat % logp.size(1)
+            rows = (beam + torch.arange(b, device=dev)[:, None] * k).view(-1)
+            seq = torch.cat([seq[rows], token.view(-1, 1)], dim=1)
+            done = done[rows] | (token.view(-1) == self.eot_id)
             if done.all():
                 break
-        return out
+        lengths = valid_mask(seq, self.eot_id).sum(1).float().view(b, k)
+        best = (score / lengths.pow(length_penalty)).argmax(-1)
+        return seq.view(b, k, -1)[torch.arange(b, device=dev), best]

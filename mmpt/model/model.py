@@ -65,9 +65,9 @@ class MultimodalModel(nn.Module):
         return out
 
     @torch.no_grad()
-    def caption(self, modality: str, x: torch.Tensor, max_len: Optional[int] = None) -> torch.Tensor:
+    def caption(self, modality: str, x: torch.Tensor, max_len: Optional[int] = None, num_beams: int = 1) -> torch.Tensor:
         src = self.encode(modality, x)
-        return self.decoder.generate(src["hidden"], src["mask"], max_len)
+        return self.decoder.generate(src["hidden"], src["mask"], max_len, num_beams)
 
 
 def build_model(cfg, init_temperature: float = 0.07, max_logit_scale: float = 100.0) -> MultimodalModel:

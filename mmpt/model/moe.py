@@ -76,6 +76,7 @@ class DeepSpeedMoE(nn.Module):
                        k=cfg.top_k, capacity_factor=cfg.capacity_factor, eval_capacity_factor=cfg.eval_capacity_factor,
                        min_capacity=0, drop_tokens=cfg.drop_tokens, use_rts=False, noisy_gate_policy=None,
                        top2_2nd_expert_sampling=False)
+        self.moe.set_deepspeed_parallelism()  # expert groups now (idempotent), so the layer also works engine-less
 
     @property
     def router_weight(self) -> torch.Tensor:
