@@ -70,8 +70,11 @@ def cmd_shards_check(args) -> int:
 def cmd_bench(args) -> int:
     import importlib
 
+    import contextlib
+
     module = importlib.import_module(f"mmpt.bench.{args.what}")
-    result = module.run(**{k: v for k, v in vars(args).items() if k in ("samples", "size") and v is not None})
+    with contextlib.redirect_stdout(sys.stderr):  # libraries' chatter must not break "one JSON object on stdout"
+        result = module.run(**{k: v for k, v in vars(args).items() if k in ("samples", "size") and v is not None})
     print(json.dumps(result, indent=None if args.json else 1))
     return 0
 

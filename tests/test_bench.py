@@ -17,3 +17,15 @@ def test_bench_data_prints_one_json_object_with_peers():
     assert result["vs_open_clip"] == image["ours"]["samples_per_s"] / image["open_clip"]["samples_per_s"]
     assert result["video_text"]["decord_raw"]["same_frames_per_s"] > 0
     assert result["audio_text"]["samples_per_s"] > 0
+
+
+def test_bench_moe_prints_one_json_object_with_both_backends_and_dense():
+    proc = subprocess.run([sys.executable, "-m", "mmpt.cli", "bench", "moe", "--json"], capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout)
+    for name in ("dense", "native", "deepspeed"):
+        assert result[name]["ms"] > 0 and result[name]["tokens_per_s"] > 0 and result[name]["saved_activation_mb"] > 0
+    assert result["moe_over_dense"] == result["native"]["ms"] / result["dense"]["ms"]
+    # 8 experts of the dense FFN's size plus a router: same active parameters per token as the dense layer.
+    assert result["native"]["parameters"] == 8 * result["dense"]["parameters"] + 8 * result["width"]

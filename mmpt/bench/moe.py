@@ -9,13 +9,10 @@ is the native backend's time ratio (target <= 1.3 on CPU).
 """
 from __future__ import annotations
 
-import os
 import statistics
-import tempfile
 import time
 
 import torch
-import torch.distributed as dist
 
 from mmpt.config import MoEConfig
 from mmpt.model.moe import DeepSpeedMoE, NativeMoE, copy_native_to_deepspeed
@@ -57,9 +54,9 @@ def timed(layer, x: torch.Tensor, repeats: int) -> dict:
 
 
 def run(tokens: int = 4096, width: int = 256, experts: int = 8, repeats: int = 7, samples=None, size=None) -> dict:
-    if not dist.is_initialized():  # the DeepSpeed layer needs a process group; one local rank is enough
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
-        dist.init_process_group("gloo", init_method=f"file://{tempfile.mktemp()}", rank=0, world_size=1)
+    from mmpt.train.engine import init_distributed, shutdown_distributed
+
+    init_distributed()  # the DeepSpeed layer needs a process group; one local rank is enough
     torch.manual_seed(0)
     cfg = MoEConfig(num_experts=experts, top_k=1, capacity_factor=1.25, backend="native")
     x = torch.randn(tokens // 256, 256, width, requires_grad=False)
@@ -76,5 +73,5 @@ def run(tokens: int = 4096, width: int = 256, experts: int = 8, repeats: int = 7
         result[name]["over_dense"] = result[name]["ms"] / result["dense"]["ms"]
     result["moe_over_dense"] = result["native"]["over_dense"]
     result["target"] = {"moe_over_dense": 1.3}
-    dist.destroy_process_group()
+    shutdown_distributed()
     return result

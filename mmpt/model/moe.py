@@ -42,12 +42,15 @@ class NativeMoE(nn.Module):
         order = routing.expert.argsort(stable=True)
         tok, gate = routing.token[order], routing.gate[order]
         counts = torch.bincount(routing.expert, minlength=self.cfg.num_experts).tolist()
+        # unbind, not self.w1[e]: indexing's backward would allocate and zero-fill a full (E, D, H) gradient per
+        # expert; unbind's backward stacks the expert gradients once.
+        w1, b1, w2, b2 = self.w1.unbind(0), self.b1.unbind(0), self.w2.unbind(0), self.b2.unbind(0)
         start = 0
         for e, n in enumerate(counts):
             if n:
                 idx = tok[start:start + n]
-                h = F.gelu(tokens[idx] @ self.w1[e] + self.b1[e])
-                out.index_add_(0, idx, (h @ self.w2[e] + self.b2[e]) * gate[start:start + n, None].to(h.dtype))
+                h = F.gelu(torch.addmm(b1[e], tokens[idx], w1[e]))
+                out.index_add_(0, idx, torch.addmm(b2[e], h, w2[e]) * gate[start:start + n, None].to(h.dtype))
                 start += n
         return out
 
