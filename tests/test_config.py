@@ -9,7 +9,8 @@ from mmpt.train.engine import deepspeed_config
 
 def test_shipped_demo_config_loads_with_overrides():
     cfg = load_config("demo", ["model.width=64", "train.steps=7", "deepspeed.zero_stage=3", "optim.lr=3e-4",
-                               "model.modalities=[image, text]"])
+                               "model.modalities=[image, text]",
+                               "data.sources=[{name: d, shards: d, modalities: [image, text]}]"])
     assert (cfg.model.width, cfg.train.steps, cfg.deepspeed.zero_stage) == (64, 7, 3)
     assert cfg.optim.lr == pytest.approx(3e-4)
     assert isinstance(cfg.optim.lr, float)

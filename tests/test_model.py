@@ -6,10 +6,13 @@ from mmpt.data.tokenizer import tokenize
 from mmpt.losses import objective
 from mmpt.model import build_model
 
+IMAGE_TEXT = "data.sources=[{name: d, shards: d, modalities: [image, text]}]"
+
 
 @pytest.fixture(scope="module")
 def cfg():
-    return load_config("demo", ["model.width=32", "model.depth=2", "model.heads=2", "model.embed_dim=16"])
+    return load_config("demo", ["model.width=32", "model.depth=2", "model.heads=2", "model.embed_dim=16",
+                                "model.modalities=[image, text]", IMAGE_TEXT])
 
 
 def batch(size: int = 32, n: int = 4):
@@ -70,7 +73,7 @@ def test_grad_checkpointing_gives_same_gradients(cfg):
     torch.manual_seed(0)
     plain = build_model(cfg.model)
     ckpt_cfg = load_config("demo", ["model.width=32", "model.depth=2", "model.heads=2", "model.embed_dim=16",
-                                    "model.grad_checkpointing=true"])
+                                    "model.modalities=[image, text]", IMAGE_TEXT, "model.grad_checkpointing=true"])
     ckpt = build_model(ckpt_cfg.model)
     ckpt.load_state_dict(plain.state_dict())
     b = batch()

