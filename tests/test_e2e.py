@@ -1,7 +1,6 @@
 """End to end through the real stack: torchrun (2 gloo processes) -> DeepSpeed -> checkpoint -> resume ->
 zero-shot eval -> export. Small model, the real demo shards."""
 import json
-import os
 import random
 import sys
 
