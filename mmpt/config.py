@@ -118,6 +118,8 @@ class LossConfig:
     caption_weight: float = 1.0
     init_temperature: float = 0.07
     max_logit_scale: float = 100.0
+    contrastive_chunk: Optional[int] = None  # columns per logits chunk (exact, recomputed in backward)
+    contrastive_group_size: int = 0  # GBA-ITC: gather inside groups of this many ranks; 0 = all ranks
 
 
 @dataclass

@@ -16,7 +16,8 @@ def objective(out: dict, loss_cfg, group=None) -> dict:
     losses, total = {}, 0.0
     for a, b in itertools.combinations(sorted(out["emb"]), 2):
         pair = "|".join((a, b))
-        loss, _ = contrastive_loss(out["emb"][a], out["emb"][b], out["logit_scale"][pair], group)
+        loss, _ = contrastive_loss(out["emb"][a], out["emb"][b], out["logit_scale"][pair], group,
+                                   chunk_size=loss_cfg.contrastive_chunk)
         losses[f"{a}_{b}_contrastive_loss"] = loss
         losses[f"{a}_{b}_logit_scale"] = out["logit_scale"][pair].detach()
         total = total + loss_cfg.contrastive_weight * loss

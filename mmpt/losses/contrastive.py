@@ -13,6 +13,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from mmpt.losses.chunked import chunked_infonce
+
 
 class GatherWithGrad(torch.autograd.Function):
     """all_gather whose backward sums every rank's gradient for this rank's slice.
@@ -50,11 +52,14 @@ def _check_equal_sizes(n: int, group) -> None:
 
 
 def contrastive_loss(emb_a: torch.Tensor, emb_b: torch.Tensor, logit_scale: torch.Tensor,
-                     group: Optional[dist.ProcessGroup] = None, check_sizes: bool = True) -> tuple[torch.Tensor, dict]:
+                     group: Optional[dist.ProcessGroup] = None, check_sizes: bool = True,
+                     chunk_size: Optional[int] = None) -> tuple[torch.Tensor, dict]:
     """Symmetric InfoNCE of matching rows of emb_a and emb_b across all ranks of `group`.
 
-    Returns this rank's loss (mean over ranks = global loss) and a report. Computed in fp32 whatever the
-    embedding dtype.
+    Returns this rank's loss (mean over ranks = the loss of the group's batch) and a report. Computed in fp32
+    whatever the embedding dtype. `group` may be a subgroup (grouped aggregation, GBA-ITC: see `rank_groups`).
+    With `chunk_size`, logits are computed `chunk_size` columns at a time with a running logsumexp and
+    recomputed in backward (exact; logits memory local_rows x chunk instead of local_rows x group batch).
     """
     if emb_a.shape != emb_b.shape:
         raise ValueError(f"contrastive_loss: emb_a {tuple(emb_a.shape)} and emb_b {tuple(emb_b.shape)} differ")
@@ -67,18 +72,34 @@ def contrastive_loss(emb_a: torch.Tensor, emb_b: torch.Tensor, logit_scale: torc
         offset = dist.get_rank(group) * n
     else:
         all_a, all_b, offset = a, b, 0
-    labels = torch.arange(offset, offset + n, device=a.device)
-    loss_ab = F.cross_entropy(scale * a @ all_b.t(), labels)
-    loss_ba = F.cross_entropy(scale * b @ all_a.t(), labels)
-    report = {"global_batch": n * world, "negatives_per_positive": n * world - 1,
-              "bytes_gathered": 2 * a.element_size() * a.numel() * (world - 1)}
+    if chunk_size:
+        loss_ab = chunked_infonce(a, all_b, scale, offset, chunk_size)
+        loss_ba = chunked_infonce(b, all_a, scale, offset, chunk_size)
+    else:
+        labels = torch.arange(offset, offset + n, device=a.device)
+        loss_ab = F.cross_entropy(scale * a @ all_b.t(), labels)
+        loss_ba = F.cross_entropy(scale * b @ all_a.t(), labels)
+    columns = min(chunk_size or n * world, n * world)
+    report = {"group_size": world, "global_batch": n * world, "negatives_per_positive": n * world - 1,
+              "bytes_gathered": 2 * a.element_size() * a.numel() * (world - 1),
+              "logits_bytes": 4 * n * columns}
     return (loss_ab + loss_ba) / 2, report
 
 
+def rank_groups(group_size: int) -> dist.ProcessGroup:
+    """GBA-ITC: split the world into consecutive groups of `group_size` ranks (default use: one node) and
+    return this rank's group. Every rank must call it (subgroup creation is collective)."""
+    world = dist.get_world_size()
+    if group_size <= 0 or world % group_size:
+        raise ValueError(f"contrastive group size {group_size} must divide the world size {world}")
+    mine, _ = dist.new_subgroups(group_size)
+    return mine
+
+
 class ContrastiveLoss(nn.Module):
-    def __init__(self, group: Optional[dist.ProcessGroup] = None):
+    def __init__(self, group: Optional[dist.ProcessGroup] = None, chunk_size: Optional[int] = None):
         super().__init__()
-        self.group = group
+        self.group, self.chunk_size = group, chunk_size
 
     def forward(self, emb_a, emb_b, logit_scale):
-        return contrastive_loss(emb_a, emb_b, logit_scale, self.group)
+        return contrastive_loss(emb_a, emb_b, logit_scale, self.group, chunk_size=self.chunk_size)

@@ -18,12 +18,12 @@ from mmpt.losses import objective
 class TrainModule(nn.Module):
     """What the DeepSpeed engine wraps: batch dict in, loss dict out."""
 
-    def __init__(self, model: nn.Module, loss_cfg):
+    def __init__(self, model: nn.Module, loss_cfg, group=None):
         super().__init__()
-        self.model, self.loss_cfg = model, loss_cfg
+        self.model, self.loss_cfg, self.group = model, loss_cfg, group
 
     def forward(self, batch: dict) -> dict:
-        return objective(self.model(batch), self.loss_cfg)
+        return objective(self.model(batch), self.loss_cfg, self.group)
 
 
 def init_distributed() -> tuple[int, int]:

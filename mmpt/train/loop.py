@@ -16,6 +16,7 @@ from tqdm import tqdm
 from mmpt.config import Config
 from mmpt.data.stream import tasks_from_config, train_loader
 from mmpt.data.tokenizer import check_model_fits
+from mmpt.losses.contrastive import rank_groups
 from mmpt.model import build_model
 from mmpt.train import checkpoint
 from mmpt.train.engine import TrainModule, build_engine, init_distributed, shutdown_distributed
@@ -73,7 +74,8 @@ def _train(cfg: Config, rank: int, world: int) -> dict:
         write_run_config(cfg, out_dir)
     torch.manual_seed(cfg.train.seed)
     model = build_model(cfg.model, cfg.loss.init_temperature, cfg.loss.max_logit_scale)
-    engine = build_engine(TrainModule(model, cfg.loss), cfg, world)
+    group = rank_groups(cfg.loss.contrastive_group_size) if 0 < cfg.loss.contrastive_group_size < world else None
+    engine = build_engine(TrainModule(model, cfg.loss, group), cfg, world)
     state = checkpoint.resume(engine, out_dir) if cfg.train.resume else {}
     start = int(state.get("step", 0))
     skipped = {k: Counter(v) for k, v in state.get("skipped", {"reasons": {}, "shards": {}}).items()}
