@@ -159,3 +159,42 @@ def test_open_clip_cliploss_agrees_with_ours_on_two_ranks():
     for ours, theirs in run_distributed(open_clip_rank_fn, 2):
         for mine, other in zip(ours, theirs):
             torch.testing.assert_close(mine, other, rtol=1e-5, atol=1e-7)
+
+
+def _encoders(seed: int = 0):
+    torch.manual_seed(seed)
+    enc_a = torch.nn.Sequential(torch.nn.Linear(DIM, DIM), torch.nn.Dropout(0.2))
+    enc_b = torch.nn.Linear(DIM, DIM)
+    return enc_a, enc_b
+
+
+def _accumulated_vs_single(rank: int, world: int, group_size: int, chunk):
+    from mmpt.losses.accumulate import accumulated_contrastive_backward
+    from mmpt.losses.contrastive import rank_groups
+
+    group = rank_groups(group_size) if world > 1 and group_size < world else None
+    x = torch.randn(world * 12, DIM, generator=torch.Generator().manual_seed(5))[rank * 12:(rank + 1) * 12]
+    grads = []
+    for accumulate in (False, True):
+        enc_a, enc_b = _encoders()
+        scale = torch.tensor(5.0, requires_grad=True)
+        norm = torch.nn.functional.normalize
+        ea, eb = (lambda t: norm(enc_a(t), dim=-1)), (lambda t: norm(enc_b(t + 0.1), dim=-1))
+        torch.manual_seed(100 + rank)  # same dropout masks for both paths
+        if accumulate:
+            loss, _ = accumulated_contrastive_backward(ea, eb, list(x.split(4)), scale, group=group, chunk_size=chunk)
+        else:
+            loss, _ = contrastive_loss(torch.cat([ea(m) for m in x.split(4)]), torch.cat([eb(m) for m in x.split(4)]),
+                                       scale, group=group, chunk_size=chunk)
+            loss.backward()
+        grads.append([loss.detach(), scale.grad] + [p.grad for p in [*enc_a.parameters(), *enc_b.parameters()]])
+    return grads
+
+
+@pytest.mark.parametrize("world, group_size, chunk", [(1, 1, None), (1, 1, 5), (2, 2, None), (4, 2, 7)])
+def test_grad_cache_accumulation_equals_one_pass_over_the_accumulated_batch(world, group_size, chunk):
+    results = [_accumulated_vs_single(0, 1, 1, chunk)] if world == 1 else run_distributed(
+        _accumulated_vs_single, world, group_size, chunk)
+    for single, accumulated in results:
+        for s, a in zip(single, accumulated):
+            torch.testing.assert_close(a, s, rtol=1e-5, atol=1e-6)
