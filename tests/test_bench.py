@@ -29,3 +29,15 @@ def test_bench_moe_prints_one_json_object_with_both_backends_and_dense():
     assert result["moe_over_dense"] == result["native"]["ms"] / result["dense"]["ms"]
     # 8 experts of the dense FFN's size plus a router: same active parameters per token as the dense layer.
     assert result["native"]["parameters"] == 8 * result["dense"]["parameters"] + 8 * result["width"]
+
+
+def test_bench_loss_measures_ours_and_open_clip_with_identical_gradients():
+    from mmpt.bench.loss import run
+
+    result = run(b=64, d=32, chunk=16, worlds=(2,))
+    w2 = result["worlds"]["2"]
+    assert w2["max_grad_diff_vs_open_clip"] < 1e-5
+    for name in ("open_clip", "ours_exact", "ours_grouped"):
+        assert w2[name]["ms"] > 0 and w2[name]["peak_mb"] > 0
+    assert w2["ours_grouped"]["group_size"] == 1 and w2["ours_grouped"]["bytes_sent"] == 0
+    assert w2["ours_exact"]["peak_mb_ratio"] == w2["ours_exact"]["peak_mb"] / w2["open_clip"]["peak_mb"]

@@ -5,8 +5,7 @@
 Per rank and method: forward + backward time (median of 3), peak memory of the loss forward + backward beyond
 the local embeddings (torch's MemTracker: every tensor the loss allocates, logits and gathered columns
 included), and bytes each rank sends in collectives (from the collective sizes: all_gather sends the local
-block to N-1 peers; open_clip's backward on gloo is an all_to_all of the same size; ours all-reduces the
-gathered gradient, 2(N-1)/N of its size on a ring). Methods: open_clip ClipLoss(local_loss, gather_with_grad);
+block to N-1 peers, and both open_clip's and our backward on gloo are an all_to_all of the same size). Methods: open_clip ClipLoss(local_loss, gather_with_grad);
 ours exact (gather all, chunked logits); ours grouped (GBA-ITC, g = N/2). Also the largest gradient
 difference between ours exact and open_clip.
 """
@@ -65,9 +64,9 @@ def _rank(rank: int, world: int, init: str, b: int, d: int, chunk: int, queue) -
     result = {
         "open_clip": {**_measure(run("open_clip", lambda x, y, s: clip(x, y, s))), "bytes_sent": 2 * 2 * (world - 1) * block},
         "ours_exact": {**_measure(run("ours", lambda x, y, s: contrastive_loss(x, y, s, chunk_size=chunk)[0])),
-                       "bytes_sent": 2 * (world - 1) * block + 2 * 2 * (world - 1) * block},
+                       "bytes_sent": 2 * 2 * (world - 1) * block},
         "ours_grouped": {**_measure(run("grouped", lambda x, y, s: contrastive_loss(x, y, s, group=group, chunk_size=chunk)[0])),
-                         "bytes_sent": 3 * 2 * (world // 2 - 1) * block, "group_size": world // 2},
+                         "bytes_sent": 2 * 2 * (world // 2 - 1) * block, "group_size": world // 2},
     }
     result["max_grad_diff_vs_open_clip"] = max(float((p - q).abs().max()) for p, q in zip(grads["ours"], grads["open_clip"]))
     buf = io.BytesIO()

@@ -20,7 +20,7 @@ class GatherWithGrad(torch.autograd.Function):
     """all_gather whose backward sums every rank's gradient for this rank's slice.
 
     Written out (not torch.distributed.nn.all_gather) because that one breaks in backward on gloo
-    subgroups; all_reduce + slice works on every backend and group.
+    subgroups; a plain all_to_all on the group works on every backend and group.
     """
 
     @staticmethod
@@ -33,9 +33,12 @@ class GatherWithGrad(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        grad = grad.contiguous()
-        dist.all_reduce(grad, group=ctx.group)
-        return grad[ctx.rank * ctx.n:(ctx.rank + 1) * ctx.n], None
+        # A reduce-scatter: each rank receives every rank's gradient for its own rows and sums them. Written as
+        # all_to_all (gloo has no reduce_scatter): (N-1)/N of the gathered size per rank, half an all_reduce.
+        parts = [p.contiguous() for p in grad.split(ctx.n)]
+        received = [torch.empty_like(parts[0]) for _ in parts]
+        dist.all_to_all(received, parts, group=ctx.group)
+        return torch.stack(received).sum(0), None
 
 
 def _world(group) -> int:
