@@ -120,6 +120,7 @@ class LossConfig:
     max_logit_scale: float = 100.0
     contrastive_chunk: Optional[int] = None  # columns per logits chunk (exact, recomputed in backward)
     contrastive_group_size: int = 0  # GBA-ITC: gather inside groups of this many ranks; 0 = all ranks
+    contrastive_ring: bool = False  # stream column blocks around the ranks instead of gathering them
 
 
 @dataclass

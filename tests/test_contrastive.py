@@ -89,40 +89,43 @@ def test_chunked_loss_and_gradients_match_float64_single_process(chunk):
         torch.testing.assert_close(got.double(), ref, rtol=1e-5, atol=1e-7)
 
 
-def chunked_rank_fn(rank: int, world: int, chunk: int):
+def chunked_rank_fn(rank: int, world: int, chunk, ring: bool = False):
     a, b, scale = data(world)
     sl = slice(rank * B_LOCAL, (rank + 1) * B_LOCAL)
     a, b, scale = a[sl].clone().requires_grad_(), b[sl].clone().requires_grad_(), scale.clone().requires_grad_()
-    loss, report = contrastive_loss(a, b, scale, chunk_size=chunk)
+    loss, report = contrastive_loss(a, b, scale, chunk_size=chunk, ring=ring)
     loss.backward()
     return loss.detach(), a.grad, b.grad, scale.grad, report
 
 
-@pytest.mark.parametrize("world", [2, 4])
-def test_chunked_distributed_matches_float64_reference(world):
+@pytest.mark.parametrize("world, ring", [(2, False), (4, False), (2, True), (4, True)])
+def test_chunked_and_ring_distributed_match_float64_reference(world, ring):
     ref_loss, ref_ga, ref_gb, ref_gs = reference(world)
-    results = run_distributed(chunked_rank_fn, world, 5)
+    results = run_distributed(chunked_rank_fn, world, None if ring else 5, ring)
+    if ring:
+        assert results[0][4]["bytes_gathered"] == 0
     torch.testing.assert_close(torch.stack([r[0] for r in results]).mean().double(), ref_loss, rtol=1e-5, atol=1e-7)
     torch.testing.assert_close((torch.cat([r[1] for r in results]) / world).double(), ref_ga, rtol=1e-5, atol=1e-7)
     torch.testing.assert_close((torch.cat([r[2] for r in results]) / world).double(), ref_gb, rtol=1e-5, atol=1e-7)
     torch.testing.assert_close(torch.stack([r[3] for r in results]).mean().double(), ref_gs, rtol=1e-5, atol=1e-7)
 
 
-def grouped_rank_fn(rank: int, world: int, group_size: int):
+def grouped_rank_fn(rank: int, world: int, group_size: int, ring: bool):
     from mmpt.losses.contrastive import rank_groups
 
     group = rank_groups(group_size)
     a, b, scale = data(world)
     sl = slice(rank * B_LOCAL, (rank + 1) * B_LOCAL)
     a, b, scale = a[sl].clone().requires_grad_(), b[sl].clone().requires_grad_(), scale.clone().requires_grad_()
-    loss, report = contrastive_loss(a, b, scale, group=group, chunk_size=4)
+    loss, report = contrastive_loss(a, b, scale, group=group, chunk_size=4, ring=ring)
     loss.backward()
     return loss.detach(), a.grad, b.grad, scale.grad, report
 
 
-def test_grouped_aggregation_equals_the_per_group_reference():
+@pytest.mark.parametrize("ring", [False, True])
+def test_grouped_aggregation_equals_the_per_group_reference(ring):
     world, g = 4, 2
-    results = run_distributed(grouped_rank_fn, world, g)
+    results = run_distributed(grouped_rank_fn, world, g, ring)
     a, b, scale = data(world)
     for first in range(0, world, g):  # ranks [first, first + g) form one group
         rows = slice(first * B_LOCAL, (first + g) * B_LOCAL)

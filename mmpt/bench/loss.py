@@ -6,7 +6,8 @@ Per rank and method: forward + backward time (median of 3), peak memory of the l
 the local embeddings (torch's MemTracker: every tensor the loss allocates, logits and gathered columns
 included), and bytes each rank sends in collectives (from the collective sizes: all_gather sends the local
 block to N-1 peers, and both open_clip's and our backward on gloo are an all_to_all of the same size). Methods: open_clip ClipLoss(local_loss, gather_with_grad);
-ours exact (gather all, chunked logits); ours grouped (GBA-ITC, g = N/2). Also the largest gradient
+ours exact (gather all, chunked logits); ours ring (column blocks streamed, never gathered; forward N-1
+passes of 2 blocks, backward N passes of 4); ours grouped (GBA-ITC, g = N/2). Also the largest gradient
 difference between ours exact and open_clip.
 """
 from __future__ import annotations
@@ -65,10 +66,13 @@ def _rank(rank: int, world: int, init: str, b: int, d: int, chunk: int, queue) -
         "open_clip": {**_measure(run("open_clip", lambda x, y, s: clip(x, y, s))), "bytes_sent": 2 * 2 * (world - 1) * block},
         "ours_exact": {**_measure(run("ours", lambda x, y, s: contrastive_loss(x, y, s, chunk_size=chunk)[0])),
                        "bytes_sent": 2 * 2 * (world - 1) * block},
+        "ours_ring": {**_measure(run("ring", lambda x, y, s: contrastive_loss(x, y, s, ring=True)[0])),
+                      "bytes_sent": (2 * (world - 1) + 4 * world) * block},
         "ours_grouped": {**_measure(run("grouped", lambda x, y, s: contrastive_loss(x, y, s, group=group, chunk_size=chunk)[0])),
                          "bytes_sent": 2 * 2 * (world // 2 - 1) * block, "group_size": world // 2},
     }
-    result["max_grad_diff_vs_open_clip"] = max(float((p - q).abs().max()) for p, q in zip(grads["ours"], grads["open_clip"]))
+    result["max_grad_diff_vs_open_clip"] = max(float((p - q).abs().max()) for name in ("ours", "ring")
+                                               for p, q in zip(grads[name], grads["open_clip"]))
     buf = io.BytesIO()
     torch.save(result, buf)
     queue.put((rank, buf.getvalue()))
@@ -89,7 +93,7 @@ def bench_world(world: int, b: int, d: int, chunk: int) -> dict:
             p.join(timeout=120)
     r0 = torch.load(io.BytesIO(results[0]), weights_only=False)  # rank 0 stands for all (same shapes)
     theirs = r0["open_clip"]
-    for name in ("ours_exact", "ours_grouped"):
+    for name in ("ours_exact", "ours_ring", "ours_grouped"):
         for key in ("ms", "peak_mb", "bytes_sent"):
             r0[name][f"{key}_ratio"] = r0[name][key] / theirs[key]
     return r0

@@ -17,7 +17,7 @@ def objective(out: dict, loss_cfg, group=None) -> dict:
     for a, b in itertools.combinations(sorted(out["emb"]), 2):
         pair = "|".join((a, b))
         loss, _ = contrastive_loss(out["emb"][a], out["emb"][b], out["logit_scale"][pair], group,
-                                   chunk_size=loss_cfg.contrastive_chunk)
+                                   chunk_size=loss_cfg.contrastive_chunk, ring=loss_cfg.contrastive_ring)
         losses[f"{a}_{b}_contrastive_loss"] = loss
         losses[f"{a}_{b}_logit_scale"] = out["logit_scale"][pair].detach()
         total = total + loss_cfg.contrastive_weight * loss

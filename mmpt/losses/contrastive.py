@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mmpt.losses.chunked import chunked_infonce
+from mmpt.losses.ring import ring_infonce
 
 
 class GatherWithGrad(torch.autograd.Function):
@@ -56,21 +57,28 @@ def _check_equal_sizes(n: int, group) -> None:
 
 def contrastive_loss(emb_a: torch.Tensor, emb_b: torch.Tensor, logit_scale: torch.Tensor,
                      group: Optional[dist.ProcessGroup] = None, check_sizes: bool = True,
-                     chunk_size: Optional[int] = None) -> tuple[torch.Tensor, dict]:
+                     chunk_size: Optional[int] = None, ring: bool = False) -> tuple[torch.Tensor, dict]:
     """Symmetric InfoNCE of matching rows of emb_a and emb_b across all ranks of `group`.
 
     Returns this rank's loss (mean over ranks = the loss of the group's batch) and a report. Computed in fp32
     whatever the embedding dtype. `group` may be a subgroup (grouped aggregation, GBA-ITC: see `rank_groups`).
     With `chunk_size`, logits are computed `chunk_size` columns at a time with a running logsumexp and
     recomputed in backward (exact; logits memory local_rows x chunk instead of local_rows x group batch).
+    With `ring`, column blocks are streamed around the ranks instead of gathered (`mmpt.losses.ring`): exact,
+    and no rank ever holds the group's B x d columns.
     """
     if emb_a.shape != emb_b.shape:
         raise ValueError(f"contrastive_loss: emb_a {tuple(emb_a.shape)} and emb_b {tuple(emb_b.shape)} differ")
     a, b, scale = emb_a.float(), emb_b.float(), logit_scale.float()
     n, world = a.size(0), _world(group)
+    if world > 1 and check_sizes:
+        _check_equal_sizes(n, group)
+    if world > 1 and ring:
+        report = {"group_size": world, "global_batch": n * world, "negatives_per_positive": n * world - 1,
+                  "bytes_gathered": 0, "bytes_ring": a.element_size() * a.numel() * (2 * (world - 1) + 4 * world),
+                  "logits_bytes": 4 * n * n}
+        return ring_infonce(a, b, scale, group), report
     if world > 1:
-        if check_sizes:
-            _check_equal_sizes(n, group)
         all_a, all_b = GatherWithGrad.apply(a, group), GatherWithGrad.apply(b, group)
         offset = dist.get_rank(group) * n
     else:
