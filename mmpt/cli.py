@@ -45,11 +45,12 @@ def cmd_eval_zeroshot(args) -> int:
 
 
 def cmd_shards_build(args) -> int:
-    from mmpt.data.build import build_shards, folder_rows, manifest_rows
+    from mmpt.data.build import build_shards, folder_rows
+    from mmpt.data.shards import read_manifest
 
     if bool(args.manifest) == bool(args.folder):
         raise DataError("shards build: give exactly one of --manifest or --folder")
-    rows = manifest_rows(args.manifest) if args.manifest else folder_rows(args.folder, args.labels_from_folders)
+    rows = list(read_manifest(args.manifest)) if args.manifest else folder_rows(args.folder, args.labels_from_folders)
     base = Path(args.manifest).parent if args.manifest else Path(".")
     summary = build_shards(rows, base, args.out, args.prefix, args.shard_size, args.workers,
                            None if args.no_shuffle else args.seed)
@@ -71,10 +72,16 @@ def cmd_bench(args) -> int:
     import importlib
 
     import contextlib
+    import inspect
 
     module = importlib.import_module(f"mmpt.bench.{args.what}")
+    accepted = inspect.signature(module.run).parameters
+    given = {k: getattr(args, k) for k in ("samples", "size") if getattr(args, k) is not None}
+    unknown = sorted(set(given) - set(accepted))
+    if unknown:
+        raise ConfigError(f"bench {args.what}: {', '.join('--' + k for k in unknown)} not supported by this bench")
     with contextlib.redirect_stdout(sys.stderr):  # libraries' chatter must not break "one JSON object on stdout"
-        result = module.run(**{k: v for k, v in vars(args).items() if k in ("samples", "size") and v is not None})
+        result = module.run(**given)
     print(json.dumps(result, indent=None if args.json else 1))
     return 0
 

@@ -99,7 +99,7 @@ def bench_world(world: int, b: int, d: int, chunk: int) -> dict:
     return r0
 
 
-def run(b: int = 512, d: int = 512, chunk: int = 256, worlds=(2, 4, 8), samples=None, size=None) -> dict:
+def run(b: int = 512, d: int = 512, chunk: int = 256, worlds=(2, 4, 8)) -> dict:
     out = {"bench": "loss", "rows_per_rank": b, "dim": d, "chunk": chunk, "backend": "gloo", "torch_threads": 1,
            "worlds": {str(n): bench_world(n, b, d, chunk) for n in worlds},
            "targets": {"peak_mb_ratio_at_8": 0.125, "grouped_bytes_ratio": "(g-1)/(N-1)"}}

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Iterator
 
 from mmpt.data import media
-from mmpt.data.shards import DataError, WriteReport, read_manifest, write_shards
+from mmpt.data.shards import DataError, WriteReport, write_shards
 
 EXT_MODALITY = {**{e: "image" for e in media.IMAGE_EXTS}, **{e: "video" for e in media.VIDEO_EXTS},
                 **{e: "audio" for e in media.AUDIO_EXTS}}
@@ -116,7 +116,3 @@ def build_shards(rows: list, base: str | os.PathLike, out: str | os.PathLike, pr
     summary.update(rows=len(rows), refused=dict(refused.refused), refused_examples=refused.refused_examples,
                    keys=dict(modalities))
     return summary
-
-
-def manifest_rows(path: str | os.PathLike) -> list:
-    return list(read_manifest(path))

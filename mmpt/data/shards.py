@@ -100,11 +100,6 @@ def list_shards(spec: str) -> list[str]:
     return urls
 
 
-def count_samples(spec: str) -> int | None:
-    """Total samples from sizes.json when the spec is a directory; None when unknown."""
-    return sum(read_sizes(spec).values()) if os.path.isdir(spec) else None
-
-
 def read_manifest(path: str | os.PathLike) -> Iterator[dict]:
     """Rows of a CSV (header line) or JSONL manifest."""
     p = Path(path)
