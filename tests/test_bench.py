@@ -41,3 +41,10 @@ def test_bench_loss_measures_ours_and_open_clip_with_identical_gradients():
         assert w2[name]["ms"] > 0 and w2[name]["peak_mb"] > 0
     assert w2["ours_grouped"]["group_size"] == 1 and w2["ours_grouped"]["bytes_sent"] == 0
     assert w2["ours_exact"]["peak_mb_ratio"] == w2["ours_exact"]["peak_mb"] / w2["open_clip"]["peak_mb"]
+    # Bytes counted at the torch.distributed calls: open_clip gathers 2 blocks and reduce-scatters them back;
+    # ours the same plus one int64 size check; the ring 4 (N - 1) blocks plus two row-logsumexp vectors.
+    block = 64 * 32 * 4
+    assert w2["open_clip"]["bytes_sent"] == 4 * block
+    assert w2["ours_exact"]["bytes_sent"] == 4 * block + 8
+    assert w2["ours_ring"]["bytes_sent"] == 4 * block + 2 * 64 * 4 + 8
+    assert w2["ours_ring"]["peak_mb"] < w2["ours_exact"]["peak_mb"] < w2["open_clip"]["peak_mb"]

@@ -98,12 +98,13 @@ def chunked_rank_fn(rank: int, world: int, chunk, ring: bool = False):
     return loss.detach(), a.grad, b.grad, scale.grad, report
 
 
-@pytest.mark.parametrize("world, ring", [(2, False), (4, False), (2, True), (4, True)])
-def test_chunked_and_ring_distributed_match_float64_reference(world, ring):
+@pytest.mark.parametrize("world, ring, chunk", [(2, False, 5), (4, False, 5), (2, True, None), (4, True, 3)])
+def test_chunked_and_ring_distributed_match_float64_reference(world, ring, chunk):
     ref_loss, ref_ga, ref_gb, ref_gs = reference(world)
-    results = run_distributed(chunked_rank_fn, world, None if ring else 5, ring)
-    if ring:
+    results = run_distributed(chunked_rank_fn, world, chunk, ring)
+    if ring:  # each block goes round 4 (N - 1) times (2 passes forward, 2 backward), never gathered
         assert results[0][4]["bytes_gathered"] == 0
+        assert results[0][4]["bytes_ring"] == 4 * (world - 1) * B_LOCAL * DIM * 4 + 2 * (world - 1) * 4 * B_LOCAL
     torch.testing.assert_close(torch.stack([r[0] for r in results]).mean().double(), ref_loss, rtol=1e-5, atol=1e-7)
     torch.testing.assert_close((torch.cat([r[1] for r in results]) / world).double(), ref_ga, rtol=1e-5, atol=1e-7)
     torch.testing.assert_close((torch.cat([r[2] for r in results]) / world).double(), ref_gb, rtol=1e-5, atol=1e-7)

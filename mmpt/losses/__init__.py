@@ -8,19 +8,25 @@ import torch
 from mmpt.losses.captioning import CaptionLoss, caption_loss
 from mmpt.losses.contrastive import ContrastiveLoss, contrastive_loss
 
-__all__ = ["CaptionLoss", "ContrastiveLoss", "caption_loss", "contrastive_loss", "objective"]
+__all__ = ["CaptionLoss", "ContrastiveLoss", "caption_loss", "contrastive_loss", "contrastive_terms", "objective"]
+
+
+def contrastive_terms(emb: dict, logit_scale: dict, loss_cfg, group=None) -> tuple:
+    """Weighted sum of the contrastive losses of every modality pair in `emb`, and the per-pair metrics."""
+    losses, total = {}, 0.0
+    for a, b in itertools.combinations(sorted(emb), 2):
+        pair = "|".join((a, b))
+        loss, _ = contrastive_loss(emb[a], emb[b], logit_scale[pair], group,
+                                   chunk_size=loss_cfg.contrastive_chunk, ring=loss_cfg.contrastive_ring)
+        losses[f"{a}_{b}_contrastive_loss"] = loss
+        losses[f"{a}_{b}_logit_scale"] = logit_scale[pair].detach()
+        total = total + loss_cfg.contrastive_weight * loss
+    return total, losses
 
 
 def objective(out: dict, loss_cfg, group=None) -> dict:
     """Model output dict -> {"loss": weighted total, "<pair>_contrastive_loss", "caption_loss", ...}."""
-    losses, total = {}, 0.0
-    for a, b in itertools.combinations(sorted(out["emb"]), 2):
-        pair = "|".join((a, b))
-        loss, _ = contrastive_loss(out["emb"][a], out["emb"][b], out["logit_scale"][pair], group,
-                                   chunk_size=loss_cfg.contrastive_chunk, ring=loss_cfg.contrastive_ring)
-        losses[f"{a}_{b}_contrastive_loss"] = loss
-        losses[f"{a}_{b}_logit_scale"] = out["logit_scale"][pair].detach()
-        total = total + loss_cfg.contrastive_weight * loss
+    total, losses = contrastive_terms(out["emb"], out["logit_scale"], loss_cfg, group)
     if "caption_logits" in out:
         losses["caption_loss"] = caption_loss(out["caption_logits"], out["caption_targets"])
         total = total + loss_cfg.caption_weight * losses["caption_loss"]

@@ -74,10 +74,11 @@ def contrastive_loss(emb_a: torch.Tensor, emb_b: torch.Tensor, logit_scale: torc
     if world > 1 and check_sizes:
         _check_equal_sizes(n, group)
     if world > 1 and ring:
+        block = a.element_size() * a.numel()
         report = {"group_size": world, "global_batch": n * world, "negatives_per_positive": n * world - 1,
-                  "bytes_gathered": 0, "bytes_ring": a.element_size() * a.numel() * (2 * (world - 1) + 4 * world),
-                  "logits_bytes": 4 * n * n}
-        return ring_infonce(a, b, scale, group), report
+                  "bytes_gathered": 0, "bytes_ring": 4 * (world - 1) * block + 2 * (world - 1) * 4 * n,
+                  "logits_bytes": 4 * n * min(chunk_size or n, n)}
+        return ring_infonce(a, b, scale, group, chunk_size), report
     if world > 1:
         all_a, all_b = GatherWithGrad.apply(a, group), GatherWithGrad.apply(b, group)
         offset = dist.get_rank(group) * n

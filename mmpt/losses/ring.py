@@ -1,11 +1,19 @@
 """Exact symmetric InfoNCE with the columns streamed around a ring of ranks (Inf-CL style) instead of gathered.
 
-Forward: each rank scores its local rows against the column block it holds, keeps a running logsumexp, and
-passes the block on (N - 1 times). Backward: the blocks go round again, each carrying the gradient of its
-columns that every rank adds to, so after N passes each block's gradient arrives home. Per rank the loss
-holds two blocks and one block-by-block logits tile, never the N x b gathered columns.
-The per-rank loss and gradients follow the same convention as the gather path (mean over ranks = global loss;
-each rank's gradient is the sum of every rank's loss gradient for its rows).
+Per rank r with local rows a_r, b_r the loss is L_r = (mean_i[lse_a_ri - pos_ri] + mean_i[lse_b_ri - pos_ri]) / 2
+with lse_a_ri = logsumexp_j(s a_ri . b_j) over every rank's b (and the mirror for b). Forward: two passes, one
+per direction; in each the other side's blocks go round the ring (double-buffered, the send of one block
+overlapping the scores of the one in hand) and a running logsumexp is kept, `chunk` columns at a time.
+
+Backward needs no gradient accumulators travelling home. The gradient of a_r has a row term (a_r against
+every b_k, weights exp(s a.b - lse_a_r)) and a column term (every b_k as rows of their own losses against a_r,
+weights exp(s a.b - lse_b_k)); both use the same tile a_r . b_k^T. So one pass circulating (b_k, lse_b_k)
+gives all of a_r's gradient, a second circulating (a_k, lse_a_k) all of b_r's. Every rank sends each block
+4 (N - 1) times in all, the bytes of open_clip's gather forward + reduce-scatter backward, and holds two
+blocks and two (rows x chunk) tiles, never the N x b gathered columns or their gradient.
+
+Gradient convention as the gather path: mean over ranks = global loss; each rank's embedding gradient is the
+sum of every rank's loss gradient for its rows, the scale gradient that of its own loss.
 """
 from __future__ import annotations
 
@@ -13,70 +21,79 @@ import torch
 import torch.distributed as dist
 
 
-def _pass_on(tensors: list, group) -> list:
-    """Send to the next rank of the group, receive from the previous one."""
+def _circulate(tensors: list, group):
+    """Yield the tensors of every rank of `group` in turn, own first, each passed on to the next rank while
+    the caller works on it. Two buffers per tensor whatever the group size."""
     world, rank = dist.get_world_size(group), dist.get_rank(group)
-    group = group or dist.group.WORLD
-    nxt, prv = dist.get_global_rank(group, (rank + 1) % world), dist.get_global_rank(group, (rank - 1) % world)
-    received = [torch.empty_like(t) for t in tensors]
-    ops = [dist.P2POp(dist.isend, t.contiguous(), nxt, group) for t in tensors]
-    ops += [dist.P2POp(dist.irecv, r, prv, group) for r in received]
-    for request in dist.batch_isend_irecv(ops):
-        request.wait()
-    return received
+    handle = group or dist.group.WORLD
+    nxt = dist.get_global_rank(handle, (rank + 1) % world)
+    prv = dist.get_global_rank(handle, (rank - 1) % world)
+    current, spare = [t.contiguous() for t in tensors], None
+    for step in range(world):
+        requests, incoming = [], None
+        if step < world - 1:
+            incoming = spare if spare is not None else [torch.empty_like(t) for t in tensors]
+            ops = [dist.P2POp(dist.isend, t, nxt, handle) for t in current]
+            ops += [dist.P2POp(dist.irecv, t, prv, handle) for t in incoming]
+            requests = dist.batch_isend_irecv(ops)
+        yield current
+        for request in requests:
+            request.wait()
+        # The block just sent is free now (unless it is this rank's own input): it takes the next receive.
+        spare = current if step > 0 else None
+        current = incoming
 
 
-def _update(running: tuple, logits: torch.Tensor) -> tuple:
-    high, total = running
-    new_high = torch.maximum(high, logits.max(dim=1).values)
-    return new_high, total * (high - new_high).exp() + (logits - new_high[:, None]).exp().sum(1)
+def _lse(rows: torch.Tensor, cols: torch.Tensor, scale: torch.Tensor, group, chunk: int) -> torch.Tensor:
+    """logsumexp_j(scale * rows_i . cols_j) over the columns of every rank of the group."""
+    high = torch.full((rows.size(0),), float("-inf"), dtype=rows.dtype, device=rows.device)
+    total = torch.zeros_like(high)
+    for (block,) in _circulate([cols], group):
+        for start in range(0, block.size(0), chunk):
+            logits = torch.mm(rows, block[start:start + chunk].t()).mul_(scale)
+            new_high = torch.maximum(high, logits.amax(dim=1))
+            total.mul_((high - new_high).exp_()).add_(logits.sub_(new_high[:, None]).exp_().sum(dim=1))
+            high = new_high
+    return high + total.log()
+
+
+def _grad(rows, cols, lse_rows, lse_cols, scale, group, chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax part of d(sum_k L_k)/d rows (up to the factor scale / 2n), and of dL_r/d scale (row term)."""
+    grad = torch.zeros_like(rows)
+    grad_scale = torch.zeros((), dtype=rows.dtype, device=rows.device)
+    for block, block_lse in _circulate([cols, lse_cols], group):
+        for start in range(0, block.size(0), chunk):
+            part = block[start:start + chunk]
+            dots = torch.mm(rows, part.t())
+            weights = (dots * scale).sub_(lse_rows[:, None]).exp_()  # row term: these rows' softmax
+            grad_scale += torch.dot(weights.flatten(), dots.flatten())
+            # Column term: the block's rows' softmax over these rows, computed in place of the dots.
+            weights.add_(dots.mul_(scale).sub_(block_lse[None, start:start + chunk]).exp_())
+            grad.addmm_(weights, part)
+    return grad, grad_scale
 
 
 class RingInfoNCE(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, a, b, scale, group):
-        world = dist.get_world_size(group)
-        empty = (torch.full((a.size(0),), float("-inf"), dtype=a.dtype), torch.zeros(a.size(0), dtype=a.dtype))
-        run_a, run_b = empty, (empty[0].clone(), empty[1].clone())
-        blk_a, blk_b = a, b
-        for step in range(world):
-            run_a = _update(run_a, scale * (a @ blk_b.t()))
-            run_b = _update(run_b, scale * (b @ blk_a.t()))
-            if step < world - 1:
-                blk_a, blk_b = _pass_on([blk_a, blk_b], group)
-        lse_a, lse_b = run_a[0] + run_a[1].log(), run_b[0] + run_b[1].log()
-        positive = scale * (a * b).sum(1)
+    def forward(ctx, a, b, scale, group, chunk: int):
+        lse_a, lse_b = _lse(a, b, scale, group, chunk), _lse(b, a, scale, group, chunk)
+        positive = scale * torch.bmm(a.unsqueeze(1), b.unsqueeze(2)).view(-1)  # no n x d temporary
         ctx.save_for_backward(a, b, scale, lse_a, lse_b)
-        ctx.group = group
+        ctx.group, ctx.chunk = group, chunk
         return ((lse_a - positive).mean() + (lse_b - positive).mean()) / 2
 
     @staticmethod
     def backward(ctx, grad):
         a, b, scale, lse_a, lse_b = ctx.saved_tensors
-        group, world = ctx.group, dist.get_world_size(ctx.group)
-        ga, gb = torch.zeros_like(a), torch.zeros_like(b)
-        gs = torch.zeros((), dtype=a.dtype)
-        blk_a, blk_b = a, b
-        acc_a, acc_b = torch.zeros_like(a), torch.zeros_like(b)  # gradients of the blocks in hand
-        for _ in range(world):
-            dots = a @ blk_b.t()
-            probs = (scale * dots - lse_a[:, None]).exp()
-            ga += scale * (probs @ blk_b)
-            acc_b += scale * (probs.t() @ a)
-            gs += (probs * dots).sum()
-            dots = b @ blk_a.t()
-            probs = (scale * dots - lse_b[:, None]).exp()
-            gb += scale * (probs @ blk_a)
-            acc_a += scale * (probs.t() @ b)
-            gs += (probs * dots).sum()
-            blk_a, blk_b, acc_a, acc_b = _pass_on([blk_a, blk_b, acc_a, acc_b], group)
-        # After N passes every accumulator is back with the rank that owns its rows.
-        ga += acc_a - 2 * scale * b
-        gb += acc_b - 2 * scale * a
-        gs -= 2 * (a * b).sum()
         factor = grad / (2 * a.size(0))
-        return ga * factor, gb * factor, (gs * factor).reshape(scale.shape), None
+        ga, gs_a = _grad(a, b, lse_a, lse_b, scale, ctx.group, ctx.chunk)
+        ga.sub_(b, alpha=2).mul_(scale * factor)  # the positives: -2 s b_r, from both directions
+        gb, gs_b = _grad(b, a, lse_b, lse_a, scale, ctx.group, ctx.chunk)
+        gb.sub_(a, alpha=2).mul_(scale * factor)
+        gs = (gs_a + gs_b - 2 * torch.dot(a.flatten(), b.flatten())) * factor
+        return ga, gb, gs.reshape(scale.shape), None, None
 
 
-def ring_infonce(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor, group=None) -> torch.Tensor:
-    return RingInfoNCE.apply(a, b, scale, group)
+def ring_infonce(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor, group=None,
+                 chunk: int | None = None) -> torch.Tensor:
+    return RingInfoNCE.apply(a, b, scale, group, max(1, chunk or a.size(0)))
