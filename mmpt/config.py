@@ -149,6 +149,8 @@ class TrainConfig:
     out_dir: str = "runs/demo"
     resume: bool = True  # continue from the newest checkpoint in out_dir if one exists
     seed: int = 0
+    # Micro-batches per optimizer step; >1 computes the contrastive loss over all of them (GradCache).
+    accumulate: int = 1
 
 
 @dataclass
@@ -265,7 +267,8 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(f"model.image_size={m.image_size} must be divisible by model.patch_size={m.patch_size}")
     if cfg.deepspeed.zero_stage not in (0, 1, 2, 3):
         raise ConfigError(f"deepspeed.zero_stage={cfg.deepspeed.zero_stage}: must be 0, 1, 2 or 3")
-    for key, val in [("data.batch_size", d.batch_size), ("train.steps", cfg.train.steps), ("model.depth", m.depth)]:
+    for key, val in [("data.batch_size", d.batch_size), ("train.steps", cfg.train.steps), ("model.depth", m.depth),
+                     ("train.accumulate", cfg.train.accumulate)]:
         if val <= 0:
             raise ConfigError(f"{key}={val}: must be positive")
     if not 0.0 <= d.bad_sample_limit <= 1.0:

@@ -75,11 +75,14 @@ def test_train_checkpoint_resume_eval_export(demo_data, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("stage, backend", [(3, "native"), (2, "deepspeed")])
-def test_moe_backends_train_under_zero(demo_data, tmp_path, stage, backend):
-    """ZeRO-3 with the native MoE (leaf module); ZeRO-2 with DeepSpeed's expert-parallel MoE (ep_size=2)."""
+@pytest.mark.parametrize("stage, backend, accumulate", [(3, "native", 2), (2, "deepspeed", 1)])
+def test_moe_backends_train_under_zero(demo_data, tmp_path, stage, backend, accumulate):
+    """ZeRO-3 with the native MoE (leaf module) and accumulated (GradCache) steps; ZeRO-2 with DeepSpeed's
+    expert-parallel MoE (ep_size=2)."""
     out = tmp_path / f"z{stage}"
-    train(demo_data, out, 4, f"deepspeed.zero_stage={stage}", f"model.moe.backend={backend}", "model.moe.ep_size=2")
+    proc = train(demo_data, out, 4, f"deepspeed.zero_stage={stage}", f"model.moe.backend={backend}",
+                 "model.moe.ep_size=2", f"train.accumulate={accumulate}")
+    assert f"done: 4 steps, {4 * accumulate * 16 * 2} samples" in proc.stdout + proc.stderr
     metrics = read_metrics(out)
     assert [m["step"] for m in metrics] == [2, 4] and all(torch.isfinite(torch.tensor(m["loss"])) for m in metrics)
     if backend == "native":

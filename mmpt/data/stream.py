@@ -114,9 +114,14 @@ class MultiTaskLoader:
         self.names = sorted(loaders)
 
     def __next__(self) -> tuple[str, dict]:
+        name, batches = self.take(1)
+        return name, batches[0]
+
+    def take(self, k: int) -> tuple[str, list]:
+        """The next step's task and k batches of it (an accumulated step is one task)."""
         name = rng_for(self.seed, "task", self.step).choices(self.names, [self.weights[n] for n in self.names])[0]
         self.step += 1
-        return name, next(self.loaders[name])
+        return name, [next(self.loaders[name]) for _ in range(k)]
 
     def __iter__(self):
         return self

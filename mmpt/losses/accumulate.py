@@ -18,11 +18,11 @@ import torch
 from mmpt.losses.contrastive import contrastive_loss
 
 
-def _rng_state():
+def rng_state():
     return torch.get_rng_state(), torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
 
 
-def _set_rng_state(state) -> None:
+def set_rng_state(state) -> None:
     torch.set_rng_state(state[0])
     if state[1] is not None:
         torch.cuda.set_rng_state_all(state[1])
@@ -35,7 +35,7 @@ def accumulated_contrastive_backward(encode_a: Callable, encode_b: Callable, mic
     states, cached_a, cached_b = [], [], []
     with torch.no_grad():
         for mb in micro_batches:
-            states.append(_rng_state())
+            states.append(rng_state())
             cached_a.append(encode_a(mb))
             cached_b.append(encode_b(mb))
     emb_a = torch.cat(cached_a).requires_grad_()
@@ -45,7 +45,7 @@ def accumulated_contrastive_backward(encode_a: Callable, encode_b: Callable, mic
     start = 0
     for mb, state, part in zip(micro_batches, states, cached_a):
         end = start + part.size(0)
-        _set_rng_state(state)
+        set_rng_state(state)
         torch.autograd.backward([encode_a(mb), encode_b(mb)], [emb_a.grad[start:end], emb_b.grad[start:end]])
         start = end
     report["micro_batches"] = len(micro_batches)

@@ -60,6 +60,10 @@ class CaptionDecoder(nn.Module):
         logits = h[target_mask] @ self.token.weight.t()
         return {"caption_logits": logits, "caption_targets": tokens[:, 1:][target_mask]}
 
+    def target_count(self, tokens: torch.Tensor) -> int:
+        """How many positions `forward` would score (what weights micro-batches' caption losses)."""
+        return int(valid_mask(tokens, self.eot_id)[:, 1:].sum())
+
     def _next_logprobs(self, seq: torch.Tensor, context: torch.Tensor, context_mask: torch.Tensor) -> torch.Tensor:
         return (self.hidden(seq, context, context_mask)[:, -1] @ self.token.weight.t()).float().log_softmax(-1)
 

@@ -49,7 +49,8 @@ class MultimodalModel(nn.Module):
     def logit_scale(self, a: str, b: str) -> torch.Tensor:
         return self.log_scales[pair_name(a, b).replace("|", "_")].clamp(max=self.max_log_scale).exp()[0]
 
-    def forward(self, batch: dict, caption_source: Optional[str] = None) -> dict:
+    def forward(self, batch: dict, caption_source: Optional[str] = None, caption: bool = True) -> dict:
+        """caption=False skips the decoder and reports only how many caption tokens it would score."""
         present = [m for m in self.cfg.modalities if m in batch]
         enc = {m: self.encode(m, batch[m]) for m in present}
         out = {"emb": {m: e["emb"] for m, e in enc.items()},
@@ -61,7 +62,10 @@ class MultimodalModel(nn.Module):
             caption_source = others[0] if len(others) == 1 else None
         if self.decoder is not None and caption_source in enc and "text" in batch:
             src = enc[caption_source]
-            out.update(self.decoder(batch["text"], src["hidden"], src["mask"]))
+            if caption:
+                out.update(self.decoder(batch["text"], src["hidden"], src["mask"]))
+            else:
+                out["caption_tokens"] = self.decoder.target_count(batch["text"])
         return out
 
     @torch.no_grad()

@@ -13,16 +13,24 @@ import torch.distributed as dist
 from torch import nn
 
 from mmpt.losses import objective
+from mmpt.train.accumulate import surrogate
 
 
 class TrainModule(nn.Module):
-    """What the DeepSpeed engine wraps: batch dict in, loss dict out."""
+    """What the DeepSpeed engine wraps: batch dict in, loss dict out. The two keyword modes serve
+    accumulated steps (`mmpt.train.accumulate`): encode_only returns embeddings without the decoder, cached
+    returns the micro-batch's surrogate loss for the cached gradients."""
 
     def __init__(self, model: nn.Module, loss_cfg, group=None):
         super().__init__()
         self.model, self.loss_cfg, self.group = model, loss_cfg, group
 
-    def forward(self, batch: dict) -> dict:
+    def forward(self, batch: dict, encode_only: bool = False, cached: dict | None = None) -> dict:
+        if encode_only:
+            out = self.model(batch, caption=False)
+            return {"emb": out["emb"], "logit_scale": out["logit_scale"], "caption_tokens": out.get("caption_tokens", 0)}
+        if cached is not None:
+            return surrogate(self.model(batch), cached, self.loss_cfg)
         return objective(self.model(batch), self.loss_cfg, self.group)
 
 
@@ -57,8 +65,8 @@ def _merge(base: dict, extra: dict) -> dict:
 def deepspeed_config(cfg, world_size: int) -> dict:
     ds = {
         "train_micro_batch_size_per_gpu": cfg.data.batch_size,
-        "gradient_accumulation_steps": 1,
-        "train_batch_size": cfg.data.batch_size * world_size,
+        "gradient_accumulation_steps": cfg.train.accumulate,
+        "train_batch_size": cfg.data.batch_size * world_size * cfg.train.accumulate,
         "gradient_clipping": cfg.optim.grad_clip,
         "zero_optimization": {"stage": cfg.deepspeed.zero_stage},
         "bf16": {"enabled": cfg.deepspeed.bf16},

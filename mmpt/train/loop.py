@@ -19,6 +19,7 @@ from mmpt.data.tokenizer import check_model_fits
 from mmpt.losses.contrastive import rank_groups
 from mmpt.model import build_model
 from mmpt.train import checkpoint
+from mmpt.train.accumulate import accumulated_step
 from mmpt.train.engine import TrainModule, build_engine, init_distributed, shutdown_distributed
 from mmpt.train.logging import RunLogger
 
@@ -88,14 +89,20 @@ def _train(cfg: Config, rank: int, world: int) -> dict:
     pending, window = {"reasons": Counter(), "shards": Counter()}, {"t": time.time(), "n": 0}
     step, last = start, {}
     while step < cfg.train.steps:
-        task, batch = next(loader)
-        for kind, counts in batch.pop("_skipped").items():
-            pending[kind].update(counts)
-        losses = engine({m: batch[m] for m in loader.loaders[task].task.modalities})
-        engine.backward(losses["loss"])
-        engine.step()
+        task, batches = loader.take(cfg.train.accumulate)
+        for batch in batches:
+            for kind, counts in batch.pop("_skipped").items():
+                pending[kind].update(counts)
+        modalities = loader.loaders[task].task.modalities
+        inputs = [{m: batch[m] for m in modalities} for batch in batches]
+        if len(inputs) > 1:
+            losses = accumulated_step(engine, inputs, cfg.loss, group)
+        else:
+            losses = engine(inputs[0])
+            engine.backward(losses["loss"])
+            engine.step()
         step += 1
-        n = batch["label"].size(0) * world
+        n = sum(batch["label"].size(0) for batch in batches) * world
         window["n"] += n
         used += n
         bar.update(1)

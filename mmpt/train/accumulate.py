@@ -1,0 +1,103 @@
+"""One optimizer step over k micro-batches with the contrastive loss on all of them (GradCache under DeepSpeed).
+
+    torchrun --nproc_per_node=2 -m mmpt.cli train --config demo train.accumulate=4
+
+Plain gradient accumulation would give each micro-batch its own, k times smaller, contrastive batch. Here:
+1. every micro-batch is encoded without a graph (through the engine, so ZeRO-3 gathers parameters) and its
+   embeddings and temperatures are kept;
+2. the contrastive losses of every pair are computed on the k micro-batches' embeddings together (any mode:
+   gathered, ring, grouped, chunked) and differentiated to those embeddings and temperatures only;
+3. each micro-batch is encoded again with a graph, RNG replayed so dropout and DropToken choose the same,
+   and `engine.backward` runs on a surrogate whose gradient is the cached one: sum(emb * d loss/d emb), plus
+   the temperature term once, plus the micro-batch's share of the caption loss (weighted by its share of the
+   caption tokens, so the sum is the mean over all tokens) and 1/k of its MoE aux loss.
+Contrastive and caption gradients equal one pass over the k micro-batches (tested); MoE balance losses are
+per micro-batch, as in any gradient accumulation. Activation memory is one micro-batch's.
+"""
+from __future__ import annotations
+
+import torch
+
+from mmpt.losses import contrastive_terms, moe_terms
+from mmpt.losses.accumulate import rng_state, set_rng_state
+from mmpt.losses.captioning import caption_loss
+
+
+def _encode_all(engine, batches: list) -> tuple[list, dict, dict, list]:
+    states, embs, tokens, scales = [], {}, [], {}
+    with torch.no_grad():
+        for batch in batches:
+            states.append(rng_state())
+            out = engine(batch, encode_only=True)
+            for m, e in out["emb"].items():
+                embs.setdefault(m, []).append(e)
+            scales = out["logit_scale"]
+            tokens.append(out["caption_tokens"])
+    return states, {m: torch.cat(e) for m, e in embs.items()}, scales, tokens
+
+
+def _cached_grads(embs: dict, scales: dict, loss_cfg, group) -> tuple[dict, dict, dict]:
+    """The contrastive losses on the accumulated embeddings and their gradients to embeddings and scales."""
+    embs = {m: e.detach().requires_grad_() for m, e in embs.items()}
+    scales = {p: s.detach().requires_grad_() for p, s in scales.items()}
+    with torch.enable_grad():
+        total, losses = contrastive_terms(embs, scales, loss_cfg, group)
+    if not torch.is_tensor(total):  # a task with one modality has no contrastive pair
+        return {}, {}, {}
+    total.backward()
+    losses = {k: v.detach() for k, v in losses.items()}
+    losses["contrastive"] = total.detach()
+    return {m: e.grad for m, e in embs.items()}, {p: s.grad for p, s in scales.items()}, losses
+
+
+def surrogate(out: dict, cached: dict, loss_cfg) -> dict:
+    """Called inside the engine's forward (TrainModule) for one micro-batch of an accumulated step: a scalar
+    whose gradient is this micro-batch's share of the accumulated objective's gradient."""
+    total = sum((out["emb"][m].float() * g).sum() for m, g in cached["emb_grad"].items())
+    total = total + sum(out["logit_scale"][p] * g for p, g in cached.get("scale_grad", {}).items())
+    metrics = {}
+    if "caption_logits" in out and cached["caption_share"] > 0:
+        metrics["caption_loss"] = caption_loss(out["caption_logits"], out["caption_targets"])
+        total = total + loss_cfg.caption_weight * cached["caption_share"] * metrics["caption_loss"]
+    aux = moe_terms(out.get("aux", {}), metrics)
+    total = total + aux / cached["micro_batches"]
+    return {"loss": total, **metrics}
+
+
+def accumulated_step(engine, batches: list, loss_cfg, group=None) -> dict:
+    """Backward and step for every micro-batch (DeepSpeed steps the optimizer at the last one, its
+    gradient_accumulation_steps being len(batches)); returns the step's metrics as detached tensors."""
+    states, embs, scales, tokens = _encode_all(engine, batches)
+    emb_grad, scale_grad, losses = _cached_grads(embs, scales, loss_cfg, group)
+    sizes = [next(iter(b.values())).size(0) for b in batches]
+    all_tokens, start, parts = sum(tokens), 0, []
+    for i, (batch, state, n) in enumerate(zip(batches, states, sizes)):
+        cached = {"emb_grad": {m: g[start:start + n] for m, g in emb_grad.items()},
+                  "scale_grad": scale_grad if i == 0 else {},
+                  "caption_share": tokens[i] / all_tokens if all_tokens else 0.0,
+                  "micro_batches": len(batches)}
+        set_rng_state(state)
+        out = engine(batch, cached=cached)
+        # The surrogate already carries this micro-batch's share; DeepSpeed divides by its accumulation
+        # steps (k), so hand it k times the surrogate. (scale_wrt_gas=False is not enough: DeepSpeed's hooks
+        # on the forward's outputs still divide when the loss handed to backward is one of those outputs.)
+        engine.backward(len(batches) * out["loss"])
+        engine.step()
+        parts.append({k: v.detach() for k, v in out.items() if k != "loss"})
+        start += n
+    return _step_metrics(losses, parts, tokens, loss_cfg)
+
+
+def _step_metrics(losses: dict, parts: list, tokens: list, loss_cfg) -> dict:
+    total = losses.pop("contrastive", torch.zeros(()))
+    for key in parts[0]:
+        if key == "caption_loss":
+            value = sum(p[key] * t for p, t in zip(parts, tokens)) / max(sum(tokens), 1)
+            total = total + loss_cfg.caption_weight * value
+        else:
+            value = torch.stack([p[key] for p in parts]).mean()
+        losses[key] = value
+    if "moe_loss" in losses:
+        total = total + losses["moe_loss"]
+    losses["loss"] = total
+    return losses
