@@ -11,7 +11,7 @@ from pathlib import Path
 import yaml
 
 from mmpt.config import Config, config_from_dict
-from mmpt.model import build_model
+from mmpt.model import build_for_run
 from mmpt.train.checkpoint import checkpoint_dir, consolidated_state_dict
 
 
@@ -31,7 +31,7 @@ def load_pretrained(path: str | Path, tag: str | None = None):
         state = load_file(str(path / "model.safetensors"))
     else:
         state = consolidated_state_dict(checkpoint_dir(path), tag)
-    model = build_model(cfg.model, cfg.loss.init_temperature, cfg.loss.max_logit_scale)
+    model = build_for_run(cfg)
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise ValueError(f"{path}: checkpoint does not match config.yaml (missing {missing[:3]}, unexpected {unexpected[:3]})")

@@ -11,20 +11,20 @@ CAPTIONS = ["a handwritten digit seven", "three", "the number 3 written by hand 
             "a photo of the digit one", "nine nine", "a small white digit zero on black", "two"]
 
 
-def _step_grads(rank: int, world: int, accumulate: int, zero_stage: int):
+def _step_grads(rank: int, world: int, accumulate: int, zero_stage: int, loss: list):
     from torch.optim.optimizer import register_optimizer_step_pre_hook
 
     from mmpt.config import load_config
     from mmpt.data.tokenizer import tokenize
-    from mmpt.model import build_model
+    from mmpt.model import build_for_run
     from mmpt.train.accumulate import accumulated_step
     from mmpt.train.engine import TrainModule, build_engine, init_distributed
 
     init_distributed()
     cfg = load_config("demo", TINY + [f"data.batch_size={8 // accumulate}", f"train.accumulate={accumulate}",
-                                      f"deepspeed.zero_stage={zero_stage}"])
+                                      f"deepspeed.zero_stage={zero_stage}", *loss])
     torch.manual_seed(0)
-    engine = build_engine(TrainModule(build_model(cfg.model), cfg.loss), cfg, world)
+    engine = build_engine(TrainModule(build_for_run(cfg), cfg.loss), cfg, world)
     gen = torch.Generator().manual_seed(rank)
     batch = {"image": torch.randn(8, 3, 16, 16, generator=gen), "text": tokenize(CAPTIONS[rank:] + CAPTIONS[:rank], 16)}
     grads = []
@@ -42,13 +42,16 @@ def _step_grads(rank: int, world: int, accumulate: int, zero_stage: int):
     return {k: v.detach() for k, v in losses.items()}, grads
 
 
-@pytest.mark.parametrize("zero_stage", [0, 2, 3])
-def test_accumulated_step_equals_one_pass_over_the_accumulated_batch(zero_stage):
+@pytest.mark.parametrize("zero_stage, loss", [
+    (0, []), (2, []), (3, []),
+    (2, ["loss.contrastive_kind=sigmoid", "loss.contrastive_ring=true", "loss.init_temperature=0.1"])])
+def test_accumulated_step_equals_one_pass_over_the_accumulated_batch(zero_stage, loss):
     # Rows are interleaved across micro-batches, so per rank the accumulated batch is a permutation of the
     # single pass's: the InfoNCE and the token-mean caption loss are invariant to that.
-    single = run_distributed(_step_grads, 2, 1, zero_stage)
-    accumulated = run_distributed(_step_grads, 2, 2, zero_stage)
+    single = run_distributed(_step_grads, 2, 1, zero_stage, loss)
+    accumulated = run_distributed(_step_grads, 2, 2, zero_stage, loss)
     for (loss_1, grads_1), (loss_k, grads_k) in zip(single, accumulated):
+        assert ("image_text_logit_bias" in loss_1) == ("loss.contrastive_kind=sigmoid" in loss)
         for key in ("loss", "image_text_contrastive_loss", "caption_loss"):
             torch.testing.assert_close(loss_k[key], loss_1[key], rtol=1e-5, atol=1e-6)
         # One optimizer step in both (ZeRO steps the torch optimizer once per parameter group).

@@ -48,3 +48,6 @@ def test_bench_loss_measures_ours_and_open_clip_with_identical_gradients():
     assert w2["ours_exact"]["bytes_sent"] == 4 * block + 8
     assert w2["ours_ring"]["bytes_sent"] == 4 * block + 2 * 64 * 4 + 8
     assert w2["ours_ring"]["peak_mb"] < w2["ours_exact"]["peak_mb"] < w2["open_clip"]["peak_mb"]
+    # Sigmoid: open_clip's neighbour exchange and our ring both send 2 (N - 1) blocks (+ our size check).
+    assert w2["sigmoid_max_grad_diff_vs_open_clip"] < 1e-5
+    assert w2["ours_sigmoid_ring"]["bytes_sent"] == w2["open_clip_siglip"]["bytes_sent"] + 8 == 2 * block + 8

@@ -8,7 +8,8 @@ columns, ring buffers, the embeddings' gradients; the two b x d inputs are subtr
 to torch.distributed, counted at the calls (`mmpt.bench.comm`). Methods: open_clip ClipLoss(local_loss,
 gather_with_grad); ours exact (gather all, chunked logits); ours ring (column blocks streamed, never
 gathered); ours grouped (GBA-ITC, g = N/2, with the gap: negatives per positive and loss vs the global one).
-Also the largest gradient difference between ours and open_clip.
+Sigmoid (SigLIP): open_clip's SigLipLoss (its default bidirectional neighbour exchange) against ours ring.
+Also the largest gradient difference between ours and open_clip, per loss kind.
 """
 from __future__ import annotations
 
@@ -49,7 +50,7 @@ def _rank(rank: int, world: int, init: str, b: int, d: int, chunk: int, queue) -
     # open_clip calls torch.distributed.nn.all_gather, deprecated in torch 2.14: one warning per call and rank.
     warnings.filterwarnings("ignore", message=".*all_gather is deprecated", category=FutureWarning)
     dist.init_process_group("gloo", init_method=f"file://{init}", rank=rank, world_size=world)
-    from open_clip.loss import ClipLoss
+    from open_clip.loss import ClipLoss, SigLipLoss
 
     from mmpt.losses.contrastive import contrastive_loss, rank_groups
 
@@ -58,6 +59,7 @@ def _rank(rank: int, world: int, init: str, b: int, d: int, chunk: int, queue) -
     a0 = F.normalize(torch.randn(b, d, generator=gen), dim=-1)
     b0 = F.normalize(a0 + 0.3 * torch.randn(b, d, generator=gen), dim=-1)
     clip = ClipLoss(local_loss=True, gather_with_grad=True, rank=rank, world_size=world)
+    siglip, bias = SigLipLoss(rank=rank, world_size=world), torch.tensor(-10.0)
     grads, losses = {}, {}
 
     def run(name, loss_fn):
@@ -76,8 +78,13 @@ def _rank(rank: int, world: int, init: str, b: int, d: int, chunk: int, queue) -
                          "group_size": max(1, world // 2), "negatives_per_positive": max(1, world // 2) * b - 1,
                          "global_negatives_per_positive": world * b - 1},
     }
+    result["open_clip_siglip"] = run("siglip", lambda x, y, s: siglip(x, y, s, bias))
+    result["ours_sigmoid_ring"] = run("sigmoid", lambda x, y, s: contrastive_loss(
+        x, y, s, kind="sigmoid", logit_bias=bias, chunk_size=chunk, ring=True)[0])
     result["max_grad_diff_vs_open_clip"] = max(float((p - q).abs().max()) for name in ("exact", "ring")
                                                for p, q in zip(grads[name], grads["open_clip"]))
+    result["sigmoid_max_grad_diff_vs_open_clip"] = max(float((p - q).abs().max())
+                                                       for p, q in zip(grads["sigmoid"], grads["siglip"]))
     # The grouped loss's gap: its mean over ranks against the global loss on the same embeddings.
     gap = torch.stack([losses["grouped"], losses["exact"]])
     dist.all_reduce(gap)
@@ -101,10 +108,11 @@ def bench_world(world: int, b: int, d: int, chunk: int) -> dict:
         for p in procs:
             p.join(timeout=120)
     r0 = torch.load(io.BytesIO(results[0]), weights_only=False)  # rank 0 stands for all (same shapes)
-    theirs = r0["open_clip"]
-    for name in ("ours_exact", "ours_ring", "ours_grouped"):
+    peers = {"ours_exact": "open_clip", "ours_ring": "open_clip", "ours_grouped": "open_clip",
+             "ours_sigmoid_ring": "open_clip_siglip"}
+    for name, peer in peers.items():
         for key in ("ms", "peak_mb", "bytes_sent"):
-            r0[name][f"{key}_ratio"] = r0[name][key] / theirs[key]
+            r0[name][f"{key}_ratio"] = r0[name][key] / r0[peer][key]
     return r0
 
 

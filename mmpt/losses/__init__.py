@@ -11,22 +11,28 @@ from mmpt.losses.contrastive import ContrastiveLoss, contrastive_loss
 __all__ = ["CaptionLoss", "ContrastiveLoss", "caption_loss", "contrastive_loss", "contrastive_terms", "objective"]
 
 
-def contrastive_terms(emb: dict, logit_scale: dict, loss_cfg, group=None) -> tuple:
+def contrastive_terms(emb: dict, logit_scale: dict, loss_cfg, group=None, logit_bias: dict | None = None) -> tuple:
     """Weighted sum of the contrastive losses of every modality pair in `emb`, and the per-pair metrics."""
     losses, total = {}, 0.0
+    if loss_cfg.contrastive_kind == "sigmoid" and logit_bias is None:
+        raise ValueError("loss.contrastive_kind=sigmoid, but the model has no logit biases: build it with "
+                         "mmpt.model.build_for_run(cfg) (or build_model(..., init_logit_bias=...))")
     for a, b in itertools.combinations(sorted(emb), 2):
         pair = "|".join((a, b))
-        loss, _ = contrastive_loss(emb[a], emb[b], logit_scale[pair], group,
-                                   chunk_size=loss_cfg.contrastive_chunk, ring=loss_cfg.contrastive_ring)
+        bias = logit_bias[pair] if loss_cfg.contrastive_kind == "sigmoid" else None
+        loss, _ = contrastive_loss(emb[a], emb[b], logit_scale[pair], group, chunk_size=loss_cfg.contrastive_chunk,
+                                   ring=loss_cfg.contrastive_ring, kind=loss_cfg.contrastive_kind, logit_bias=bias)
         losses[f"{a}_{b}_contrastive_loss"] = loss
         losses[f"{a}_{b}_logit_scale"] = logit_scale[pair].detach()
+        if bias is not None:
+            losses[f"{a}_{b}_logit_bias"] = bias.detach()
         total = total + loss_cfg.contrastive_weight * loss
     return total, losses
 
 
 def objective(out: dict, loss_cfg, group=None) -> dict:
     """Model output dict -> {"loss": weighted total, "<pair>_contrastive_loss", "caption_loss", ...}."""
-    total, losses = contrastive_terms(out["emb"], out["logit_scale"], loss_cfg, group)
+    total, losses = contrastive_terms(out["emb"], out["logit_scale"], loss_cfg, group, out.get("logit_bias"))
     if "caption_logits" in out:
         losses["caption_loss"] = caption_loss(out["caption_logits"], out["caption_targets"])
         total = total + loss_cfg.caption_weight * losses["caption_loss"]

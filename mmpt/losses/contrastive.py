@@ -14,32 +14,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from mmpt.losses.chunked import chunked_infonce
+from mmpt.losses.comm import GatherWithGrad
 from mmpt.losses.ring import ring_infonce
-
-
-class GatherWithGrad(torch.autograd.Function):
-    """all_gather whose backward sums every rank's gradient for this rank's slice.
-
-    Written out (not torch.distributed.nn.all_gather) because that one breaks in backward on gloo
-    subgroups; a plain all_to_all on the group works on every backend and group.
-    """
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, group) -> torch.Tensor:
-        ctx.group = group
-        ctx.rank, ctx.n = dist.get_rank(group), x.size(0)
-        parts = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
-        dist.all_gather(parts, x.contiguous(), group=group)
-        return torch.cat(parts)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        # A reduce-scatter: each rank receives every rank's gradient for its own rows and sums them. Written as
-        # all_to_all (gloo has no reduce_scatter): (N-1)/N of the gathered size per rank, half an all_reduce.
-        parts = [p.contiguous() for p in grad.split(ctx.n)]
-        received = [torch.empty_like(parts[0]) for _ in parts]
-        dist.all_to_all(received, parts, group=ctx.group)
-        return torch.stack(received).sum(0), None
+from mmpt.losses.sigmoid import sigmoid_loss
 
 
 def _world(group) -> int:
@@ -57,8 +34,10 @@ def _check_equal_sizes(n: int, group) -> None:
 
 def contrastive_loss(emb_a: torch.Tensor, emb_b: torch.Tensor, logit_scale: torch.Tensor,
                      group: Optional[dist.ProcessGroup] = None, check_sizes: bool = True,
-                     chunk_size: Optional[int] = None, ring: bool = False) -> tuple[torch.Tensor, dict]:
-    """Symmetric InfoNCE of matching rows of emb_a and emb_b across all ranks of `group`.
+                     chunk_size: Optional[int] = None, ring: bool = False, kind: str = "softmax",
+                     logit_bias: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, dict]:
+    """Symmetric InfoNCE (kind="softmax") or SigLIP (kind="sigmoid", needs `logit_bias`) of matching rows of
+    emb_a and emb_b across all ranks of `group`.
 
     Returns this rank's loss (mean over ranks = the loss of the group's batch) and a report. Computed in fp32
     whatever the embedding dtype. `group` may be a subgroup (grouped aggregation, GBA-ITC: see `rank_groups`).
@@ -69,10 +48,19 @@ def contrastive_loss(emb_a: torch.Tensor, emb_b: torch.Tensor, logit_scale: torc
     """
     if emb_a.shape != emb_b.shape:
         raise ValueError(f"contrastive_loss: emb_a {tuple(emb_a.shape)} and emb_b {tuple(emb_b.shape)} differ")
+    if kind not in ("softmax", "sigmoid") or (kind == "sigmoid") != (logit_bias is not None):
+        raise ValueError(f"contrastive_loss: kind={kind!r} with logit_bias {'given' if logit_bias is not None else 'None'}"
+                         " (softmax takes no bias, sigmoid needs one)")
     a, b, scale = emb_a.float(), emb_b.float(), logit_scale.float()
     n, world = a.size(0), _world(group)
     if world > 1 and check_sizes:
         _check_equal_sizes(n, group)
+    if kind == "sigmoid":
+        block = a.element_size() * a.numel()
+        report = {"group_size": world, "global_batch": n * world, "negatives_per_positive": n * world - 1,
+                  "bytes_gathered": 0 if ring else 2 * (world - 1) * block,
+                  "bytes_ring": 2 * (world - 1) * block if ring else 0}
+        return sigmoid_loss(a, b, scale, logit_bias.float(), group, world, ring, chunk_size), report
     if world > 1 and ring:
         block = a.element_size() * a.numel()
         report = {"group_size": world, "global_batch": n * world, "negatives_per_positive": n * world - 1,

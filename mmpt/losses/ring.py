@@ -18,37 +18,15 @@ sum of every rank's loss gradient for its rows, the scale gradient that of its o
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 
-
-def _circulate(tensors: list, group):
-    """Yield the tensors of every rank of `group` in turn, own first, each passed on to the next rank while
-    the caller works on it. Two buffers per tensor whatever the group size."""
-    world, rank = dist.get_world_size(group), dist.get_rank(group)
-    handle = group or dist.group.WORLD
-    nxt = dist.get_global_rank(handle, (rank + 1) % world)
-    prv = dist.get_global_rank(handle, (rank - 1) % world)
-    current, spare = [t.contiguous() for t in tensors], None
-    for step in range(world):
-        requests, incoming = [], None
-        if step < world - 1:
-            incoming = spare if spare is not None else [torch.empty_like(t) for t in tensors]
-            ops = [dist.P2POp(dist.isend, t, nxt, handle) for t in current]
-            ops += [dist.P2POp(dist.irecv, t, prv, handle) for t in incoming]
-            requests = dist.batch_isend_irecv(ops)
-        yield current
-        for request in requests:
-            request.wait()
-        # The block just sent is free now (unless it is this rank's own input): it takes the next receive.
-        spare = current if step > 0 else None
-        current = incoming
+from mmpt.losses.comm import circulate
 
 
 def _lse(rows: torch.Tensor, cols: torch.Tensor, scale: torch.Tensor, group, chunk: int) -> torch.Tensor:
     """logsumexp_j(scale * rows_i . cols_j) over the columns of every rank of the group."""
     high = torch.full((rows.size(0),), float("-inf"), dtype=rows.dtype, device=rows.device)
     total = torch.zeros_like(high)
-    for (block,) in _circulate([cols], group):
+    for (block,) in circulate([cols], group):
         for start in range(0, block.size(0), chunk):
             logits = torch.mm(rows, block[start:start + chunk].t()).mul_(scale)
             new_high = torch.maximum(high, logits.amax(dim=1))
@@ -61,7 +39,7 @@ def _grad(rows, cols, lse_rows, lse_cols, scale, group, chunk: int) -> tuple[tor
     """Softmax part of d(sum_k L_k)/d rows (up to the factor scale / 2n), and of dL_r/d scale (row term)."""
     grad = torch.zeros_like(rows)
     grad_scale = torch.zeros((), dtype=rows.dtype, device=rows.device)
-    for block, block_lse in _circulate([cols, lse_cols], group):
+    for block, block_lse in circulate([cols, lse_cols], group):
         for start in range(0, block.size(0), chunk):
             part = block[start:start + chunk]
             dots = torch.mm(rows, part.t())

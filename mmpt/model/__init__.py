@@ -5,6 +5,6 @@
     model = build_model(load_config("demo").model)
     out = model({"image": images, "text": tokens})   # out["emb"]["image"], out["logit_scale"]["image|text"]
 """
-from mmpt.model.model import MultimodalModel, build_model, pair_name
+from mmpt.model.model import MultimodalModel, build_for_run, build_model, pair_name
 
-__all__ = ["MultimodalModel", "build_model", "pair_name"]
+__all__ = ["MultimodalModel", "build_for_run", "build_model", "pair_name"]

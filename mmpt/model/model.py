@@ -19,7 +19,8 @@ def pair_name(a: str, b: str) -> str:
 
 
 class MultimodalModel(nn.Module):
-    def __init__(self, cfg, init_temperature: float = 0.07, max_logit_scale: float = 100.0):
+    def __init__(self, cfg, init_temperature: float = 0.07, max_logit_scale: float = 100.0,
+                 init_logit_bias: Optional[float] = None):
         super().__init__()
         self.cfg = cfg
         self.max_log_scale = math.log(max_logit_scale)
@@ -33,6 +34,9 @@ class MultimodalModel(nn.Module):
         # scalar: DeepSpeed's parameter broadcast cannot view 0-dim tensors as bytes.
         self.log_scales = nn.ParameterDict({p.replace("|", "_"): nn.Parameter(torch.full((1,), math.log(1 / init_temperature)))
                                             for p in pairs})
+        # Sigmoid (SigLIP) losses also learn a logit bias per pair.
+        self.logit_biases = None if init_logit_bias is None else nn.ParameterDict(
+            {p.replace("|", "_"): nn.Parameter(torch.full((1,), float(init_logit_bias))) for p in pairs})
         self.decoder = CaptionDecoder(cfg) if "text" in cfg.modalities and cfg.decoder_cross_layers > 0 else None
 
     def encode(self, modality: str, x: torch.Tensor) -> dict:
@@ -57,6 +61,8 @@ class MultimodalModel(nn.Module):
                "aux": {f"{m}.{k}": v for m, e in enc.items() for k, v in e["aux"].items()},
                "logit_scale": {pair_name(a, b): self.logit_scale(a, b)
                                for a, b in itertools.combinations(sorted(present), 2)}}
+        if self.logit_biases is not None:
+            out["logit_bias"] = {pair: self.logit_biases[pair.replace("|", "_")][0] for pair in out["logit_scale"]}
         if caption_source is None:  # caption whatever non-text modality is paired with the text
             others = [m for m in present if m != "text"]
             caption_source = others[0] if len(others) == 1 else None
@@ -74,5 +80,12 @@ class MultimodalModel(nn.Module):
         return self.decoder.generate(src["hidden"], src["mask"], max_len, num_beams)
 
 
-def build_model(cfg, init_temperature: float = 0.07, max_logit_scale: float = 100.0) -> MultimodalModel:
-    return MultimodalModel(cfg, init_temperature, max_logit_scale)
+def build_model(cfg, init_temperature: float = 0.07, max_logit_scale: float = 100.0,
+                init_logit_bias: Optional[float] = None) -> MultimodalModel:
+    return MultimodalModel(cfg, init_temperature, max_logit_scale, init_logit_bias)
+
+
+def build_for_run(cfg) -> MultimodalModel:
+    """The model of a whole run Config: the loss section decides the temperature init and the bias."""
+    bias = cfg.loss.init_logit_bias if cfg.loss.contrastive_kind == "sigmoid" else None
+    return build_model(cfg.model, cfg.loss.init_temperature, cfg.loss.max_logit_scale, bias)

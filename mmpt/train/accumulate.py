@@ -9,7 +9,7 @@ Plain gradient accumulation would give each micro-batch its own, k times smaller
    gathered, ring, grouped, chunked) and differentiated to those embeddings and temperatures only;
 3. each micro-batch is encoded again with a graph, RNG replayed so dropout and DropToken choose the same,
    and `engine.backward` runs on a surrogate whose gradient is the cached one: sum(emb * d loss/d emb), plus
-   the temperature term once, plus the micro-batch's share of the caption loss (weighted by its share of the
+   the temperature (and bias) terms once, plus the micro-batch's share of the caption loss (weighted by its share of the
    caption tokens, so the sum is the mean over all tokens) and 1/k of its MoE aux loss.
 Contrastive and caption gradients equal one pass over the k micro-batches (tested); MoE balance losses are
 per micro-batch, as in any gradient accumulation. Activation memory is one micro-batch's.
@@ -23,38 +23,44 @@ from mmpt.losses.accumulate import rng_state, set_rng_state
 from mmpt.losses.captioning import caption_loss
 
 
+PAIR_PARAMS = ("logit_scale", "logit_bias")  # per-pair outputs of the model the contrastive losses take
+
+
 def _encode_all(engine, batches: list) -> tuple[list, dict, dict, list]:
-    states, embs, tokens, scales = [], {}, [], {}
+    states, embs, tokens, pair_values = [], {}, [], {}
     with torch.no_grad():
         for batch in batches:
             states.append(rng_state())
             out = engine(batch, encode_only=True)
             for m, e in out["emb"].items():
                 embs.setdefault(m, []).append(e)
-            scales = out["logit_scale"]
+            pair_values = {k: out[k] for k in PAIR_PARAMS if k in out}  # the same for every micro-batch
             tokens.append(out["caption_tokens"])
-    return states, {m: torch.cat(e) for m, e in embs.items()}, scales, tokens
+    return states, {m: torch.cat(e) for m, e in embs.items()}, pair_values, tokens
 
 
-def _cached_grads(embs: dict, scales: dict, loss_cfg, group) -> tuple[dict, dict, dict]:
-    """The contrastive losses on the accumulated embeddings and their gradients to embeddings and scales."""
+def _cached_grads(embs: dict, pair_values: dict, loss_cfg, group) -> tuple[dict, dict, dict]:
+    """The contrastive losses on the accumulated embeddings; their gradients to embeddings and to the
+    per-pair temperatures (and biases)."""
     embs = {m: e.detach().requires_grad_() for m, e in embs.items()}
-    scales = {p: s.detach().requires_grad_() for p, s in scales.items()}
+    leaves = {k: {p: v.detach().requires_grad_() for p, v in d.items()} for k, d in pair_values.items()}
     with torch.enable_grad():
-        total, losses = contrastive_terms(embs, scales, loss_cfg, group)
+        total, losses = contrastive_terms(embs, leaves["logit_scale"], loss_cfg, group, leaves.get("logit_bias"))
     if not torch.is_tensor(total):  # a task with one modality has no contrastive pair
         return {}, {}, {}
     total.backward()
     losses = {k: v.detach() for k, v in losses.items()}
     losses["contrastive"] = total.detach()
-    return {m: e.grad for m, e in embs.items()}, {p: s.grad for p, s in scales.items()}, losses
+    pair_grads = {k: {p: v.grad for p, v in d.items() if v.grad is not None} for k, d in leaves.items()}
+    return {m: e.grad for m, e in embs.items()}, pair_grads, losses
 
 
 def surrogate(out: dict, cached: dict, loss_cfg) -> dict:
     """Called inside the engine's forward (TrainModule) for one micro-batch of an accumulated step: a scalar
     whose gradient is this micro-batch's share of the accumulated objective's gradient."""
     total = sum((out["emb"][m].float() * g).sum() for m, g in cached["emb_grad"].items())
-    total = total + sum(out["logit_scale"][p] * g for p, g in cached.get("scale_grad", {}).items())
+    for key, grads in cached["pair_grad"].items():
+        total = total + sum(out[key][p] * g for p, g in grads.items())
     metrics = {}
     if "caption_logits" in out and cached["caption_share"] > 0:
         metrics["caption_loss"] = caption_loss(out["caption_logits"], out["caption_targets"])
@@ -67,13 +73,13 @@ def surrogate(out: dict, cached: dict, loss_cfg) -> dict:
 def accumulated_step(engine, batches: list, loss_cfg, group=None) -> dict:
     """Backward and step for every micro-batch (DeepSpeed steps the optimizer at the last one, its
     gradient_accumulation_steps being len(batches)); returns the step's metrics as detached tensors."""
-    states, embs, scales, tokens = _encode_all(engine, batches)
-    emb_grad, scale_grad, losses = _cached_grads(embs, scales, loss_cfg, group)
+    states, embs, pair_values, tokens = _encode_all(engine, batches)
+    emb_grad, pair_grad, losses = _cached_grads(embs, pair_values, loss_cfg, group)
     sizes = [next(iter(b.values())).size(0) for b in batches]
     all_tokens, start, parts = sum(tokens), 0, []
     for i, (batch, state, n) in enumerate(zip(batches, states, sizes)):
         cached = {"emb_grad": {m: g[start:start + n] for m, g in emb_grad.items()},
-                  "scale_grad": scale_grad if i == 0 else {},
+                  "pair_grad": pair_grad if i == 0 else {},  # temperatures and biases: once
                   "caption_share": tokens[i] / all_tokens if all_tokens else 0.0,
                   "micro_batches": len(batches)}
         set_rng_state(state)

@@ -28,7 +28,8 @@ class TrainModule(nn.Module):
     def forward(self, batch: dict, encode_only: bool = False, cached: dict | None = None) -> dict:
         if encode_only:
             out = self.model(batch, caption=False)
-            return {"emb": out["emb"], "logit_scale": out["logit_scale"], "caption_tokens": out.get("caption_tokens", 0)}
+            keep = ("emb", "logit_scale", "logit_bias")
+            return {**{k: out[k] for k in keep if k in out}, "caption_tokens": out.get("caption_tokens", 0)}
         if cached is not None:
             return surrogate(self.model(batch), cached, self.loss_cfg)
         return objective(self.model(batch), self.loss_cfg, self.group)
@@ -84,7 +85,7 @@ def param_groups(model: nn.Module, weight_decay: float) -> list:
             continue
         leaf = name.split(".")[-1]
         skip = (p.ndim < 2 or leaf in ("pos", "pos_time", "pos_space", "query", "b1", "b2")
-                or name.startswith("model.log_scales")
+                or name.startswith(("model.log_scales", "model.logit_biases"))
                 or name.startswith("model.modality."))
         (no_decay if skip else decay).append(p)
     # Named: DeepSpeed's MoE group splitter keys groups by name.

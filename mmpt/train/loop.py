@@ -17,7 +17,7 @@ from mmpt.config import Config
 from mmpt.data.stream import tasks_from_config, train_loader
 from mmpt.data.tokenizer import check_model_fits
 from mmpt.losses.contrastive import rank_groups
-from mmpt.model import build_model
+from mmpt.model import build_for_run
 from mmpt.train import checkpoint
 from mmpt.train.accumulate import accumulated_step
 from mmpt.train.engine import TrainModule, build_engine, init_distributed, shutdown_distributed
@@ -74,7 +74,7 @@ def _train(cfg: Config, rank: int, world: int) -> dict:
     if rank == 0:
         write_run_config(cfg, out_dir)
     torch.manual_seed(cfg.train.seed)
-    model = build_model(cfg.model, cfg.loss.init_temperature, cfg.loss.max_logit_scale)
+    model = build_for_run(cfg)
     group = rank_groups(cfg.loss.contrastive_group_size) if 0 < cfg.loss.contrastive_group_size < world else None
     engine = build_engine(TrainModule(model, cfg.loss, group), cfg, world)
     state = checkpoint.resume(engine, out_dir) if cfg.train.resume else {}
