@@ -147,7 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_shards_check)
 
     p = sub.add_parser("bench", help="benchmarks; each prints one JSON object with its peer measured in the same run")
-    p.add_argument("what", choices=["data", "moe", "loss"])
+    p.add_argument("what", choices=["data", "moe", "loss", "accumulate"])
     p.add_argument("--json", action="store_true", help="one line of JSON (default: indented)")
     p.add_argument("--samples", type=int)
     p.add_argument("--size", type=int)

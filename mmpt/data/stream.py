@@ -127,7 +127,7 @@ class MultiTaskLoader:
         return self
 
     def state_dict(self) -> dict:
-        return {"step": self.step, "tasks": {n: l.state_dict() for n, l in self.loaders.items()}}
+        return {"step": self.step, "tasks": {n: loader.state_dict() for n, loader in self.loaders.items()}}
 
     def load_state_dict(self, state: dict) -> None:
         self.step = state["step"]

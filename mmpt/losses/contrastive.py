@@ -49,8 +49,8 @@ def contrastive_loss(emb_a: torch.Tensor, emb_b: torch.Tensor, logit_scale: torc
     if emb_a.shape != emb_b.shape:
         raise ValueError(f"contrastive_loss: emb_a {tuple(emb_a.shape)} and emb_b {tuple(emb_b.shape)} differ")
     if kind not in ("softmax", "sigmoid") or (kind == "sigmoid") != (logit_bias is not None):
-        raise ValueError(f"contrastive_loss: kind={kind!r} with logit_bias {'given' if logit_bias is not None else 'None'}"
-                         " (softmax takes no bias, sigmoid needs one)")
+        given = "given" if logit_bias is not None else "None"
+        raise ValueError(f"contrastive_loss: kind={kind!r} with logit_bias {given} (softmax takes no bias, sigmoid needs one)")
     a, b, scale = emb_a.float(), emb_b.float(), logit_scale.float()
     n, world = a.size(0), _world(group)
     if world > 1 and check_sizes:
