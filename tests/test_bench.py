@@ -51,3 +51,11 @@ def test_bench_loss_measures_ours_and_open_clip_with_identical_gradients():
     # Sigmoid: open_clip's neighbour exchange and our ring both send 2 (N - 1) blocks (+ our size check).
     assert w2["sigmoid_max_grad_diff_vs_open_clip"] < 1e-5
     assert w2["ours_sigmoid_ring"]["bytes_sent"] == w2["open_clip_siglip"]["bytes_sent"] + 8 == 2 * block + 8
+
+
+def test_bench_accumulate_matches_one_pass_with_less_memory():
+    from mmpt.bench.accumulate import run
+
+    result = run(batch=64, micro=(4,))
+    assert result["k4"]["max_grad_diff"] < 1e-4
+    assert result["k4"]["peak_mb"] < result["one_pass"]["peak_mb"]

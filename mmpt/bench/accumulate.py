@@ -12,8 +12,11 @@ from __future__ import annotations
 
 import statistics
 import time
+import weakref
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
 from mmpt.config import load_config
 from mmpt.losses import contrastive_loss
@@ -21,13 +24,40 @@ from mmpt.losses.accumulate import accumulated_contrastive_backward
 from mmpt.model import build_for_run
 
 
-def _peak(step) -> float:
-    from torch.distributed._tools.mem_tracker import MemTracker
+class _PeakMemory(TorchDispatchMode):
+    """Bytes of the tensor storages ops create while active, live at the worst moment. (torch's MemTracker
+    cannot follow no-grad module calls, which GradCache makes.)"""
 
-    tracker = MemTracker()
-    with tracker:
+    def __init__(self):
+        super().__init__()
+        self.live, self.peak, self._refs = 0, 0, {}
+
+    def _track(self, tensor) -> None:
+        storage = tensor.untyped_storage()
+        key = storage.data_ptr()
+        if key in self._refs or storage.nbytes() == 0:
+            return
+        size = storage.nbytes()
+        self.live += size
+        self.peak = max(self.peak, self.live)
+        self._refs[key] = weakref.ref(storage, lambda _, key=key, size=size: self._free(key, size))
+
+    def _free(self, key, size) -> None:
+        self._refs.pop(key, None)
+        self.live -= size
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor):
+                self._track(t)
+        return out
+
+
+def _peak(step) -> float:
+    with _PeakMemory() as tracker:
         step()
-    return tracker.get_tracker_snapshot("peak")[torch.device("cpu")]["Total"] / 2**20
+    return tracker.peak / 2**20
 
 
 def _measure(model, step, repeats: int = 3) -> tuple[dict, list]:
