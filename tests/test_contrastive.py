@@ -4,6 +4,7 @@ import torch
 import torch.nn.functional as F
 
 from mmpt.losses import contrastive_loss
+from mmpt.bench.comm import CountBytes
 from tests.distributed import run_distributed
 
 B_LOCAL, DIM = 6, 16
@@ -93,18 +94,22 @@ def chunked_rank_fn(rank: int, world: int, chunk, ring: bool = False):
     a, b, scale = data(world)
     sl = slice(rank * B_LOCAL, (rank + 1) * B_LOCAL)
     a, b, scale = a[sl].clone().requires_grad_(), b[sl].clone().requires_grad_(), scale.clone().requires_grad_()
-    loss, report = contrastive_loss(a, b, scale, chunk_size=chunk, ring=ring)
-    loss.backward()
-    return loss.detach(), a.grad, b.grad, scale.grad, report
+    with CountBytes() as sent:
+        loss, report = contrastive_loss(a, b, scale, chunk_size=chunk, ring=ring)
+        loss.backward()
+    return loss.detach(), a.grad, b.grad, scale.grad, report, sent.bytes
 
 
 @pytest.mark.parametrize("world, ring, chunk", [(2, False, 5), (4, False, 5), (2, True, None), (4, True, 3)])
 def test_chunked_and_ring_distributed_match_float64_reference(world, ring, chunk):
     ref_loss, ref_ga, ref_gb, ref_gs = reference(world)
     results = run_distributed(chunked_rank_fn, world, chunk, ring)
-    if ring:  # each block goes round 4 (N - 1) times (2 passes forward, 2 backward), never gathered
-        assert results[0][4]["bytes_gathered"] == 0
-        assert results[0][4]["bytes_ring"] == 4 * (world - 1) * B_LOCAL * DIM * 4 + 2 * (world - 1) * 4 * B_LOCAL
+    report, sent = results[0][4], results[0][5]
+    assert report["bytes_sent"] == sent and report["gathered"] == (not ring)  # the report = what was sent
+    # Ring or gathered, 4 (N - 1) blocks: two passes forward and two backward, or 2 gathers + 2 reduce-scatters
+    # (plus the size check, and the ring's row logsumexps).
+    blocks = sent - 8 * (world - 1) - (2 * (world - 1) * 4 * B_LOCAL if ring else 0)
+    assert blocks == 4 * (world - 1) * B_LOCAL * DIM * 4
     torch.testing.assert_close(torch.stack([r[0] for r in results]).mean().double(), ref_loss, rtol=1e-5, atol=1e-7)
     torch.testing.assert_close((torch.cat([r[1] for r in results]) / world).double(), ref_ga, rtol=1e-5, atol=1e-7)
     torch.testing.assert_close((torch.cat([r[2] for r in results]) / world).double(), ref_gb, rtol=1e-5, atol=1e-7)

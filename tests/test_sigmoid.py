@@ -4,6 +4,7 @@ import torch
 import torch.nn.functional as F
 
 from mmpt.losses import contrastive_loss
+from mmpt.bench.comm import CountBytes
 from tests.distributed import run_distributed
 from tests.test_contrastive import B_LOCAL, DIM, data
 
@@ -25,9 +26,10 @@ def rank_fn(rank: int, world: int, ring: bool, chunk):
     sl = slice(rank * B_LOCAL, (rank + 1) * B_LOCAL)
     a, b, scale = a[sl].clone().requires_grad_(), b[sl].clone().requires_grad_(), scale.clone().requires_grad_()
     bias = torch.tensor(BIAS, requires_grad=True)
-    loss, report = contrastive_loss(a, b, scale, kind="sigmoid", logit_bias=bias, ring=ring, chunk_size=chunk)
-    loss.backward()
-    return loss.detach(), a.grad, b.grad, scale.grad, bias.grad, report
+    with CountBytes() as sent:
+        loss, report = contrastive_loss(a, b, scale, kind="sigmoid", logit_bias=bias, ring=ring, chunk_size=chunk)
+        loss.backward()
+    return loss.detach(), a.grad, b.grad, scale.grad, bias.grad, report, sent.bytes
 
 
 @pytest.mark.parametrize("world, ring, chunk", [(1, False, None), (2, False, None), (2, True, None), (4, True, 4),
@@ -42,9 +44,8 @@ def test_sigmoid_loss_matches_float64_reference(world, ring, chunk):
            torch.stack([r[4] for r in results]).mean())
     for g, r in zip(got, ref):
         torch.testing.assert_close(g.double(), r, rtol=1e-5, atol=1e-7)
-    report = results[0][5]
-    block = B_LOCAL * DIM * 4
-    assert report["bytes_ring"] == (2 * (world - 1) * block if ring and world > 1 else 0)
+    report, sent = results[0][5], results[0][6]
+    assert report["bytes_sent"] == sent == 2 * (world - 1) * B_LOCAL * DIM * 4 + 8 * (world - 1)
 
 
 def test_sigmoid_needs_a_bias_and_softmax_refuses_one():

@@ -50,40 +50,51 @@ def contrastive_loss(emb_a: torch.Tensor, emb_b: torch.Tensor, logit_scale: torc
         raise ValueError(f"contrastive_loss: emb_a {tuple(emb_a.shape)} and emb_b {tuple(emb_b.shape)} differ")
     if kind not in ("softmax", "sigmoid") or (kind == "sigmoid") != (logit_bias is not None):
         given = "given" if logit_bias is not None else "None"
-        raise ValueError(f"contrastive_loss: kind={kind!r} with logit_bias {given} (softmax takes no bias, sigmoid needs one)")
+        raise ValueError(f"contrastive_loss: kind={kind!r} with logit_bias {given} "
+                         "(softmax takes no bias, sigmoid needs one)")
     a, b, scale = emb_a.float(), emb_b.float(), logit_scale.float()
     n, world = a.size(0), _world(group)
     if world > 1 and check_sizes:
         _check_equal_sizes(n, group)
+    ring = ring and world > 1
+    report = _report(kind, ring, n, world, a.size(1), chunk_size, check_sizes)
     if kind == "sigmoid":
-        block = a.element_size() * a.numel()
-        report = {"group_size": world, "global_batch": n * world, "negatives_per_positive": n * world - 1,
-                  "bytes_gathered": 0 if ring else 2 * (world - 1) * block,
-                  "bytes_ring": 2 * (world - 1) * block if ring else 0}
-        return sigmoid_loss(a, b, scale, logit_bias.float(), group, world, ring, chunk_size), report
-    if world > 1 and ring:
-        block = a.element_size() * a.numel()
-        report = {"group_size": world, "global_batch": n * world, "negatives_per_positive": n * world - 1,
-                  "bytes_gathered": 0, "bytes_ring": 4 * (world - 1) * block + 2 * (world - 1) * 4 * n,
-                  "logits_bytes": 4 * n * min(chunk_size or n, n)}
-        return ring_infonce(a, b, scale, group, chunk_size), report
+        loss = sigmoid_loss(a, b, scale, logit_bias.float(), group, world, ring, chunk_size)
+    elif ring:
+        loss = ring_infonce(a, b, scale, group, chunk_size)
+    else:
+        loss = _gathered_infonce(a, b, scale, group, world, chunk_size)
+    return loss, report
+
+
+def _gathered_infonce(a, b, scale, group, world: int, chunk_size: Optional[int]) -> torch.Tensor:
+    n = a.size(0)
     if world > 1:
         all_a, all_b = GatherWithGrad.apply(a, group), GatherWithGrad.apply(b, group)
         offset = dist.get_rank(group) * n
     else:
         all_a, all_b, offset = a, b, 0
     if chunk_size:
-        loss_ab = chunked_infonce(a, all_b, scale, offset, chunk_size)
-        loss_ba = chunked_infonce(b, all_a, scale, offset, chunk_size)
-    else:
-        labels = torch.arange(offset, offset + n, device=a.device)
-        loss_ab = F.cross_entropy(scale * a @ all_b.t(), labels)
-        loss_ba = F.cross_entropy(scale * b @ all_a.t(), labels)
-    columns = min(chunk_size or n * world, n * world)
-    report = {"group_size": world, "global_batch": n * world, "negatives_per_positive": n * world - 1,
-              "bytes_gathered": 2 * a.element_size() * a.numel() * (world - 1),
-              "logits_bytes": 4 * n * columns}
-    return (loss_ab + loss_ba) / 2, report
+        return (chunked_infonce(a, all_b, scale, offset, chunk_size)
+                + chunked_infonce(b, all_a, scale, offset, chunk_size)) / 2
+    labels = torch.arange(offset, offset + n, device=a.device)
+    return (F.cross_entropy(scale * a @ all_b.t(), labels) + F.cross_entropy(scale * b @ all_a.t(), labels)) / 2
+
+
+def _report(kind: str, ring: bool, n: int, world: int, dim: int, chunk: Optional[int], checked: bool) -> dict:
+    """What the loss costs this rank. bytes_sent: to other ranks, forward + backward (tests check it against
+    the bytes counted at the torch.distributed calls); logits_bytes: the largest logits tile."""
+    block, peers = 4 * n * dim, world - 1  # fp32 rows
+    if kind == "sigmoid":  # b gathered and its gradient returned, or b's blocks round then a's
+        sent, columns = 2 * peers * block, (chunk or n) if ring else n * world
+    elif ring:  # both sides' blocks round twice (forward, backward), with the row logsumexps in backward
+        sent, columns = 4 * peers * block + 2 * peers * 4 * n, chunk or n
+    else:  # both sides gathered, their gradients reduce-scattered back
+        sent, columns = 4 * peers * block, chunk or n * world
+    sent += 8 * peers if checked else 0  # the batch-size check
+    return {"group_size": world, "global_batch": n * world, "negatives_per_positive": n * world - 1,
+            "gathered": world > 1 and not ring, "bytes_sent": sent,
+            "logits_bytes": 4 * n * min(columns, n * world)}
 
 
 def rank_groups(group_size: int) -> dist.ProcessGroup:
