@@ -54,3 +54,14 @@ def test_sigmoid_needs_a_bias_and_softmax_refuses_one():
         contrastive_loss(a, b, scale, kind="sigmoid")
     with pytest.raises(ValueError, match="softmax takes no bias"):
         contrastive_loss(a, b, scale, logit_bias=torch.tensor(0.0))
+
+
+def test_module_form_equals_the_function():
+    from mmpt.losses import ContrastiveLoss
+
+    a, b, scale = data(1)
+    bias = torch.tensor(BIAS)
+    module_loss, report = ContrastiveLoss(kind="sigmoid")(a, b, scale, bias)
+    assert report["negatives_per_positive"] == B_LOCAL - 1
+    torch.testing.assert_close(module_loss, contrastive_loss(a, b, scale, kind="sigmoid", logit_bias=bias)[0])
+    torch.testing.assert_close(ContrastiveLoss(chunk_size=2)(a, b, scale)[0], contrastive_loss(a, b, scale)[0])

@@ -1,8 +1,10 @@
-"""Exact distributed InfoNCE over any pair of embeddings (`emb_a`, `emb_b`), modality-agnostic.
+"""Exact distributed contrastive losses over any pair of embeddings (`emb_a`, `emb_b`), modality-agnostic.
 
-Each rank scores its local rows against the columns of every rank (gathered with gradient), in both
-directions. The mean of the per-rank losses equals the full-batch InfoNCE, and after the usual gradient
-averaging across ranks the gradients equal the full-batch gradients (tested against float64).
+Each rank scores its local rows against the columns of every rank of its group, in both directions: the
+columns gathered with gradient (optionally in chunks, `chunked.py`) or streamed round a ring (`ring.py`);
+InfoNCE or SigLIP (`sigmoid.py`). The mean of the per-rank losses equals the full-batch loss, and after the
+usual gradient averaging across ranks the gradients equal the full-batch gradients (tested against float64).
+Groups smaller than the world are GBA-ITC's grouped aggregation (`rank_groups`).
 """
 from __future__ import annotations
 
@@ -108,9 +110,12 @@ def rank_groups(group_size: int) -> dist.ProcessGroup:
 
 
 class ContrastiveLoss(nn.Module):
-    def __init__(self, group: Optional[dist.ProcessGroup] = None, chunk_size: Optional[int] = None):
-        super().__init__()
-        self.group, self.chunk_size = group, chunk_size
+    """`contrastive_loss` as a module: ContrastiveLoss(group, ring=True)(emb_a, emb_b, scale) -> (loss, report).
+    Options (chunk_size, ring, kind, check_sizes) as there."""
 
-    def forward(self, emb_a, emb_b, logit_scale):
-        return contrastive_loss(emb_a, emb_b, logit_scale, self.group, chunk_size=self.chunk_size)
+    def __init__(self, group: Optional[dist.ProcessGroup] = None, **options):
+        super().__init__()
+        self.group, self.options = group, options
+
+    def forward(self, emb_a, emb_b, logit_scale, logit_bias=None):
+        return contrastive_loss(emb_a, emb_b, logit_scale, self.group, logit_bias=logit_bias, **self.options)
