@@ -10,66 +10,23 @@ parameters excluded), and the largest gradient difference from the one pass. Sho
 """
 from __future__ import annotations
 
-import statistics
-import time
-import weakref
-
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
 
+from mmpt.bench.common import median_ms, peak_mb
 from mmpt.config import load_config
 from mmpt.losses import contrastive_loss
 from mmpt.losses.accumulate import accumulated_contrastive_backward
 from mmpt.model import build_for_run
 
 
-class _PeakMemory(TorchDispatchMode):
-    """Bytes of the tensor storages ops create while active, live at the worst moment. (torch's MemTracker
-    cannot follow no-grad module calls, which GradCache makes.)"""
-
-    def __init__(self):
-        super().__init__()
-        self.live, self.peak, self._refs = 0, 0, {}
-
-    def _track(self, tensor) -> None:
-        storage = tensor.untyped_storage()
-        key = storage.data_ptr()
-        if key in self._refs or storage.nbytes() == 0:
-            return
-        size = storage.nbytes()
-        self.live += size
-        self.peak = max(self.peak, self.live)
-        self._refs[key] = weakref.ref(storage, lambda _, key=key, size=size: self._free(key, size))
-
-    def _free(self, key, size) -> None:
-        self._refs.pop(key, None)
-        self.live -= size
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in tree_flatten(out)[0]:
-            if isinstance(t, torch.Tensor):
-                self._track(t)
-        return out
-
-
-def _peak(step) -> float:
-    with _PeakMemory() as tracker:
-        step()
-    return tracker.peak / 2**20
-
-
 def _measure(model, step, repeats: int = 3) -> tuple[dict, list]:
-    times = []
-    for _ in range(repeats):
+    def clear():
         model.zero_grad(set_to_none=True)
-        start = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - start)
+
+    ms = median_ms(step, repeats, before=clear)
     grads = [p.grad.clone() for p in model.parameters() if p.grad is not None]
-    model.zero_grad(set_to_none=True)
-    return {"ms": 1000 * statistics.median(times), "peak_mb": _peak(step)}, grads
+    clear()
+    return {"ms": ms, "peak_mb": peak_mb(step)}, grads
 
 
 def run(batch: int = 256, micro=(2, 4, 8)) -> dict:

@@ -15,9 +15,7 @@ from __future__ import annotations
 
 import io
 import os
-import statistics
 import tempfile
-import time
 import warnings
 
 import torch
@@ -26,22 +24,18 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from mmpt.bench.comm import CountBytes
+from mmpt.bench.common import median_ms
 
 
 def _measure(step, input_bytes: int) -> dict:
     from torch.distributed._tools.mem_tracker import MemTracker
 
-    times = []
-    for _ in range(3):
-        dist.barrier()
-        start = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - start)
+    ms = median_ms(step, 3, before=dist.barrier)
     tracker = MemTracker()
     with tracker, CountBytes() as sent:
         step()
     peak = tracker.get_tracker_snapshot("peak")[torch.device("cpu")]["Total"]
-    return {"ms": 1000 * statistics.median(times), "peak_mb": (peak - input_bytes) / 2**20, "bytes_sent": sent.bytes}
+    return {"ms": ms, "peak_mb": (peak - input_bytes) / 2**20, "bytes_sent": sent.bytes}
 
 
 def _rank(rank: int, world: int, init: str, b: int, d: int, chunk: int, queue) -> None:

@@ -9,11 +9,9 @@ is the native backend's time ratio (target <= 1.3 on CPU).
 """
 from __future__ import annotations
 
-import statistics
-import time
-
 import torch
 
+from mmpt.bench.common import median_ms
 from mmpt.config import MoEConfig
 from mmpt.model.moe import DeepSpeedMoE, NativeMoE, copy_native_to_deepspeed
 from mmpt.model.trunk import MLP
@@ -41,14 +39,8 @@ def timed(layer, x: torch.Tensor, repeats: int) -> dict:
 
     for _ in range(2):
         step()
-    times = []
-    for _ in range(repeats):
-        layer.zero_grad(set_to_none=True)
-        start = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - start)
-    median = statistics.median(times)
-    return {"ms": 1000 * median, "tokens_per_s": x.shape[0] * x.shape[1] / median,
+    ms = median_ms(step, repeats, before=lambda: layer.zero_grad(set_to_none=True))
+    return {"ms": ms, "tokens_per_s": x.shape[0] * x.shape[1] / (ms / 1000),
             "saved_activation_mb": saved_bytes(lambda: layer(x)) / 2**20,
             "parameters": sum(p.numel() for p in layer.parameters())}
 

@@ -1,0 +1,59 @@
+"""What the benches share: a median timer and a peak-memory tracker."""
+from __future__ import annotations
+
+import statistics
+import time
+import weakref
+from typing import Callable, Optional
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+
+def median_ms(step: Callable, repeats: int, before: Optional[Callable] = None) -> float:
+    """Median wall time of `step` in ms; `before` runs untimed ahead of each repeat."""
+    times = []
+    for _ in range(repeats):
+        if before is not None:
+            before()
+        start = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - start)
+    return 1000 * statistics.median(times)
+
+
+class PeakMemory(TorchDispatchMode):
+    """Bytes of the tensor storages ops create while active, live at the worst moment. (torch's MemTracker
+    cannot follow no-grad module calls, which GradCache makes.)"""
+
+    def __init__(self):
+        super().__init__()
+        self.live, self.peak, self._refs = 0, 0, {}
+
+    def _track(self, tensor) -> None:
+        storage = tensor.untyped_storage()
+        key = storage.data_ptr()
+        if key in self._refs or storage.nbytes() == 0:
+            return
+        size = storage.nbytes()
+        self.live += size
+        self.peak = max(self.peak, self.live)
+        self._refs[key] = weakref.ref(storage, lambda _, key=key, size=size: self._free(key, size))
+
+    def _free(self, key, size) -> None:
+        self._refs.pop(key, None)
+        self.live -= size
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor):
+                self._track(t)
+        return out
+
+
+def peak_mb(step) -> float:
+    with PeakMemory() as tracker:
+        step()
+    return tracker.peak / 2**20
