@@ -65,3 +65,40 @@ def test_module_form_equals_the_function():
     assert report["negatives_per_positive"] == B_LOCAL - 1
     torch.testing.assert_close(module_loss, contrastive_loss(a, b, scale, kind="sigmoid", logit_bias=bias)[0])
     torch.testing.assert_close(ContrastiveLoss(chunk_size=2)(a, b, scale)[0], contrastive_loss(a, b, scale)[0])
+
+
+def bf16_rank_fn(rank: int, world: int, kind: str, ring: bool):
+    from mmpt.bench.comm import CountBytes
+
+    a, b, scale = data(world)
+    sl = slice(rank * B_LOCAL, (rank + 1) * B_LOCAL)
+    a, b = a[sl].bfloat16().requires_grad_(), b[sl].bfloat16().requires_grad_()
+    bias = torch.tensor(BIAS) if kind == "sigmoid" else None
+    with CountBytes() as sent:
+        loss, report = contrastive_loss(a, b, scale, kind=kind, logit_bias=bias, ring=ring, chunk_size=4)
+        loss.backward()
+    return loss.detach(), a.grad, b.grad, report["bytes_sent"], sent.bytes
+
+
+@pytest.mark.parametrize("kind, ring", [("softmax", False), ("softmax", True), ("sigmoid", True)])
+def test_bf16_embeddings_travel_as_bf16_and_are_scored_in_fp32(kind, ring):
+    """Same inputs rounded to bf16: the fp32 loss equals the float64 reference of the rounded inputs (to fp32
+    accuracy); gradients come back bf16; half the fp32 bytes are sent."""
+    world = 2
+    results = run_distributed(bf16_rank_fn, world, kind, ring)
+    a, b, scale = (t.bfloat16().double().requires_grad_() for t in data(world))
+    logits = scale * a @ b.t()
+    if kind == "sigmoid":
+        logits = logits + BIAS
+        ref = -F.logsigmoid((2 * torch.eye(a.size(0), dtype=torch.float64) - 1) * logits).sum() / a.size(0)
+    else:
+        labels = torch.arange(a.size(0))
+        ref = (F.cross_entropy(logits, labels) + F.cross_entropy(logits.t(), labels)) / 2
+    ref.backward()
+    torch.testing.assert_close(torch.stack([r[0] for r in results]).mean().double(), ref.detach(), rtol=1e-5, atol=1e-6)
+    grad_a = torch.cat([r[1] for r in results])
+    assert grad_a.dtype == torch.bfloat16
+    torch.testing.assert_close(grad_a.double() / world, a.grad, rtol=2e-2, atol=2e-3)
+    blocks = {"softmax": 4, "sigmoid": 2}[kind] * (world - 1) * B_LOCAL * DIM * 2  # bf16 rows
+    lse = 2 * (world - 1) * 4 * B_LOCAL if ring and kind == "softmax" else 0
+    assert results[0][3] == results[0][4] == blocks + lse + 8 * (world - 1)

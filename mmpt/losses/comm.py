@@ -28,7 +28,7 @@ class GatherWithGrad(torch.autograd.Function):
         parts = [p.contiguous() for p in grad.split(ctx.n)]
         received = [torch.empty_like(parts[0]) for _ in parts]
         dist.all_to_all(received, parts, group=ctx.group)
-        return torch.stack(received).sum(0), None
+        return torch.stack(received).float().sum(0), None  # summed in fp32 whatever travelled
 
 
 def circulate(tensors: list, group):

@@ -37,12 +37,14 @@ def _check_equal_sizes(n: int, group) -> None:
 def contrastive_loss(emb_a: torch.Tensor, emb_b: torch.Tensor, logit_scale: torch.Tensor,
                      group: Optional[dist.ProcessGroup] = None, check_sizes: bool = True,
                      chunk_size: Optional[int] = None, ring: bool = False, kind: str = "softmax",
-                     logit_bias: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, dict]:
+                     logit_bias: Optional[torch.Tensor] = None,
+                     max_logit_scale: float = 100.0) -> tuple[torch.Tensor, dict]:
     """Symmetric InfoNCE (kind="softmax") or SigLIP (kind="sigmoid", needs `logit_bias`) of matching rows of
     emb_a and emb_b across all ranks of `group`.
 
     Returns this rank's loss (mean over ranks = the loss of the group's batch) and a report. Computed in fp32
-    whatever the embedding dtype. `group` may be a subgroup (grouped aggregation, GBA-ITC: see `rank_groups`).
+    whatever the embedding dtype; embeddings travel between ranks in their own dtype (bf16: half the bytes);
+    the temperature is clamped at `max_logit_scale`. `group` may be a subgroup (grouped aggregation, GBA-ITC: see `rank_groups`).
     With `chunk_size`, logits are computed `chunk_size` columns at a time with a running logsumexp and
     recomputed in backward (exact; logits memory local_rows x chunk instead of local_rows x group batch).
     With `ring`, column blocks are streamed around the ranks instead of gathered (`mmpt.losses.ring`): exact,
@@ -54,12 +56,13 @@ def contrastive_loss(emb_a: torch.Tensor, emb_b: torch.Tensor, logit_scale: torc
         given = "given" if logit_bias is not None else "None"
         raise ValueError(f"contrastive_loss: kind={kind!r} with logit_bias {given} "
                          "(softmax takes no bias, sigmoid needs one)")
-    a, b, scale = emb_a.float(), emb_b.float(), logit_scale.float()
+    # Embeddings are sent in their own dtype (bf16: half the bytes) and scored in fp32.
+    a, b, scale = emb_a, emb_b, logit_scale.float().clamp(max=max_logit_scale)
     n, world = a.size(0), _world(group)
     if world > 1 and check_sizes:
         _check_equal_sizes(n, group)
     ring = ring and world > 1
-    report = _report(kind, ring, n, world, a.size(1), chunk_size, check_sizes)
+    report = _report(kind, ring, n, world, a.size(1), a.element_size(), chunk_size, check_sizes)
     if kind == "sigmoid":
         loss = sigmoid_loss(a, b, scale, logit_bias.float(), group, world, ring, chunk_size)
     elif ring:
@@ -76,6 +79,7 @@ def _gathered_infonce(a, b, scale, group, world: int, chunk_size: Optional[int])
         offset = dist.get_rank(group) * n
     else:
         all_a, all_b, offset = a, b, 0
+    a, b, all_a, all_b = a.float(), b.float(), all_a.float(), all_b.float()
     if chunk_size:
         return (chunked_infonce(a, all_b, scale, offset, chunk_size)
                 + chunked_infonce(b, all_a, scale, offset, chunk_size)) / 2
@@ -83,14 +87,15 @@ def _gathered_infonce(a, b, scale, group, world: int, chunk_size: Optional[int])
     return (F.cross_entropy(scale * a @ all_b.t(), labels) + F.cross_entropy(scale * b @ all_a.t(), labels)) / 2
 
 
-def _report(kind: str, ring: bool, n: int, world: int, dim: int, chunk: Optional[int], checked: bool) -> dict:
+def _report(kind: str, ring: bool, n: int, world: int, dim: int, elem: int, chunk: Optional[int],
+            checked: bool) -> dict:
     """What the loss costs this rank. bytes_sent: to other ranks, forward + backward (tests check it against
     the bytes counted at the torch.distributed calls); logits_bytes: the largest logits tile."""
-    block, peers = 4 * n * dim, world - 1  # fp32 rows
+    block, peers = elem * n * dim, world - 1
     if kind == "sigmoid":  # b gathered and its gradient returned, or b's blocks round then a's
         sent, columns = 2 * peers * block, (chunk or n) if ring else n * world
     elif ring:  # both sides' blocks round twice (forward, backward), with the row logsumexps in backward
-        sent, columns = 4 * peers * block + 2 * peers * 4 * n, chunk or n
+        sent, columns = 4 * peers * block + 2 * peers * 4 * n, chunk or n  # fp32 logsumexps
     else:  # both sides gathered, their gradients reduce-scattered back
         sent, columns = 4 * peers * block, chunk or n * world
     sent += 8 * peers if checked else 0  # the batch-size check

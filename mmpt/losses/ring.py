@@ -28,7 +28,7 @@ def _lse(rows: torch.Tensor, cols: torch.Tensor, scale: torch.Tensor, group, chu
     total = torch.zeros_like(high)
     for (block,) in circulate([cols], group):
         for start in range(0, block.size(0), chunk):
-            logits = torch.mm(rows, block[start:start + chunk].t()).mul_(scale)
+            logits = torch.mm(rows, block[start:start + chunk].float().t()).mul_(scale)
             new_high = torch.maximum(high, logits.amax(dim=1))
             total.mul_((high - new_high).exp_()).add_(logits.sub_(new_high[:, None]).exp_().sum(dim=1))
             high = new_high
@@ -41,7 +41,7 @@ def _grad(rows, cols, lse_rows, lse_cols, scale, group, chunk: int) -> tuple[tor
     grad_scale = torch.zeros((), dtype=rows.dtype, device=rows.device)
     for block, block_lse in circulate([cols, lse_cols], group):
         for start in range(0, block.size(0), chunk):
-            part = block[start:start + chunk]
+            part = block[start:start + chunk].float()
             dots = torch.mm(rows, part.t())
             weights = (dots * scale).sub_(lse_rows[:, None]).exp_()  # row term: these rows' softmax
             grad_scale += torch.dot(weights.flatten(), dots.flatten())
@@ -54,8 +54,10 @@ def _grad(rows, cols, lse_rows, lse_cols, scale, group, chunk: int) -> tuple[tor
 class RingInfoNCE(torch.autograd.Function):
     @staticmethod
     def forward(ctx, a, b, scale, group, chunk: int):
-        lse_a, lse_b = _lse(a, b, scale, group, chunk), _lse(b, a, scale, group, chunk)
-        positive = scale * torch.bmm(a.unsqueeze(1), b.unsqueeze(2)).view(-1)  # no n x d temporary
+        # Blocks travel in the embeddings' dtype (bf16: half the bytes); every product is fp32.
+        a32, b32 = a.float(), b.float()
+        lse_a, lse_b = _lse(a32, b, scale, group, chunk), _lse(b32, a, scale, group, chunk)
+        positive = scale * torch.bmm(a32.unsqueeze(1), b32.unsqueeze(2)).view(-1)  # no n x d temporary
         ctx.save_for_backward(a, b, scale, lse_a, lse_b)
         ctx.group, ctx.chunk = group, chunk
         return ((lse_a - positive).mean() + (lse_b - positive).mean()) / 2
@@ -63,12 +65,13 @@ class RingInfoNCE(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         a, b, scale, lse_a, lse_b = ctx.saved_tensors
+        a32, b32 = a.float(), b.float()
         factor = grad / (2 * a.size(0))
-        ga, gs_a = _grad(a, b, lse_a, lse_b, scale, ctx.group, ctx.chunk)
-        ga.sub_(b, alpha=2).mul_(scale * factor)  # the positives: -2 s b_r, from both directions
-        gb, gs_b = _grad(b, a, lse_b, lse_a, scale, ctx.group, ctx.chunk)
-        gb.sub_(a, alpha=2).mul_(scale * factor)
-        gs = (gs_a + gs_b - 2 * torch.dot(a.flatten(), b.flatten())) * factor
+        ga, gs_a = _grad(a32, b, lse_a, lse_b, scale, ctx.group, ctx.chunk)
+        ga.sub_(b32, alpha=2).mul_(scale * factor)  # the positives: -2 s b_r, from both directions
+        gb, gs_b = _grad(b32, a, lse_b, lse_a, scale, ctx.group, ctx.chunk)
+        gb.sub_(a32, alpha=2).mul_(scale * factor)
+        gs = (gs_a + gs_b - 2 * torch.dot(a32.flatten(), b32.flatten())) * factor
         return ga, gb, gs.reshape(scale.shape), None, None
 
 

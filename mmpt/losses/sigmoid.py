@@ -29,10 +29,11 @@ class RingSigmoid(torch.autograd.Function):
     @staticmethod
     def forward(ctx, a, b, scale, bias, group, chunk: int):
         n, need_grad = a.size(0), any(ctx.needs_input_grad[:4])
-        total, ga, gs, gt = _rows_pass(a, b, scale, bias, group, chunk, with_loss=True, with_grad=need_grad)
-        dot_ab = torch.dot(a.flatten(), b.flatten())
+        a32, b32 = a.float(), b.float()  # blocks travel in the embeddings' dtype; products are fp32
+        total, ga, gs, gt = _rows_pass(a32, b, scale, bias, group, chunk, with_loss=True, with_grad=need_grad)
+        dot_ab = torch.dot(a32.flatten(), b32.flatten())
         if need_grad:
-            ctx.save_for_backward(a, b, scale, bias, ga.sub_(b).mul_(scale), (gs - dot_ab).reshape(scale.shape),
+            ctx.save_for_backward(a, b, scale, bias, ga.sub_(b32).mul_(scale), (gs - dot_ab).reshape(scale.shape),
                                   (gt - n).reshape(bias.shape))
         ctx.group, ctx.chunk = group, chunk
         return (total - scale * dot_ab - n * bias) / n
@@ -41,8 +42,8 @@ class RingSigmoid(torch.autograd.Function):
     def backward(ctx, grad):
         a, b, scale, bias, ga, gs, gt = ctx.saved_tensors
         factor = grad / a.size(0)
-        _, gb, _, _ = _rows_pass(b, a, scale, bias, ctx.group, ctx.chunk, with_loss=False, with_grad=True)
-        gb.sub_(a).mul_(scale * factor)
+        _, gb, _, _ = _rows_pass(b.float(), a, scale, bias, ctx.group, ctx.chunk, with_loss=False, with_grad=True)
+        gb.sub_(a.float()).mul_(scale * factor)
         return ga * factor, gb, gs * factor, gt * factor, None, None
 
 
@@ -53,7 +54,7 @@ def _rows_pass(rows, cols, scale, bias, group, chunk: int, with_loss: bool, with
     total, grad, gs, gt = zero.clone(), torch.zeros_like(rows) if with_grad else None, zero.clone(), zero.clone()
     for (block,) in circulate([cols], group):
         for start in range(0, block.size(0), chunk):
-            part = block[start:start + chunk]
+            part = block[start:start + chunk].float()
             dots = torch.mm(rows, part.t())
             logits = (dots * scale).add_(bias)
             if with_loss:
@@ -68,12 +69,13 @@ def _rows_pass(rows, cols, scale, bias, group, chunk: int, with_loss: bool, with
 
 def sigmoid_loss(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor, group=None,
                  world: int = 1, ring: bool = False, chunk: int | None = None) -> torch.Tensor:
-    """fp32 inputs; see contrastive_loss(kind="sigmoid") for the public entry point."""
+    """Embeddings in any float dtype (sent as they are, scored in fp32); fp32 scale and bias. See
+    contrastive_loss(kind="sigmoid") for the public entry point."""
     if ring and world > 1:
         return RingSigmoid.apply(a, b, scale, bias, group, max(1, chunk or a.size(0)))
     n = a.size(0)
-    all_b = GatherWithGrad.apply(b, group) if world > 1 else b
+    all_b = (GatherWithGrad.apply(b, group) if world > 1 else b).float()
     offset = dist.get_rank(group) * n if world > 1 else 0
-    logits = scale * a @ all_b.t() + bias
+    logits = scale * a.float() @ all_b.t() + bias
     positive = logits[torch.arange(n), torch.arange(offset, offset + n)]
     return (F.softplus(logits).sum() - positive.sum()) / n
