@@ -60,3 +60,13 @@ def test_accumulated_step_equals_one_pass_over_the_accumulated_batch(zero_stage,
         assert len(grads_1) == len(grads_k) > 0
         for g1, gk in zip(grads_1, grads_k):
             torch.testing.assert_close(gk, g1, rtol=1e-4, atol=1e-6)
+
+
+def test_run_prints_negatives_per_positive_for_groups_and_accumulation():
+    from mmpt.config import load_config
+    from mmpt.train.loop import contrastive_summary
+
+    cfg = load_config("demo", ["loss.contrastive_group_size=8", "train.accumulate=4", "loss.contrastive_ring=true"])
+    line = contrastive_summary(cfg, 64)  # 8 groups of 8 ranks, 4 x 32 rows per rank
+    assert "ring" in line and "1023 negatives per positive" in line and "global batch would give 8191" in line
+    assert "2047 negatives" in contrastive_summary(load_config("demo"), 64)

@@ -59,6 +59,20 @@ def write_run_config(cfg: Config, out_dir: Path) -> None:
     (out_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
 
 
+def contrastive_summary(cfg: Config, world: int) -> str:
+    """One line on what the contrastive loss sees, negatives per positive included (GBA-ITC groups and
+    GradCache accumulation change them)."""
+    loss, rows = cfg.loss, cfg.data.batch_size * cfg.train.accumulate
+    group = loss.contrastive_group_size if 0 < loss.contrastive_group_size < world else world
+    how = "ring" if loss.contrastive_ring else "gathered" + (f", chunks of {loss.contrastive_chunk}"
+                                                             if loss.contrastive_chunk else "")
+    line = (f"contrastive: {loss.contrastive_kind}, {how}, over {group} of {world} ranks x {rows} rows "
+            f"({cfg.train.accumulate} micro-batches): {group * rows - 1} negatives per positive")
+    if group < world:
+        line += f" (GBA-ITC groups; the global batch would give {world * rows - 1})"
+    return line
+
+
 def train(cfg: Config) -> dict:
     rank, world = init_distributed()
     try:
@@ -77,6 +91,8 @@ def _train(cfg: Config, rank: int, world: int) -> dict:
     model = build_for_run(cfg)
     group = rank_groups(cfg.loss.contrastive_group_size) if 0 < cfg.loss.contrastive_group_size < world else None
     engine = build_engine(TrainModule(model, cfg.loss, group), cfg, world)
+    if rank == 0:
+        print(contrastive_summary(cfg, world), flush=True)
     state = checkpoint.resume(engine, out_dir) if cfg.train.resume else {}
     start = int(state.get("step", 0))
     skipped = {k: Counter(v) for k, v in state.get("skipped", {"reasons": {}, "shards": {}}).items()}
