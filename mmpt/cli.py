@@ -31,7 +31,11 @@ def cmd_eval_zeroshot(args) -> int:
     from mmpt.eval.zeroshot import run_zeroshot
     from mmpt.hub import load_pretrained
 
+    import torch
+
     model, cfg = load_pretrained(args.run)
+    if args.device != "cpu" and torch.cuda.is_available():
+        model = model.to("cuda")
     result = run_zeroshot(model, cfg, args.data or cfg.data.val, args.classes or cfg.data.classes,
                           args.batch_size or cfg.eval.batch_size, args.modality)
     text = json.dumps(result, indent=1)
@@ -125,6 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--modality", default="image", choices=["image", "video", "audio"])
     p.add_argument("--batch-size", type=int)
     p.add_argument("--out", help="write the result JSON here")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu"], help="auto: the GPU when there is one")
     p.set_defaults(func=cmd_eval_zeroshot)
 
     sh = sub.add_parser("shards", help="build webdataset shards").add_subparsers(dest="shards_command", required=True)

@@ -70,3 +70,30 @@ def test_run_prints_negatives_per_positive_for_groups_and_accumulation():
     line = contrastive_summary(cfg, 64)  # 8 groups of 8 ranks, 4 x 32 rows per rank
     assert "ring" in line and "1023 negatives per positive" in line and "global batch would give 8191" in line
     assert "2047 negatives" in contrastive_summary(load_config("demo"), 64)
+
+
+def _bf16_step(rank: int, world: int, bf16: bool):
+    from mmpt.config import load_config
+    from mmpt.data.tokenizer import tokenize
+    from mmpt.model import build_for_run
+    from mmpt.train.engine import TrainModule, build_engine, init_distributed, to_engine
+
+    init_distributed()
+    cfg = load_config("demo", TINY + [f"deepspeed.bf16={str(bf16).lower()}", "data.batch_size=8"])
+    torch.manual_seed(0)
+    engine = build_engine(TrainModule(build_for_run(cfg), cfg.loss), cfg, world)
+    gen = torch.Generator().manual_seed(rank)
+    batch = to_engine({"image": torch.randn(8, 3, 16, 16, generator=gen), "text": tokenize(CAPTIONS, 16)}, engine)
+    losses = engine(batch)
+    engine.backward(losses["loss"])
+    engine.step()
+    return batch["image"].dtype, batch["text"].dtype, losses["loss"].detach().float()
+
+
+def test_bf16_engine_gets_bf16_media_and_integer_tokens_and_matches_fp32():
+    """What broke the first GPU run: loader batches must reach the engine's device and dtype."""
+    bf16 = run_distributed(_bf16_step, 2, True)
+    fp32 = run_distributed(_bf16_step, 2, False)
+    for (image_dtype, text_dtype, loss), (_, _, ref) in zip(bf16, fp32):
+        assert image_dtype == torch.bfloat16 and text_dtype == torch.int64
+        torch.testing.assert_close(loss, ref, rtol=3e-2, atol=0)

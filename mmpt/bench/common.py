@@ -11,14 +11,21 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 
+def _sync() -> None:
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
 def median_ms(step: Callable, repeats: int, before: Optional[Callable] = None) -> float:
     """Median wall time of `step` in ms; `before` runs untimed ahead of each repeat."""
     times = []
     for _ in range(repeats):
         if before is not None:
             before()
+        _sync()
         start = time.perf_counter()
         step()
+        _sync()
         times.append(time.perf_counter() - start)
     return 1000 * statistics.median(times)
 

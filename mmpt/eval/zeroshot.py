@@ -35,7 +35,8 @@ def class_embeddings(model, classnames: list, templates: list, context_length: i
                      tokenizer: str = "openclip") -> torch.Tensor:
     """(C, E): per class, the normalised mean of its prompts' embeddings (CLIP's prompt ensembling)."""
     prompts = [t.format(c) for c in classnames for t in templates]
-    emb = model.encode("text", tokenize(prompts, context_length, tokenizer))["emb"]
+    device = next(model.parameters()).device
+    emb = model.encode("text", tokenize(prompts, context_length, tokenizer).to(device))["emb"]
     emb = emb.view(len(classnames), len(templates), -1).mean(1)
     return F.normalize(emb, dim=-1)
 
@@ -50,7 +51,9 @@ def zeroshot_classify(model, classifier: torch.Tensor, loader, modality: str = "
         labels = batch["label"]
         if (labels < 0).any():
             raise DataError("zero-shot eval needs a label in every sample's json")
-        emb = model.encode(modality, batch[modality])["emb"]
+        param = next(model.parameters())
+        emb = model.encode(modality, batch[modality].to(param.device, param.dtype))["emb"]
+        labels = labels.to(param.device)
         ranked = (emb @ classifier.t()).topk(max(top_k), dim=-1).indices
         for k in top_k:
             correct[k] += (ranked[:, :k] == labels[:, None]).any(dim=1).sum().item()

@@ -21,7 +21,8 @@ def contrastive_terms(emb: dict, logit_scale: dict, loss_cfg, group=None, logit_
         pair = "|".join((a, b))
         bias = logit_bias[pair] if loss_cfg.contrastive_kind == "sigmoid" else None
         loss, _ = contrastive_loss(emb[a], emb[b], logit_scale[pair], group, chunk_size=loss_cfg.contrastive_chunk,
-                                   ring=loss_cfg.contrastive_ring, kind=loss_cfg.contrastive_kind, logit_bias=bias)
+                                   ring=loss_cfg.contrastive_ring, kind=loss_cfg.contrastive_kind, logit_bias=bias,
+                                   max_logit_scale=loss_cfg.max_logit_scale)
         losses[f"{a}_{b}_contrastive_loss"] = loss
         losses[f"{a}_{b}_logit_scale"] = logit_scale[pair].detach()
         if bias is not None:

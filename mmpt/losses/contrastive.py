@@ -25,9 +25,10 @@ def _world(group) -> int:
     return dist.get_world_size(group) if dist.is_available() and dist.is_initialized() else 1
 
 
-def _check_equal_sizes(n: int, group) -> None:
-    sizes = [torch.zeros(1, dtype=torch.long) for _ in range(dist.get_world_size(group))]
-    dist.all_gather(sizes, torch.tensor([n]), group=group)
+def _check_equal_sizes(n: int, group, device: torch.device) -> None:
+    # On the embeddings' device: NCCL only moves CUDA tensors.
+    sizes = [torch.zeros(1, dtype=torch.long, device=device) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(sizes, torch.tensor([n], device=device), group=group)
     sizes = [int(s) for s in sizes]
     if len(set(sizes)) > 1:
         raise ValueError(f"contrastive_loss: local batch sizes differ across ranks {sizes}; "
@@ -44,7 +45,8 @@ def contrastive_loss(emb_a: torch.Tensor, emb_b: torch.Tensor, logit_scale: torc
 
     Returns this rank's loss (mean over ranks = the loss of the group's batch) and a report. Computed in fp32
     whatever the embedding dtype; embeddings travel between ranks in their own dtype (bf16: half the bytes);
-    the temperature is clamped at `max_logit_scale`. `group` may be a subgroup (grouped aggregation, GBA-ITC: see `rank_groups`).
+    the temperature is clamped at `max_logit_scale`. `group` may be a subgroup (grouped aggregation,
+    GBA-ITC: see `rank_groups`).
     With `chunk_size`, logits are computed `chunk_size` columns at a time with a running logsumexp and
     recomputed in backward (exact; logits memory local_rows x chunk instead of local_rows x group batch).
     With `ring`, column blocks are streamed around the ranks instead of gathered (`mmpt.losses.ring`): exact,
@@ -60,7 +62,7 @@ def contrastive_loss(emb_a: torch.Tensor, emb_b: torch.Tensor, logit_scale: torc
     a, b, scale = emb_a, emb_b, logit_scale.float().clamp(max=max_logit_scale)
     n, world = a.size(0), _world(group)
     if world > 1 and check_sizes:
-        _check_equal_sizes(n, group)
+        _check_equal_sizes(n, group, a.device)
     ring = ring and world > 1
     report = _report(kind, ring, n, world, a.size(1), a.element_size(), chunk_size, check_sizes)
     if kind == "sigmoid":

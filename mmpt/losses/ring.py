@@ -13,7 +13,9 @@ gives all of a_r's gradient, a second circulating (a_k, lse_a_k) all of b_r's. E
 blocks and two (rows x chunk) tiles, never the N x b gathered columns or their gradient.
 
 Gradient convention as the gather path: mean over ranks = global loss; each rank's embedding gradient is the
-sum of every rank's loss gradient for its rows, the scale gradient that of its own loss.
+sum of every rank's loss gradient for its rows, the scale gradient that of its own loss. One assumption the
+gather path does not make: the column terms (other ranks' losses) are scaled by this rank's upstream
+gradient, so every rank must weight its loss alike (true of the objective and of DeepSpeed's loss scaling).
 """
 from __future__ import annotations
 

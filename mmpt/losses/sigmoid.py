@@ -9,7 +9,9 @@ No row normalisation couples the columns, so every (rows, block) tile stands alo
 - gathered (default): b is gathered with gradient, logits local rows x B;
 - ring (`ring=True`): b's blocks go round the ring (`mmpt.losses.comm.circulate`) for the loss and a_r's
   gradient; in backward a's blocks go round so each rank scores the others' rows against its own b for
-  b_r's gradient. 2 (N - 1) blocks sent per rank, two blocks and one (rows x chunk) tile held.
+  b_r's gradient. 2 (N - 1) blocks sent per rank, two blocks and one (rows x chunk) tile held. As in
+  `ring.py`, the other ranks' losses' terms are scaled by this rank's upstream gradient: weight every
+  rank's loss alike.
 """
 from __future__ import annotations
 
@@ -70,12 +72,14 @@ def _rows_pass(rows, cols, scale, bias, group, chunk: int, with_loss: bool, with
 def sigmoid_loss(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor, group=None,
                  world: int = 1, ring: bool = False, chunk: int | None = None) -> torch.Tensor:
     """Embeddings in any float dtype (sent as they are, scored in fp32); fp32 scale and bias. See
-    contrastive_loss(kind="sigmoid") for the public entry point."""
+    contrastive_loss(kind="sigmoid") for the public entry point. `chunk` applies to the ring only (the
+    gathered path holds local rows x B logits, as open_clip's gather mode does)."""
     if ring and world > 1:
         return RingSigmoid.apply(a, b, scale, bias, group, max(1, chunk or a.size(0)))
     n = a.size(0)
     all_b = (GatherWithGrad.apply(b, group) if world > 1 else b).float()
     offset = dist.get_rank(group) * n if world > 1 else 0
     logits = scale * a.float() @ all_b.t() + bias
-    positive = logits[torch.arange(n), torch.arange(offset, offset + n)]
+    rows = torch.arange(n, device=logits.device)
+    positive = logits[rows, rows + offset]
     return (F.softplus(logits).sum() - positive.sum()) / n

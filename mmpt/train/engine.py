@@ -50,6 +50,21 @@ def init_distributed() -> tuple[int, int]:
     return dist.get_rank(), dist.get_world_size()
 
 
+def to_engine(batch: dict, engine) -> dict:
+    """A loader batch (CPU) -> the engine's device; float media in the dtype the engine computes in
+    (DeepSpeed's bf16/fp16 modes cast the module itself, not its inputs). Token ids stay integers."""
+    half = torch.bfloat16 if engine.bfloat16_enabled() else torch.float16 if engine.fp16_enabled() else None
+    return {k: v.to(engine.device, dtype=half if v.is_floating_point() else None, non_blocking=True)
+            for k, v in batch.items()}
+
+
+def collective_device() -> torch.device:
+    """Where tensors for collectives must live: NCCL moves only CUDA tensors, gloo CPU ones."""
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def shutdown_distributed() -> None:
     # gloo processes exiting without teardown sometimes abort; always barrier + destroy.
     if dist.is_initialized():

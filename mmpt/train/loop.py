@@ -20,7 +20,8 @@ from mmpt.losses.contrastive import rank_groups
 from mmpt.model import build_for_run
 from mmpt.train import checkpoint
 from mmpt.train.accumulate import accumulated_step
-from mmpt.train.engine import TrainModule, build_engine, init_distributed, shutdown_distributed
+from mmpt.train.engine import (TrainModule, build_engine, collective_device, init_distributed, shutdown_distributed,
+                               to_engine)
 from mmpt.train.logging import RunLogger
 
 class BadDataError(RuntimeError):
@@ -29,7 +30,7 @@ class BadDataError(RuntimeError):
 
 def _reduce_mean(values: dict) -> dict:
     keys = sorted(values)
-    t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64)
+    t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64, device=collective_device())
     dist.all_reduce(t)
     return {k: v / dist.get_world_size() for k, v in zip(keys, t.tolist())}
 
@@ -110,7 +111,7 @@ def _train(cfg: Config, rank: int, world: int) -> dict:
             for kind, counts in batch.pop("_skipped").items():
                 pending[kind].update(counts)
         modalities = loader.loaders[task].task.modalities
-        inputs = [{m: batch[m] for m in modalities} for batch in batches]
+        inputs = [to_engine({m: batch[m] for m in modalities}, engine) for batch in batches]
         if len(inputs) > 1:
             losses = accumulated_step(engine, inputs, cfg.loss, group)
         else:
