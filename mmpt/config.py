@@ -119,7 +119,8 @@ class LossConfig:
     init_temperature: float = 0.07
     max_logit_scale: float = 100.0
     contrastive_chunk: Optional[int] = None  # columns per logits chunk (exact, recomputed in backward)
-    contrastive_group_size: int = 0  # GBA-ITC: gather inside groups of this many ranks; 0 = all ranks
+    # GBA-ITC: aggregate inside groups of this many ranks; 0 = all ranks; -1 = the ranks of one node
+    contrastive_group_size: int = 0
     contrastive_ring: bool = False  # stream column blocks around the ranks instead of gathering them
     contrastive_kind: str = "softmax"  # InfoNCE; or "sigmoid" (SigLIP: a learnable bias per pair too)
     init_logit_bias: float = -10.0  # sigmoid only (SigLIP's init; pair it with init_temperature: 0.1)
@@ -273,6 +274,9 @@ def validate(cfg: Config) -> Config:
                      ("train.accumulate", cfg.train.accumulate)]:
         if val <= 0:
             raise ConfigError(f"{key}={val}: must be positive")
+    if cfg.loss.contrastive_group_size < -1:
+        raise ConfigError(f"loss.contrastive_group_size={cfg.loss.contrastive_group_size}: must be >= 0, "
+                          "or -1 for the ranks of one node")
     if cfg.loss.contrastive_kind not in ("softmax", "sigmoid"):
         raise ConfigError(f"loss.contrastive_kind={cfg.loss.contrastive_kind!r}: must be softmax or sigmoid")
     if not 0.0 <= d.bad_sample_limit <= 1.0:

@@ -1,4 +1,6 @@
 """Accumulated training steps (GradCache under a real DeepSpeed engine) against one pass over the same batch."""
+import os
+
 import pytest
 import torch
 
@@ -70,6 +72,11 @@ def test_run_prints_negatives_per_positive_for_groups_and_accumulation():
     line = contrastive_summary(cfg, 64)  # 8 groups of 8 ranks, 4 x 32 rows per rank
     assert "ring" in line and "1023 negatives per positive" in line and "global batch would give 8191" in line
     assert "2047 negatives" in contrastive_summary(load_config("demo"), 64)
+    os.environ["LOCAL_WORLD_SIZE"] = "4"  # group size -1: one node's ranks
+    try:
+        assert "over 4 of 64 ranks" in contrastive_summary(load_config("demo", ["loss.contrastive_group_size=-1"]), 64)
+    finally:
+        del os.environ["LOCAL_WORLD_SIZE"]
 
 
 def _bf16_step(rank: int, world: int, bf16: bool):

@@ -4,6 +4,7 @@
 """
 from __future__ import annotations
 
+import os
 import time
 from collections import Counter
 from pathlib import Path
@@ -60,11 +61,20 @@ def write_run_config(cfg: Config, out_dir: Path) -> None:
     (out_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
 
 
+def contrastive_group_size(cfg: Config, world: int) -> int:
+    """Ranks per contrastive group: loss.contrastive_group_size, -1 meaning one node (torchrun's
+    LOCAL_WORLD_SIZE), 0 or >= world meaning every rank."""
+    size = cfg.loss.contrastive_group_size
+    if size == -1:
+        size = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    return size if 0 < size < world else world
+
+
 def contrastive_summary(cfg: Config, world: int) -> str:
     """One line on what the contrastive loss sees, negatives per positive included (GBA-ITC groups and
     GradCache accumulation change them)."""
     loss, rows = cfg.loss, cfg.data.batch_size * cfg.train.accumulate
-    group = loss.contrastive_group_size if 0 < loss.contrastive_group_size < world else world
+    group = contrastive_group_size(cfg, world)
     how = "ring" if loss.contrastive_ring else "gathered" + (f", chunks of {loss.contrastive_chunk}"
                                                              if loss.contrastive_chunk else "")
     line = (f"contrastive: {loss.contrastive_kind}, {how}, over {group} of {world} ranks x {rows} rows "
@@ -90,7 +100,8 @@ def _train(cfg: Config, rank: int, world: int) -> dict:
         write_run_config(cfg, out_dir)
     torch.manual_seed(cfg.train.seed)
     model = build_for_run(cfg)
-    group = rank_groups(cfg.loss.contrastive_group_size) if 0 < cfg.loss.contrastive_group_size < world else None
+    size = contrastive_group_size(cfg, world)
+    group = rank_groups(size) if size < world else None
     engine = build_engine(TrainModule(model, cfg.loss, group), cfg, world)
     if rank == 0:
         print(contrastive_summary(cfg, world), flush=True)
