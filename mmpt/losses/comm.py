@@ -46,9 +46,11 @@ def circulate(tensors: list, group):
             ops = [dist.P2POp(dist.isend, t, nxt, handle) for t in current]
             ops += [dist.P2POp(dist.irecv, t, prv, handle) for t in incoming]
             requests = dist.batch_isend_irecv(ops)
-        yield current
-        for request in requests:
-            request.wait()
+        try:
+            yield current
+        finally:  # also when the caller fails mid-pass: never leave a transfer into a buffer in flight
+            for request in requests:
+                request.wait()
         # The block just sent is free now (unless it is this rank's own input): it takes the next receive.
         spare = current if step > 0 else None
         current = incoming

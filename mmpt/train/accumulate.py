@@ -12,7 +12,9 @@ Plain gradient accumulation would give each micro-batch its own, k times smaller
    the temperature (and bias) terms once, plus the micro-batch's share of the caption loss (weighted by its share of the
    caption tokens, so the sum is the mean over all tokens) and 1/k of its MoE aux loss.
 Contrastive and caption gradients equal one pass over the k micro-batches (tested); MoE balance losses are
-per micro-batch, as in any gradient accumulation. Activation memory is one micro-batch's.
+per micro-batch, as in any gradient accumulation. Activation memory is one micro-batch's. Replayed RNG
+repeats dropout exactly only if both passes run the same kernels: on GPUs, attention dropout (model.dropout
+> 0) may take a different fused-attention kernel with and without grad; the shipped configs use 0.
 """
 from __future__ import annotations
 
