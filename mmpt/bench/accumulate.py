@@ -4,7 +4,7 @@
 
 Image-text InfoNCE over B = 256 pairs through the demo model's stems, shared trunk and heads: one pass over
 all B, then k = 2, 4, 8 micro-batches with `accumulated_contrastive_backward`. Per setting: forward +
-backward time (median of 3), peak memory of the step (torch's MemTracker: activations, logits, gradients;
+backward time (median of 3), peak memory of the step (`PeakMemory`: activations, logits, gradients;
 parameters excluded), and the largest gradient difference from the one pass. Shows what accumulation buys
 (peak memory falling with k) and costs (one extra forward of every micro-batch).
 """

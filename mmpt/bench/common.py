@@ -31,8 +31,8 @@ def median_ms(step: Callable, repeats: int, before: Optional[Callable] = None) -
 
 
 class PeakMemory(TorchDispatchMode):
-    """Bytes of the tensor storages ops create while active, live at the worst moment. (torch's MemTracker
-    cannot follow no-grad module calls, which GradCache makes.)"""
+    """Bytes of the tensor storages ops create while active, live at the worst moment. (Not torch's
+    MemTracker: it cannot follow the no-grad module calls GradCache makes.)"""
 
     def __init__(self):
         super().__init__()

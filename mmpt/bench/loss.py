@@ -3,8 +3,8 @@
     mmpt bench loss --json
 
 Per rank and method: forward + backward time (median of 3); peak memory of the loss forward + backward beyond
-the local embeddings themselves (torch's MemTracker sees every tensor the loss allocates: logits, gathered
-columns, ring buffers, the embeddings' gradients; the two b x d inputs are subtracted); bytes this rank hands
+the local embeddings themselves (`mmpt.bench.common.PeakMemory` sees every tensor the loss allocates:
+logits, gathered columns, ring buffers, the embeddings' gradients; the two b x d inputs are subtracted); bytes this rank hands
 to torch.distributed, counted at the calls (`mmpt.bench.comm`). Methods: open_clip ClipLoss(local_loss,
 gather_with_grad); ours exact (gather all, chunked logits); ours ring (column blocks streamed, never
 gathered); ours grouped (GBA-ITC, g = N/2, with the gap: negatives per positive and loss vs the global one).
@@ -24,17 +24,14 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from mmpt.bench.comm import CountBytes
-from mmpt.bench.common import median_ms
+from mmpt.bench.common import PeakMemory, median_ms
 
 
 def _measure(step, input_bytes: int) -> dict:
-    from torch.distributed._tools.mem_tracker import MemTracker
-
     ms = median_ms(step, 3, before=dist.barrier)
-    tracker = MemTracker()
-    with tracker, CountBytes() as sent:
+    with PeakMemory() as tracker, CountBytes() as sent:
         step()
-    peak = tracker.get_tracker_snapshot("peak")[torch.device("cpu")]["Total"]
+    peak = tracker.peak
     return {"ms": ms, "peak_mb": (peak - input_bytes) / 2**20, "bytes_sent": sent.bytes}
 
 

@@ -9,18 +9,24 @@ from __future__ import annotations
 import torch
 
 
+def running_lse(rows: torch.Tensor, blocks, scale: torch.Tensor, chunk: int) -> torch.Tensor:
+    """logsumexp_j(scale * rows_i . cols_j) over the columns of every block in `blocks` (any float dtype,
+    scored in fp32), `chunk` columns at a time: the logits never exceed rows x chunk."""
+    high = torch.full((rows.size(0),), float("-inf"), dtype=rows.dtype, device=rows.device)
+    total = torch.zeros_like(high)
+    for block in blocks:
+        for start in range(0, block.size(0), chunk):
+            logits = torch.mm(rows, block[start:start + chunk].float().t()).mul_(scale)
+            new_high = torch.maximum(high, logits.amax(dim=1))
+            total.mul_((high - new_high).exp_()).add_(logits.sub_(new_high[:, None]).exp_().sum(dim=1))
+            high = new_high
+    return high + total.log()
+
+
 def _lse_and_positive(a: torch.Tensor, b_all: torch.Tensor, scale: torch.Tensor, offset: int,
                       chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
-    n = a.size(0)
-    running_max = torch.full((n,), float("-inf"), dtype=a.dtype, device=a.device)
-    running_sum = torch.zeros(n, dtype=a.dtype, device=a.device)
-    for start in range(0, b_all.size(0), chunk):
-        logits = scale * (a @ b_all[start:start + chunk].t())  # (n, c)
-        new_max = torch.maximum(running_max, logits.max(dim=1).values)
-        running_sum = running_sum * (running_max - new_max).exp() + (logits - new_max[:, None]).exp().sum(1)
-        running_max = new_max
-    positive = scale * (a * b_all[offset:offset + n]).sum(1)
-    return running_max + running_sum.log(), positive
+    positive = scale * (a * b_all[offset:offset + a.size(0)]).sum(1)
+    return running_lse(a, [b_all], scale, chunk), positive
 
 
 class ChunkedInfoNCE(torch.autograd.Function):

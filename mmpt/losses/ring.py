@@ -21,20 +21,13 @@ from __future__ import annotations
 
 import torch
 
+from mmpt.losses.chunked import running_lse
 from mmpt.losses.comm import circulate
 
 
 def _lse(rows: torch.Tensor, cols: torch.Tensor, scale: torch.Tensor, group, chunk: int) -> torch.Tensor:
     """logsumexp_j(scale * rows_i . cols_j) over the columns of every rank of the group."""
-    high = torch.full((rows.size(0),), float("-inf"), dtype=rows.dtype, device=rows.device)
-    total = torch.zeros_like(high)
-    for (block,) in circulate([cols], group):
-        for start in range(0, block.size(0), chunk):
-            logits = torch.mm(rows, block[start:start + chunk].float().t()).mul_(scale)
-            new_high = torch.maximum(high, logits.amax(dim=1))
-            total.mul_((high - new_high).exp_()).add_(logits.sub_(new_high[:, None]).exp_().sum(dim=1))
-            high = new_high
-    return high + total.log()
+    return running_lse(rows, (block for (block,) in circulate([cols], group)), scale, chunk)
 
 
 def _grad(rows, cols, lse_rows, lse_cols, scale, group, chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
