@@ -68,8 +68,6 @@ def test_module_form_equals_the_function():
 
 
 def bf16_rank_fn(rank: int, world: int, kind: str, ring: bool):
-    from mmpt.bench.comm import CountBytes
-
     a, b, scale = data(world)
     sl = slice(rank * B_LOCAL, (rank + 1) * B_LOCAL)
     a, b = a[sl].bfloat16().requires_grad_(), b[sl].bfloat16().requires_grad_()
