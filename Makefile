@@ -1,6 +1,7 @@
 # Two commands do all set-up on a fresh machine (see README):
 #   make demo   install, build the embedded demo shards, train with torchrun on 2 processes, zero-shot eval
 #   make test   install, run the test suite
+#   make lint   install, ruff check (CI runs it before the tests)
 # Both are idempotent: the venv is reinstalled only when pyproject.toml or constraints.txt change, demo
 # shards are built once, and a finished demo run resumes from its last checkpoint with nothing left to do.
 PYTHON ?= python3
@@ -12,7 +13,7 @@ RUN ?= runs/demo
 # Debian packages: espeak-ng speaks the demo's audio; ffmpeg's libraries back torchcodec (torchaudio's decoder).
 APT_PACKAGES := espeak-ng ffmpeg
 
-.PHONY: demo test install clean
+.PHONY: demo test lint install clean
 
 install: $(STAMP)
 
@@ -40,6 +41,9 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q tests
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
 
 clean:
 	rm -rf $(VENV) runs data/demo

@@ -123,7 +123,8 @@ def build(out: Path, shard_size: int = 200, seed: int = 0, force: bool = False) 
     report = {}
     for part in PARTS:
         name = f"digits-{part}"
-        report[part] = write_shards(jobs[part], out / part, name, shard_size // 2 if "-" in part else shard_size).summary()
+        size = shard_size // 2 if "-" in part else shard_size
+        report[part] = write_shards(jobs[part], out / part, name, size).summary()
     for name, prompts in CLASS_FILES.items():
         (out / name).write_text(json.dumps({"classnames": WORDS, "templates": prompts}, indent=1) + "\n")
     return report

@@ -6,6 +6,7 @@
     mmpt shards build --manifest pairs.jsonl --out data/mine --prefix mine --workers 8
     mmpt shards check data/mine --json
     mmpt model info imp_moe_b16 --json
+    mmpt --plugin my_pkg.depth shards check data/depth    (a module registering a modality)
     mmpt export --run runs/demo --out exports/demo --results runs/demo/zeroshot.json
 """
 from __future__ import annotations
@@ -15,7 +16,7 @@ import json
 import sys
 from pathlib import Path
 
-from mmpt.config import ConfigError, load_config
+from mmpt.config import ConfigError, import_plugins, load_config
 from mmpt.data.shards import DataError
 
 
@@ -28,10 +29,10 @@ def cmd_train(args) -> int:
 
 
 def cmd_eval_zeroshot(args) -> int:
-    from mmpt.eval.zeroshot import run_zeroshot
-    from mmpt.hub import load_pretrained
-
     import torch
+
+    from mmpt.eval.zeroshot import run_zeroshot
+    from mmpt.export import load_pretrained
 
     model, cfg = load_pretrained(args.run)
     if args.device != "cpu" and torch.cuda.is_available():
@@ -43,8 +44,8 @@ def cmd_eval_zeroshot(args) -> int:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(text + "\n")
     print(text)
-    print(f"zero-shot top-1 {result['top1']:.3f} (chance {result['chance_top1']:.3f}) on {result['num_samples']} samples",
-          file=sys.stderr)
+    print(f"zero-shot top-1 {result['top1']:.3f} (chance {result['chance_top1']:.3f}) "
+          f"on {result['num_samples']} samples", file=sys.stderr)
     return 0
 
 
@@ -73,9 +74,8 @@ def cmd_shards_check(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    import importlib
-
     import contextlib
+    import importlib
     import inspect
 
     module = importlib.import_module(f"mmpt.bench.{args.what}")
@@ -106,7 +106,7 @@ def cmd_model_info(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from mmpt.hub import export
+    from mmpt.export import export
 
     print(export(args.run, args.out, args.results))
     return 0
@@ -115,6 +115,8 @@ def cmd_export(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="mmpt", description="Distributed multimodal pretraining.",
                                  formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    ap.add_argument("--plugin", action="append", default=[], metavar="MODULE",
+                    help="import a module that registers modalities (mmpt.modality.register); repeatable")
     sub = ap.add_subparsers(dest="command", required=True)
     p = sub.add_parser("train", help="train a model (launch with torchrun for several processes)")
     p.add_argument("--config", required=True, help="shipped config name (demo) or YAML path")
@@ -125,8 +127,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = ev.add_parser("zeroshot", help="zero-shot classification on held-out shards")
     p.add_argument("--run", required=True, help="run directory (DeepSpeed checkpoints) or export directory")
     p.add_argument("--data", help="shard spec (default: the run's data.val)")
-    p.add_argument("--classes", help="classes JSON with classnames and templates (default: data.classes)")
-    p.add_argument("--modality", default="image", choices=["image", "video", "audio"])
+    p.add_argument("--classes", help="classes JSON: classnames (+ templates, else the modality's defaults); "
+                   "default: data.classes")
+    p.add_argument("--modality", default="image", help="what is classified: any of the model's modalities but text")
     p.add_argument("--batch-size", type=int)
     p.add_argument("--out", help="write the result JSON here")
     p.add_argument("--device", default="auto", choices=["auto", "cpu"], help="auto: the GPU when there is one")
@@ -175,6 +178,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        import_plugins(args.plugin)
         return args.func(args)
     except (ConfigError, DataError, FileNotFoundError) as e:
         print(f"mmpt {args.command}: error: {e}", file=sys.stderr)

@@ -9,11 +9,12 @@ message names the dotted key or the file, so the CLI can print one line and exit
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Literal, Optional
 
 import yaml
 
@@ -28,12 +29,13 @@ class ConfigError(ValueError):
 class SourceConfig:
     name: str = "digits"
     shards: str = "data/demo/train"  # shard dir (with sizes.json), brace pattern, glob, or pipe:/http URLs
-    modalities: list = field(default_factory=lambda: ["image", "text"])  # the pair this source feeds
-    weight: float = 1.0
+    modalities: list[str] = field(default_factory=lambda: ["image", "text"])  # the pair this source feeds
+    weight: float = 1.0  # share of its task's samples (sources feeding one pair form a task)
 
 
 @dataclass
 class VideoConfig:
+    """How video is decoded (data.video)."""
     num_frames: int = 8
     fps: Optional[float] = None  # None: frames spread uniformly over the clip
     window_seconds: Optional[float] = None  # with fps: a random (train) / centred (eval) window of S seconds
@@ -41,11 +43,18 @@ class VideoConfig:
 
 @dataclass
 class AudioConfig:
+    """How audio is decoded (data.audio): mono, resampled, cropped/padded, Kaldi log-mel fbank."""
     sample_rate: int = 16000
     seconds: float = 1.0
     num_mel_bins: int = 128
-    norm_mean: float = -4.27
+    norm_mean: float = -4.27  # AST/ImageBind AudioSet statistics of the log-mel fbank
     norm_std: float = 4.57
+
+    @property
+    def num_frames(self) -> int:
+        """Kaldi fbank frames of the fixed-length clip: 25 ms windows every 10 ms, edges snipped."""
+        n, win, hop = int(self.seconds * self.sample_rate), int(0.025 * self.sample_rate), int(0.01 * self.sample_rate)
+        return 1 + (n - win) // hop
 
 
 @dataclass
@@ -71,17 +80,32 @@ class MoEConfig:
     every: int = 0  # MoE in every k-th layer (layers k-1, 2k-1, ...); ignored when `last` is set
     last: int = 0  # MoE in the last K layers; neither set: every layer
     top_k: int = 1
-    router: str = "token_choice"  # or "expert_choice" (encoder only)
+    router: Literal["token_choice", "expert_choice"] = "token_choice"  # expert choice: encoder only
     capacity_factor: float = 1.25
     eval_capacity_factor: float = 2.0
     drop_tokens: bool = True  # False: dropless (capacity = the busiest expert's load)
-    backend: str = "native"  # or "deepspeed" (expert parallel, ZeRO <= 2)
+    backend: Literal["native", "deepspeed"] = "native"  # deepspeed: expert parallel, ZeRO <= 2
     ep_size: int = 1
     balance_weight: float = 0.01
     z_loss_weight: float = 0.001
     local_entropy_weight: float = 0.0  # LIMoE
     global_entropy_weight: float = 0.0  # LIMoE, applied below the threshold
     global_entropy_threshold: Optional[float] = None  # default ln(E) / 2
+
+
+@dataclass
+class VideoStemConfig:
+    """The video stem (model.video): t x p x p tubelets, position embeddings laid out for `frames`."""
+    frames: int = 8  # frames the position embedding is laid out for (other counts interpolate)
+    tubelet: int = 2  # frames per token
+
+
+@dataclass
+class AudioStemConfig:
+    """The audio stem (model.audio): the log-mel spectrogram as a one-channel image cut in patch x patch."""
+    frames: int = 98  # fbank frames the position embedding is laid out for (other durations interpolate)
+    mel: int = 128  # mel bins it is laid out for
+    patch: int = 16
 
 
 @dataclass
@@ -101,13 +125,10 @@ class ModelConfig:
     decoder_cross_layers: int = 1  # multimodal layers (cross-attend to encoder tokens)
     dropout: float = 0.0
     grad_checkpointing: bool = False
-    modalities: list = field(default_factory=lambda: ["image", "text"])
-    video_frames: int = 8  # frames the video position embedding is laid out for (others interpolate)
-    tubelet: int = 2  # frames per video token
-    audio_frames: int = 98  # fbank frames the audio position embedding is laid out for
-    audio_mel: int = 128
-    audio_patch: int = 16
-    drop_token: dict = field(default_factory=dict)  # modality -> fraction of tokens dropped at train time
+    modalities: list[str] = field(default_factory=lambda: ["image", "text"])  # names in mmpt.modality
+    video: VideoStemConfig = field(default_factory=VideoStemConfig)
+    audio: AudioStemConfig = field(default_factory=AudioStemConfig)
+    drop_token: dict[str, float] = field(default_factory=dict)  # modality -> fraction of tokens dropped in training
     image_as_video: bool = False  # images go through the video stem as repeated frames (IMP)
     moe: MoEConfig = field(default_factory=MoEConfig)
 
@@ -122,7 +143,7 @@ class LossConfig:
     # GBA-ITC: aggregate inside groups of this many ranks; 0 = all ranks; -1 = the ranks of one node
     contrastive_group_size: int = 0
     contrastive_ring: bool = False  # stream column blocks around the ranks instead of gathering them
-    contrastive_kind: str = "softmax"  # InfoNCE; or "sigmoid" (SigLIP: a learnable bias per pair too)
+    contrastive_kind: Literal["softmax", "sigmoid"] = "softmax"  # InfoNCE, or SigLIP (a learnable bias per pair)
     init_logit_bias: float = -10.0  # sigmoid only (SigLIP's init; pair it with init_temperature: 0.1)
 
 
@@ -130,7 +151,7 @@ class LossConfig:
 class OptimConfig:
     lr: float = 1e-3
     weight_decay: float = 0.1
-    betas: list = field(default_factory=lambda: [0.9, 0.98])
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.98])
     eps: float = 1e-6
     warmup_steps: int = 50
     grad_clip: float = 1.0
@@ -138,9 +159,9 @@ class OptimConfig:
 
 @dataclass
 class DeepSpeedConfig:
-    zero_stage: int = 2
+    zero_stage: Literal[0, 1, 2, 3] = 2
     bf16: bool = False
-    extra: dict = field(default_factory=dict)  # merged last into the generated DeepSpeed JSON
+    extra: dict[str, Any] = field(default_factory=dict)  # merged last into the generated DeepSpeed JSON
 
 
 @dataclass
@@ -159,12 +180,15 @@ class TrainConfig:
 @dataclass
 class EvalConfig:
     batch_size: int = 256
-    top_k: list = field(default_factory=lambda: [1, 5])
+    top_k: list[int] = field(default_factory=lambda: [1, 5])
 
 
 @dataclass
 class Config:
     name: str = "demo"
+    # Modules imported before the config is checked: they register extra modalities (mmpt.modality.register).
+    # Named here, every torchrun process and every later `mmpt eval` / export of the run imports them too.
+    plugins: list[str] = field(default_factory=list)
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     loss: LossConfig = field(default_factory=LossConfig)
@@ -179,40 +203,42 @@ class Config:
 
 def _check_value(value: Any, tp: Any, key: str) -> Any:
     """Coerce/validate one leaf value against its annotation; raise naming the key."""
-    origin = typing.get_origin(tp)
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
     if origin in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        return None if value is None else _check_value(value, args[0], key)
-    if tp is bool:
-        if isinstance(value, bool):
+        inner = [a for a in args if a is not type(None)]
+        return None if value is None else _check_value(value, inner[0], key)
+    if origin is Literal:
+        if any(value == a and type(value) is type(a) for a in args):
             return value
-    elif tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-    elif tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # PyYAML (YAML 1.1) reads "3e-4" as a string
-            try:
-                return float(value)
-            except ValueError:
-                pass
-    elif tp is str:
-        if isinstance(value, str):
-            return value
-    elif tp is list or origin is list:
-        item = (typing.get_args(tp) or [None])[0]
-        if isinstance(value, list) and dataclasses.is_dataclass(item):
-            return [_build(item, v, f"{key}[{i}].") for i, v in enumerate(value)]
+        raise ConfigError(f"{key}={value!r}: must be one of {', '.join(map(str, args))}")
+    if origin is list or tp is list:
         if isinstance(value, list):
-            return value
-    elif tp is dict or origin is dict:
+            item = args[0] if args else Any
+            if dataclasses.is_dataclass(item):
+                return [_build(item, v, f"{key}[{i}].") for i, v in enumerate(value)]
+            return [_check_value(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
+    elif origin is dict or tp is dict:
         if isinstance(value, dict):
-            return value
-    else:
-        return value
+            item = args[1] if args else Any
+            return {k: _check_value(v, item, f"{key}.{k}") for k, v in value.items()}
+    elif _scalar_ok(value, tp):
+        return float(value) if tp is float else value
     name = getattr(tp, "__name__", str(tp))
     raise ConfigError(f"{key}: expected {name}, got {type(value).__name__} {value!r}")
+
+
+def _scalar_ok(value: Any, tp: Any) -> bool:
+    if tp is Any:
+        return True
+    if tp is float and isinstance(value, str):  # PyYAML (YAML 1.1) reads "3e-4" as a string
+        try:
+            float(value)
+            return True
+        except ValueError:
+            return False
+    if isinstance(value, bool):
+        return tp is bool
+    return isinstance(value, (int, float)) if tp is float else isinstance(value, tp)
 
 
 def _build(cls: type, data: dict, prefix: str) -> Any:
@@ -263,13 +289,12 @@ def _apply_override(data: dict, item: str) -> None:
 
 
 def validate(cfg: Config) -> Config:
+    """What a field's type cannot say (types and Literal choices are checked while loading)."""
     m, d = cfg.model, cfg.data
     if m.width % m.heads:
         raise ConfigError(f"model.width={m.width} must be divisible by model.heads={m.heads}")
     if m.image_size % m.patch_size:
         raise ConfigError(f"model.image_size={m.image_size} must be divisible by model.patch_size={m.patch_size}")
-    if cfg.deepspeed.zero_stage not in (0, 1, 2, 3):
-        raise ConfigError(f"deepspeed.zero_stage={cfg.deepspeed.zero_stage}: must be 0, 1, 2 or 3")
     for key, val in [("data.batch_size", d.batch_size), ("train.steps", cfg.train.steps), ("model.depth", m.depth),
                      ("train.accumulate", cfg.train.accumulate)]:
         if val <= 0:
@@ -277,35 +302,29 @@ def validate(cfg: Config) -> Config:
     if cfg.loss.contrastive_group_size < -1:
         raise ConfigError(f"loss.contrastive_group_size={cfg.loss.contrastive_group_size}: must be >= 0, "
                           "or -1 for the ranks of one node")
-    if cfg.loss.contrastive_kind not in ("softmax", "sigmoid"):
-        raise ConfigError(f"loss.contrastive_kind={cfg.loss.contrastive_kind!r}: must be softmax or sigmoid")
     if not 0.0 <= d.bad_sample_limit <= 1.0:
         raise ConfigError(f"data.bad_sample_limit={d.bad_sample_limit}: must be in [0, 1]")
-    known = {"image", "video", "audio", "text"}
+    _validate_modalities(cfg)
+    _validate_moe(cfg)
+    if m.video.frames % m.video.tubelet:
+        raise ConfigError(f"model.video.frames={m.video.frames} must be divisible by "
+                          f"model.video.tubelet={m.video.tubelet}")
+    return cfg
+
+
+def _validate_modalities(cfg: Config) -> None:
+    from mmpt.modality import MODALITIES
+
+    m, known = cfg.model, ", ".join(MODALITIES)
     for mod in m.modalities:
-        if mod not in known:
-            raise ConfigError(f"model.modalities: unknown modality '{mod}' (known: {', '.join(sorted(known))})")
-    moe = m.moe
-    if moe.router not in ("token_choice", "expert_choice"):
-        raise ConfigError(f"model.moe.router={moe.router!r}: must be token_choice or expert_choice")
-    if moe.backend not in ("native", "deepspeed"):
-        raise ConfigError(f"model.moe.backend={moe.backend!r}: must be native or deepspeed")
-    if moe.backend == "deepspeed" and moe.num_experts > 1 and cfg.deepspeed.zero_stage > 2:
-        raise ConfigError("model.moe.backend=deepspeed needs deepspeed.zero_stage <= 2 (DeepSpeed refuses its MoE under "
-                          "ZeRO-3); use model.moe.backend=native")
-    if moe.backend == "deepspeed" and moe.router == "expert_choice":
-        raise ConfigError("model.moe.router=expert_choice is native-only; set model.moe.backend=native")
-    if moe.num_experts > 1 and (moe.num_experts % moe.ep_size or moe.top_k not in (1, 2)):
-        raise ConfigError(f"model.moe: num_experts={moe.num_experts} must be divisible by ep_size={moe.ep_size} and "
-                          f"top_k={moe.top_k} must be 1 or 2")
+        if mod not in MODALITIES:
+            raise ConfigError(f"model.modalities: unknown modality '{mod}' (known: {known}; more come from plugins)")
     for mod, rate in m.drop_token.items():
-        if mod not in known or not 0.0 <= float(rate) < 1.0:
+        if mod not in MODALITIES or not 0.0 <= rate < 1.0:
             raise ConfigError(f"model.drop_token.{mod}={rate}: needs a known modality and a rate in [0, 1)")
-    if m.video_frames % m.tubelet:
-        raise ConfigError(f"model.video_frames={m.video_frames} must be divisible by model.tubelet={m.tubelet}")
-    if not d.sources:
+    if not cfg.data.sources:
         raise ConfigError("data.sources: at least one source is needed")
-    for i, src in enumerate(d.sources):
+    for i, src in enumerate(cfg.data.sources):
         if len(src.modalities) != 2 or len(set(src.modalities)) != 2:
             raise ConfigError(f"data.sources[{i}].modalities={src.modalities}: must name two different modalities")
         missing = [x for x in src.modalities if x not in m.modalities]
@@ -313,7 +332,50 @@ def validate(cfg: Config) -> Config:
             raise ConfigError(f"data.sources[{i}].modalities: {missing} not in model.modalities={m.modalities}")
         if src.weight <= 0:
             raise ConfigError(f"data.sources[{i}].weight={src.weight}: must be positive")
-    return cfg
+
+
+def _validate_moe(cfg: Config) -> None:
+    moe = cfg.model.moe
+    if moe.backend == "deepspeed" and moe.num_experts > 1 and cfg.deepspeed.zero_stage > 2:
+        raise ConfigError("model.moe.backend=deepspeed needs deepspeed.zero_stage <= 2 (DeepSpeed refuses its MoE "
+                          "under ZeRO-3); use model.moe.backend=native")
+    if moe.backend == "deepspeed" and moe.router == "expert_choice":
+        raise ConfigError("model.moe.router=expert_choice is native-only; set model.moe.backend=native")
+    if moe.num_experts > 1 and (moe.num_experts % moe.ep_size or moe.top_k not in (1, 2)):
+        raise ConfigError(f"model.moe: num_experts={moe.num_experts} must be divisible by ep_size={moe.ep_size} and "
+                          f"top_k={moe.top_k} must be 1 or 2")
+
+
+def import_plugins(names: list) -> None:
+    """Import the modules a config names in `plugins` (they register modalities), naming the one that fails."""
+    if not isinstance(names, list):
+        raise ConfigError(f"plugins: expected a list of module names, got {names!r}")
+    for name in names:
+        try:
+            importlib.import_module(name)
+        except Exception as e:
+            raise ConfigError(f"plugins: cannot import '{name}': {type(e).__name__}: {e}") from None
+
+
+# Keys of run configs written before model.video / model.audio were sections (read by config_from_dict).
+_OLD_MODEL_KEYS = {"video_frames": ("video", "frames"), "tubelet": ("video", "tubelet"),
+                   "audio_frames": ("audio", "frames"), "audio_mel": ("audio", "mel"),
+                   "audio_patch": ("audio", "patch")}
+
+
+def upgrade_old_keys(data: dict) -> dict:
+    """A resolved run config from an older mmpt -> today's layout (so old runs still evaluate and export)."""
+    model = data.get("model")
+    if isinstance(model, dict):
+        for old, (section, key) in _OLD_MODEL_KEYS.items():
+            if old in model:
+                model.setdefault(section, {})[key] = model.pop(old)
+    return data
+
+
+def _from_dict(data: dict) -> Config:
+    import_plugins(data.get("plugins") or [])
+    return validate(_build(Config, data, ""))
 
 
 def load_config(name_or_path: str, overrides: Optional[list] = None) -> Config:
@@ -326,8 +388,9 @@ def load_config(name_or_path: str, overrides: Optional[list] = None) -> Config:
         raise ConfigError(f"{path}: top level must be a mapping")
     for item in overrides or []:
         _apply_override(data, item)
-    return validate(_build(Config, data, ""))
+    return _from_dict(data)
 
 
 def config_from_dict(data: dict) -> Config:
-    return validate(_build(Config, data, ""))
+    """A resolved config as a run directory stores it (older layouts are upgraded)."""
+    return _from_dict(upgrade_old_keys(data))

@@ -7,7 +7,6 @@ import tempfile
 import traceback
 
 import torch
-
 import torch.distributed as dist
 import torch.multiprocessing as mp
 

@@ -18,9 +18,10 @@ def _step_grads(rank: int, world: int, accumulate: int, zero_stage: int, loss: l
 
     from mmpt.config import load_config
     from mmpt.data.tokenizer import tokenize
+    from mmpt.distributed import init_distributed
     from mmpt.model import build_for_run
     from mmpt.train.accumulate import accumulated_step
-    from mmpt.train.engine import TrainModule, build_engine, init_distributed
+    from mmpt.train.engine import TrainModule, build_engine
 
     init_distributed()
     cfg = load_config("demo", TINY + [f"data.batch_size={8 // accumulate}", f"train.accumulate={accumulate}",
@@ -52,15 +53,15 @@ def test_accumulated_step_equals_one_pass_over_the_accumulated_batch(zero_stage,
     # single pass's: the InfoNCE and the token-mean caption loss are invariant to that.
     single = run_distributed(_step_grads, 2, 1, zero_stage, loss)
     accumulated = run_distributed(_step_grads, 2, 2, zero_stage, loss)
-    for (loss_1, grads_1), (loss_k, grads_k) in zip(single, accumulated):
-        assert ("image_text_logit_bias" in loss_1) == ("loss.contrastive_kind=sigmoid" in loss)
-        for key in ("loss", "image_text_contrastive_loss", "caption_loss"):
+    for (loss_1, grads_1), (loss_k, grads_k) in zip(single, accumulated, strict=True):
+        assert ("logit_bias/image-text" in loss_1) == ("loss.contrastive_kind=sigmoid" in loss)
+        for key in ("loss", "contrastive_loss/image-text", "caption_loss"):
             torch.testing.assert_close(loss_k[key], loss_1[key], rtol=1e-5, atol=1e-6)
         # One optimizer step in both (ZeRO steps the torch optimizer once per parameter group).
         assert len(grads_1) == len(grads_k) == (1 if zero_stage == 0 else 2)
         grads_1, grads_k = sum(grads_1, []), sum(grads_k, [])
         assert len(grads_1) == len(grads_k) > 0
-        for g1, gk in zip(grads_1, grads_k):
+        for g1, gk in zip(grads_1, grads_k, strict=True):
             torch.testing.assert_close(gk, g1, rtol=1e-4, atol=1e-6)
 
 
@@ -82,8 +83,9 @@ def test_run_prints_negatives_per_positive_for_groups_and_accumulation():
 def _bf16_step(rank: int, world: int, bf16: bool):
     from mmpt.config import load_config
     from mmpt.data.tokenizer import tokenize
+    from mmpt.distributed import init_distributed
     from mmpt.model import build_for_run
-    from mmpt.train.engine import TrainModule, build_engine, init_distributed, to_engine
+    from mmpt.train.engine import TrainModule, build_engine, to_engine
 
     init_distributed()
     cfg = load_config("demo", TINY + [f"deepspeed.bf16={str(bf16).lower()}", "data.batch_size=8"])
@@ -101,6 +103,6 @@ def test_bf16_engine_gets_bf16_media_and_integer_tokens_and_matches_fp32():
     """What broke the first GPU run: loader batches must reach the engine's device and dtype."""
     bf16 = run_distributed(_bf16_step, 2, True)
     fp32 = run_distributed(_bf16_step, 2, False)
-    for (image_dtype, text_dtype, loss), (_, _, ref) in zip(bf16, fp32):
+    for (image_dtype, text_dtype, loss), (_, _, ref) in zip(bf16, fp32, strict=True):
         assert image_dtype == torch.bfloat16 and text_dtype == torch.int64
         torch.testing.assert_close(loss, ref, rtol=3e-2, atol=0)

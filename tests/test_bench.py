@@ -12,11 +12,11 @@ def test_bench_data_prints_one_json_object_with_peers():
     lines = proc.stdout.strip().splitlines()
     assert len(lines) == 1
     result = json.loads(lines[0])
-    image = result["image_text"]
+    image = result["image-text"]
     assert image["ours"]["samples"] == image["open_clip"]["samples"] == 64
     assert result["vs_open_clip"] == image["ours"]["samples_per_s"] / image["open_clip"]["samples_per_s"]
-    assert result["video_text"]["decord_raw"]["same_frames_per_s"] > 0
-    assert result["audio_text"]["samples_per_s"] > 0
+    assert result["video-text"]["decord_raw"]["same_frames_per_s"] > 0
+    assert result["audio-text"]["samples_per_s"] > 0
 
 
 def test_bench_moe_prints_one_json_object_with_both_backends_and_dense():

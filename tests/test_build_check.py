@@ -36,7 +36,7 @@ def test_build_from_manifest_all_modalities_and_refusals(tmp_path):
     assert proc.returncode == 0, proc.stderr
     summary = json.loads(proc.stdout)
     assert summary["written"] == 4 and summary["shards"] == 2
-    assert summary["refused"] == {"unreadable": 1, "missing_file": 1, "empty_caption": 1, "unknown_extension": 1,
+    assert summary["refused"] == {"unreadable": 1, "missing_file": 1, "empty_text": 1, "unknown_extension": 1,
                                   "empty_file": 1, "fewer_than_two_modalities": 1}
     assert summary["keys"] == {"png": 1, "mp4": 2, "wav": 2, "txt": 3, "json": 4}
     assert json.loads((tmp_path / "out" / "sizes.json").read_text()) == {"m-000000.tar": 2, "m-000001.tar": 2}
@@ -47,7 +47,8 @@ def test_build_from_manifest_all_modalities_and_refusals(tmp_path):
     assert check.returncode == 0, check.stderr
     report = json.loads(check.stdout)
     assert report["samples"] == 4 and report["bad"] == 0
-    assert report["samples_per_modality"] == {"image": 1, "video": 2, "audio": 2, "text": 3, "audio_track": 2}
+    # audio_track: a video whose sound track is the sample's audio (the video + wav row uses its wav, as training does)
+    assert report["samples_per_modality"] == {"image": 1, "video": 2, "audio": 2, "text": 3, "audio_track": 1}
     assert report["stats"]["video_duration"]["max"] > 1.5 and report["audio_sample_rates"] == {"22050": 2}
 
 

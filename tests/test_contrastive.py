@@ -3,8 +3,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from mmpt.distributed import CountBytes
 from mmpt.losses import contrastive_loss
-from mmpt.bench.comm import CountBytes
 from tests.distributed import run_distributed
 
 B_LOCAL, DIM = 6, 16
@@ -135,13 +135,15 @@ def test_grouped_aggregation_equals_the_per_group_reference(ring):
     a, b, scale = data(world)
     for first in range(0, world, g):  # ranks [first, first + g) form one group
         rows = slice(first * B_LOCAL, (first + g) * B_LOCAL)
-        ga, gb, gs = a[rows].double().requires_grad_(), b[rows].double().requires_grad_(), scale.double().requires_grad_()
+        ga, gb = a[rows].double().requires_grad_(), b[rows].double().requires_grad_()
+        gs = scale.double().requires_grad_()
         logits = gs * ga @ gb.t()
         labels = torch.arange(g * B_LOCAL)
         ref = (F.cross_entropy(logits, labels) + F.cross_entropy(logits.t(), labels)) / 2
         ref.backward()
         part = results[first:first + g]
-        torch.testing.assert_close(torch.stack([r[0] for r in part]).mean().double(), ref.detach(), rtol=1e-5, atol=1e-7)
+        loss = torch.stack([r[0] for r in part]).mean().double()
+        torch.testing.assert_close(loss, ref.detach(), rtol=1e-5, atol=1e-7)
         torch.testing.assert_close((torch.cat([r[1] for r in part]) / g).double(), ga.grad, rtol=1e-5, atol=1e-7)
         torch.testing.assert_close((torch.cat([r[2] for r in part]) / g).double(), gb.grad, rtol=1e-5, atol=1e-7)
         assert part[0][4]["negatives_per_positive"] == g * B_LOCAL - 1 and part[0][4]["group_size"] == g
@@ -166,7 +168,7 @@ def open_clip_rank_fn(rank: int, world: int):
 
 def test_open_clip_cliploss_agrees_with_ours_on_two_ranks():
     for ours, theirs in run_distributed(open_clip_rank_fn, 2):
-        for mine, other in zip(ours, theirs):
+        for mine, other in zip(ours, theirs, strict=True):
             torch.testing.assert_close(mine, other, rtol=1e-5, atol=1e-7)
 
 
@@ -188,7 +190,7 @@ def _accumulated_vs_single(rank: int, world: int, group_size: int, chunk):
         enc_a, enc_b = _encoders()
         scale = torch.tensor(5.0, requires_grad=True)
         norm = torch.nn.functional.normalize
-        ea, eb = (lambda t: norm(enc_a(t), dim=-1)), (lambda t: norm(enc_b(t + 0.1), dim=-1))
+        ea, eb = (lambda t: norm(enc_a(t), dim=-1)), (lambda t: norm(enc_b(t + 0.1), dim=-1))  # noqa: B023
         torch.manual_seed(100 + rank)  # same dropout masks for both paths
         if accumulate:
             loss, _ = accumulated_contrastive_backward(ea, eb, list(x.split(4)), scale, group=group, chunk_size=chunk)
@@ -205,5 +207,5 @@ def test_grad_cache_accumulation_equals_one_pass_over_the_accumulated_batch(worl
     results = [_accumulated_vs_single(0, 1, 1, chunk)] if world == 1 else run_distributed(
         _accumulated_vs_single, world, group_size, chunk)
     for single, accumulated in results:
-        for s, a in zip(single, accumulated):
+        for s, a in zip(single, accumulated, strict=True):
             torch.testing.assert_close(a, s, rtol=1e-5, atol=1e-6)

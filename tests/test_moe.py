@@ -77,7 +77,7 @@ def test_top2_first_choices_claim_slots_before_second_choices():
     logits = torch.tensor([[3.0, 2.0, -9.0]] * 4)  # all: first expert 0, second expert 1
     r = top_k_routing(logits, k=2, capacity_factor=0.75)  # capacity ceil(4 / 3 * 0.75 * 2) = 2
     assert r.capacity == 2 and int(r.dropped) == 4
-    assert sorted(zip(r.token.tolist(), r.expert.tolist())) == [(0, 0), (0, 1), (1, 0), (1, 1)]
+    assert sorted(zip(r.token.tolist(), r.expert.tolist(), strict=True)) == [(0, 0), (0, 1), (1, 0), (1, 1)]
     gates = torch.softmax(logits[0, :2], -1)
     torch.testing.assert_close(r.gate[:2], gates[[0, 0]])
 

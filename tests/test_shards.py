@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from mmpt.data.media import DecodeSpec
 from mmpt.data.shards import DataError, list_shards, read_sizes, write_shards
-from mmpt.data.decode import DecodeSpec
 from mmpt.data.stream import eval_loader
 from mmpt.data.tokenizer import decode
 

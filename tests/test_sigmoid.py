@@ -3,8 +3,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from mmpt.distributed import CountBytes
 from mmpt.losses import contrastive_loss
-from mmpt.bench.comm import CountBytes
 from tests.distributed import run_distributed
 from tests.test_contrastive import B_LOCAL, DIM, data
 
@@ -42,7 +42,7 @@ def test_sigmoid_loss_matches_float64_reference(world, ring, chunk):
     got = (torch.stack([r[0] for r in results]).mean(), torch.cat([r[1] for r in results]) / world,
            torch.cat([r[2] for r in results]) / world, torch.stack([r[3] for r in results]).mean(),
            torch.stack([r[4] for r in results]).mean())
-    for g, r in zip(got, ref):
+    for g, r in zip(got, ref, strict=True):
         torch.testing.assert_close(g.double(), r, rtol=1e-5, atol=1e-7)
     report, sent = results[0][5], results[0][6]
     assert report["bytes_sent"] == sent == 2 * (world - 1) * B_LOCAL * DIM * 4 + 8 * (world - 1)

@@ -5,7 +5,7 @@ from collections import Counter
 import pytest
 import torch
 
-from mmpt.data.decode import DecodeSpec
+from mmpt.data.media import DecodeSpec
 from mmpt.data.resumable import Source
 from mmpt.data.shards import DataError, list_shards, write_shards
 from mmpt.data.stream import MultiTaskLoader, TaskConfig, TaskLoader, eval_loader
@@ -43,7 +43,7 @@ def test_resume_continues_with_exactly_the_next_samples(tmp_path, workers):
     resumed.load_state_dict(state)
     rest = [next(resumed) for _ in range(4)]
     assert [b["__key__"] for b in rest] == [b["__key__"] for b in reference[5:]]
-    for a, b in zip(rest, reference[5:]):
+    for a, b in zip(rest, reference[5:], strict=True):
         torch.testing.assert_close(a["image"], b["image"])  # augmentation is reproduced too
         torch.testing.assert_close(a["text"], b["text"])
 
@@ -90,8 +90,10 @@ def test_training_stream_counts_bad_samples_by_reason_and_shard(tmp_path):
 
 
 def test_bad_fraction_error_names_worst_shards():
-    skipped = {"reasons": Counter(undecodable_image=30, missing_text=2), "shards": Counter({"s/x-1.tar": 25, "s/x-2.tar": 7})}
-    with pytest.raises(BadDataError, match=r"32 of 132 .*undecodable_image=30.*worst shards: s/x-1.tar \(25\), s/x-2.tar"):
+    skipped = {"reasons": Counter(undecodable_image=30, missing_text=2),
+               "shards": Counter({"s/x-1.tar": 25, "s/x-2.tar": 7})}
+    message = r"32 of 132 .*undecodable_image=30.*worst shards: s/x-1.tar \(25\), s/x-2.tar"
+    with pytest.raises(BadDataError, match=message):
         check_bad_fraction(skipped, 100, 0.1)
     check_bad_fraction(skipped, 100_000, 0.1)
 

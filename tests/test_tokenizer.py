@@ -1,6 +1,7 @@
 import torch
 
-from mmpt.data.tokenizer import Tokenizer, decode, valid_mask
+from mmpt.data.tokenizer import Tokenizer, decode
+from mmpt.model.stems import valid_mask
 
 
 def test_openclip_tokenizer_offline():

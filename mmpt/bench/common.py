@@ -4,7 +4,8 @@ from __future__ import annotations
 import statistics
 import time
 import weakref
-from typing import Callable, Optional
+from collections.abc import Callable
+from typing import Optional
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode

@@ -20,8 +20,8 @@ from types import SimpleNamespace
 import torch
 from PIL import Image
 
-from mmpt.data.decode import DecodeSpec
-from mmpt.data.media import AudioSpec, VideoSpec
+from mmpt.config import AudioConfig, VideoConfig
+from mmpt.data.media import DecodeSpec
 from mmpt.data.resumable import Source
 from mmpt.data.shards import list_shards, write_shards
 from mmpt.data.stream import TaskConfig, TaskLoader
@@ -137,7 +137,8 @@ def decord_raw(clips: list, frames: int) -> dict:
 
 def run(samples: int = 512, size: int = 224, batch_size: int = 32, frames: int = 8) -> dict:
     torch.set_num_threads(1)  # per worker = per core: a DataLoader worker runs single-threaded
-    decode = DecodeSpec(image_size=size, context_length=32, video=VideoSpec(frames, size), audio=AudioSpec(seconds=2.0))
+    decode = DecodeSpec(image_size=size, context_length=32, video=VideoConfig(num_frames=frames),
+                        audio=AudioConfig(seconds=2.0))
     batches = max(2, samples // batch_size)
     with tempfile.TemporaryDirectory() as tmp:
         shards = build_bench_shards(Path(tmp), samples + 2 * batch_size)
@@ -149,13 +150,13 @@ def run(samples: int = 512, size: int = 224, batch_size: int = 32, frames: int =
     video_fps = video["samples_per_s"] * frames
     return {
         "bench": "data", "workers": 1, "image_size": size, "batch_size": batch_size, "torch_threads": 1,
-        "image_text": {"ours": image, "open_clip": theirs,
+        "image-text": {"ours": image, "open_clip": theirs,
                        "vs_open_clip": image["samples_per_s"] / theirs["samples_per_s"]},
         "vs_open_clip": image["samples_per_s"] / theirs["samples_per_s"],
         # Ours: T frames per clip, resized, cropped, normalised, batched. decord raw: the same frames of the same
         # clips at native size (seeking costs both alike); all-frames sequential decoding shown for scale.
-        "video_text": {**video, "frames_per_sample": frames, "decoded_frames_per_s": video_fps,
+        "video-text": {**video, "frames_per_sample": frames, "decoded_frames_per_s": video_fps,
                        "decord_raw": raw, "vs_decord_raw": video_fps / raw["same_frames_per_s"]},
-        "audio_text": {**audio, "clip_seconds": 2.0},
+        "audio-text": {**audio, "clip_seconds": 2.0},
         "target": {"vs_open_clip": 1.2},
     }

@@ -4,10 +4,11 @@
 
 Per rank and method: forward + backward time (median of 3); peak memory of the loss forward + backward beyond
 the local embeddings themselves (`mmpt.bench.common.PeakMemory` sees every tensor the loss allocates:
-logits, gathered columns, ring buffers, the embeddings' gradients; the two b x d inputs are subtracted); bytes this rank hands
-to torch.distributed, counted at the calls (`mmpt.bench.comm`). Methods: open_clip ClipLoss(local_loss,
-gather_with_grad); ours exact (gather all, chunked logits); ours ring (column blocks streamed, never
-gathered); ours grouped (GBA-ITC, g = N/2, with the gap: negatives per positive and loss vs the global one).
+logits, gathered columns, ring buffers, the embeddings' gradients; the two b x d inputs are subtracted); bytes
+this rank hands to torch.distributed, counted at the calls (`mmpt.distributed.CountBytes`). Methods: open_clip
+ClipLoss(local_loss, gather_with_grad); ours exact (gather all, chunked logits); ours ring (column blocks
+streamed, never gathered); ours grouped (GBA-ITC, g = N/2, with the gap: negatives per positive and loss vs
+the global one).
 Sigmoid (SigLIP): open_clip's SigLipLoss (its default bidirectional neighbour exchange) against ours ring.
 Also the largest gradient difference between ours and open_clip, per loss kind.
 """
@@ -23,8 +24,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from mmpt.bench.comm import CountBytes
 from mmpt.bench.common import PeakMemory, median_ms
+from mmpt.distributed import CountBytes
 
 
 def _measure(step, input_bytes: int) -> dict:
@@ -73,9 +74,9 @@ def _rank(rank: int, world: int, init: str, b: int, d: int, chunk: int, queue) -
     result["ours_sigmoid_ring"] = run("sigmoid", lambda x, y, s: contrastive_loss(
         x, y, s, kind="sigmoid", logit_bias=bias, chunk_size=chunk, ring=True)[0])
     result["max_grad_diff_vs_open_clip"] = max(float((p - q).abs().max()) for name in ("exact", "ring")
-                                               for p, q in zip(grads[name], grads["open_clip"]))
+                                               for p, q in zip(grads[name], grads["open_clip"], strict=True))
     result["sigmoid_max_grad_diff_vs_open_clip"] = max(float((p - q).abs().max())
-                                                       for p, q in zip(grads["sigmoid"], grads["siglip"]))
+                                                       for p, q in zip(grads["sigmoid"], grads["siglip"], strict=True))
     # The grouped loss's gap: its mean over ranks against the global loss on the same embeddings.
     gap = torch.stack([losses["grouped"], losses["exact"]])
     dist.all_reduce(gap)

@@ -46,7 +46,7 @@ def timed(layer, x: torch.Tensor, repeats: int) -> dict:
 
 
 def run(tokens: int = 4096, width: int = 256, experts: int = 8, repeats: int = 7) -> dict:
-    from mmpt.train.engine import init_distributed, shutdown_distributed
+    from mmpt.distributed import init_distributed, shutdown_distributed
 
     init_distributed()  # the DeepSpeed layer needs a process group; one local rank is enough
     torch.manual_seed(0)

@@ -3,9 +3,9 @@
     mmpt shards build --manifest pairs.jsonl --out data/mine --prefix mine --shard-size 1000 --workers 8
     mmpt shards build --folder photos/ --labels-from-folders --out data/photos --prefix photos
 
-Manifest columns: `image`, `video`, `audio` (paths, relative to the manifest), `text`, `label`, and any other
-metadata (kept in the sample's json). A folder layout groups files by path without extension:
-`cats/001.jpg` + `cats/001.txt` (+ `cats/001.json`) make one sample; with --labels-from-folders the parent
+Manifest columns: one per modality (`image`, `video`, `audio`, ... paths relative to the manifest; `text` the
+caption itself), `label`, and any other metadata (kept in the sample's json). A folder layout groups files by
+path without extension: `cats/001.jpg` + `cats/001.txt` (+ `cats/001.json`) make one sample; with --labels-from-folders the parent
 folder names become class labels (sorted, numbered from 0). Each media file is probed with the same real
 decoders training uses, so a file that would fail in training is refused here, not three days in.
 """
@@ -19,12 +19,12 @@ from multiprocessing import Pool
 from pathlib import Path
 from typing import Iterator
 
-from mmpt.data import media
+from mmpt import modality
+from mmpt.data.media import BadSample
 from mmpt.data.shards import DataError, WriteReport, write_shards
 
-EXT_MODALITY = {**{e: "image" for e in media.IMAGE_EXTS}, **{e: "video" for e in media.VIDEO_EXTS},
-                **{e: "audio" for e in media.AUDIO_EXTS}}
 MAX_FILE_BYTES = 2 << 30
+PROBE_REFUSALS = {"zero_length": "empty_file", "oversize": "oversize"}  # any other probe failure: unreadable
 
 
 def folder_rows(root: str | os.PathLike, labels_from_folders: bool) -> list:
@@ -35,22 +35,39 @@ def folder_rows(root: str | os.PathLike, labels_from_folders: bool) -> list:
     for path in sorted(p for p in root.rglob("*") if p.is_file()):
         ext = path.suffix.lower().lstrip(".")
         row = groups.setdefault(path.with_suffix(""), {})
-        if ext == "txt":
-            row["text"] = path.read_text(errors="replace")
-        elif ext == "json":
-            row.update({k: v for k, v in json.loads(path.read_text()).items() if k not in ("image", "video", "audio")})
+        name = modality.modality_of_extension(ext)
+        if ext == "json":
+            row.update({k: v for k, v in json.loads(path.read_text()).items() if k not in modality.MODALITIES})
+        elif name is not None and modality.MODALITIES[name].inline:  # a caption file: its content goes in
+            row[name] = path.read_text(errors="replace")
         else:
-            row.setdefault("_files", []).append(str(path))
+            row[name or "unknown"] = str(path)
     classes = sorted({p.parent.relative_to(root).as_posix() for p in groups}) if labels_from_folders else []
     rows = []
     for stem, row in groups.items():
-        for f in row.pop("_files", []):
-            row[EXT_MODALITY.get(Path(f).suffix.lower().lstrip("."), "unknown")] = f
         if labels_from_folders:
             cls = stem.parent.relative_to(root).as_posix()
             row.update(label=classes.index(cls), **{"class": cls})
         rows.append(row)
     return rows
+
+
+def _file_entry(name: str, value: str, base: str) -> tuple:
+    """A media file of a row -> ("ok", key, bytes) or ("refused", reason, path), probed as training decodes."""
+    path = Path(value) if os.path.isabs(value) else Path(base) / value
+    ext = path.suffix.lower().lstrip(".")
+    if modality.modality_of_extension(ext) != name:
+        return "refused", "unknown_extension", str(path)
+    if not path.is_file():
+        return "refused", "missing_file", str(path)
+    if path.stat().st_size > MAX_FILE_BYTES:
+        return "refused", "oversize", str(path)
+    data = path.read_bytes()
+    try:
+        modality.MODALITIES[name].probe(data)
+    except BadSample as e:
+        return "refused", PROBE_REFUSALS.get(e.reason, "unreadable"), str(path)
+    return "ok", ext, data
 
 
 def encode_row(job: tuple) -> tuple:
@@ -59,31 +76,20 @@ def encode_row(job: tuple) -> tuple:
     sample = {"__key__": f"{index:09d}"}
     if "unknown" in row:
         return "refused", "unknown_extension", row["unknown"]
-    for modality in ("image", "video", "audio"):
-        if not row.get(modality):
-            continue
-        path = Path(row[modality]) if os.path.isabs(row[modality]) else Path(base) / row[modality]
-        ext = path.suffix.lower().lstrip(".")
-        if EXT_MODALITY.get(ext) != modality:
-            return "refused", "unknown_extension", str(path)
-        if not path.is_file():
-            return "refused", "missing_file", str(path)
-        if path.stat().st_size > MAX_FILE_BYTES:
-            return "refused", "oversize", str(path)
-        data = path.read_bytes()
-        try:
-            {"image": media.open_image, "video": media.probe_video, "audio": media.probe_audio}[modality](data)
-        except media.BadSample as e:
-            return "refused", {"zero_length": "empty_file", "oversize": "oversize"}.get(e.reason, "unreadable"), str(path)
-        sample["jpg" if ext == "jpeg" else ext] = data
-    if "text" in row:
-        text = str(row["text"] or "").strip()
-        if not text:
-            return "refused", "empty_caption", str(row.get("image") or row.get("video") or row.get("audio") or index)
-        sample["txt"] = text
+    files = {m: row[m] for m, spec in modality.MODALITIES.items() if not spec.inline and row.get(m)}
+    for name, value in files.items():
+        status, key, data = _file_entry(name, str(value), base)
+        if status != "ok":
+            return status, key, data
+        sample[key] = data
+    for name in (m for m, spec in modality.MODALITIES.items() if spec.inline and m in row):
+        content = str(row[name] or "").strip()
+        if not content:
+            return "refused", f"empty_{name}", str(next(iter(files.values()), index))
+        sample[modality.MODALITIES[name].extensions[0]] = content
     if sum(k != "__key__" for k in sample) < 2:
         return "refused", "fewer_than_two_modalities", str(index)
-    meta = {k: v for k, v in row.items() if k not in ("image", "video", "audio", "text")}
+    meta = {k: v for k, v in row.items() if k not in modality.MODALITIES}
     if meta.get("label") not in (None, ""):
         meta["label"] = int(meta["label"])
     sample["json"] = meta

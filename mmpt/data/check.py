@@ -6,62 +6,48 @@ Exit code 1 when the bad fraction exceeds --max-bad (default 0: any bad sample f
 """
 from __future__ import annotations
 
-import random
 import statistics
 from collections import Counter, defaultdict
 from multiprocessing import Pool
 
 import webdataset as wds
 
-from mmpt.data import media
-from mmpt.data.decode import KNOWN_KEYS, MEDIA_EXTS, sample_label, sample_text
+from mmpt import modality
+from mmpt.data.decode import sample_label
+from mmpt.data.media import BadSample
 from mmpt.data.shards import list_shards
 
 MAX_LISTED = 100
-RNG = random.Random(0)
+
+
+def _probe(sample: dict, spec: modality.Modality, stats: dict) -> str | None:
+    """Probe one modality of a sample; its stats go under `<name>_...` (`<name>_track_...` when another
+    modality's file carries it, as a video's sound track). Returns what was found, if anything."""
+    key, carried = modality.sample_key(sample, spec.name)
+    if key is None:
+        return None
+    try:
+        meta = spec.probe(sample[key])
+    except BadSample as e:
+        if carried:  # a video without sound is still a good video
+            return None
+        raise BadSample(f"{e.reason}_{spec.name}", str(e)) from None
+    found = f"{spec.name}_track" if carried else spec.name
+    for stat, value in meta.items():
+        stats[f"{found}_{stat}"].append(value)
+    return found
 
 
 def _check_sample(sample: dict, stats: dict) -> None:
-    """Decode every modality present; raise BadSample naming the first failure; add metadata to stats."""
+    """Probe every modality present; raise BadSample naming the first failure; add metadata to stats."""
     keys = [k for k in sample if not k.startswith("__")]
-    unknown = [k for k in keys if k not in KNOWN_KEYS]
+    unknown = [k for k in keys if k not in modality.known_keys()]
     if unknown:
-        raise media.BadSample("unknown_extension", f"keys {unknown}")
-    found = []
-    for modality, exts in MEDIA_EXTS.items():
-        key = next((k for k in exts if k in sample), None)
-        if key is None:
-            continue
-        found.append(modality)
-        data = sample[key]
-        try:
-            if modality == "image":
-                img = media.open_image(data)
-                stats["image_width"].append(img.width)
-                stats["image_height"].append(img.height)
-            elif modality == "video":
-                meta = media.probe_video(data)
-                media.decode_video(data, media.VideoSpec(num_frames=4, size=32), False, RNG)
-                stats["video_duration"].append(meta["duration"])
-                stats["video_fps"].append(meta["fps"])
-                try:  # an audio track makes the file usable for video-audio pairs too
-                    stats["audio_track_duration"].append(media.probe_audio(data)["duration"])
-                    found.append("audio_track")
-                except media.BadSample:
-                    pass
-            else:
-                meta = media.probe_audio(data)
-                stats["audio_duration"].append(meta["duration"])
-                stats["audio_sample_rate"].append(meta["sample_rate"])
-        except media.BadSample as e:
-            raise media.BadSample(f"{e.reason}_{modality}", str(e)) from None
-    if "txt" in sample:
-        text = sample_text(sample)
-        found.append("text")
-        stats["caption_words"].append(len(text.split()))
+        raise BadSample("unknown_extension", f"keys {unknown}")
+    found = [f for f in (_probe(sample, spec, stats) for spec in modality.MODALITIES.values()) if f]
     sample_label(sample)
     if len(found) < 2:
-        raise media.BadSample("fewer_than_two_modalities", f"keys {keys}")
+        raise BadSample("fewer_than_two_modalities", f"keys {keys}")
     stats["modalities"].extend(found)
 
 
@@ -76,7 +62,7 @@ def check_shard(url: str) -> dict:
         n += 1
         try:
             _check_sample(sample, stats)
-        except media.BadSample as e:
+        except BadSample as e:
             bad.append({"shard": url, "key": sample.get("__key__", "?"), "reason": e.reason, "detail": str(e)[:200]})
     return {"shard": url, "samples": n, "bad": bad, "stats": dict(stats)}
 

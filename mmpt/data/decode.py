@@ -1,5 +1,6 @@
 """One webdataset sample (bytes per key) -> tensors keyed by modality, for the modalities a source pairs.
 
+Which key holds a modality and which decoder reads it come from the modality registry (`mmpt.modality`).
 Bad input never raises out of the stream: `SampleDecoder` raises `BadSample` with a reason tagged by
 modality (e.g. `undecodable_video`), which the stream counts and reports (see `mmpt.data.stream`).
 """
@@ -7,38 +8,9 @@ from __future__ import annotations
 
 import json
 import random
-from dataclasses import dataclass, field
 
-from mmpt.data.media import (AUDIO_EXTS, IMAGE_EXTS, VIDEO_EXTS, AudioSpec, BadSample, VideoSpec, decode_audio,
-                             decode_image, decode_video)
-from mmpt.data.tokenizer import Tokenizer
-
-MEDIA_EXTS = {"image": IMAGE_EXTS, "video": VIDEO_EXTS, "audio": AUDIO_EXTS}
-KNOWN_KEYS = {"txt", "json", "cls", *IMAGE_EXTS, *VIDEO_EXTS, *AUDIO_EXTS}
-MODALITIES = ("image", "video", "audio", "text")
-
-
-@dataclass
-class DecodeSpec:
-    image_size: int = 32
-    video: VideoSpec = field(default_factory=VideoSpec)
-    audio: AudioSpec = field(default_factory=AudioSpec)
-    context_length: int = 16
-    tokenizer: str = "openclip"
-
-
-def media_key(sample: dict, modality: str) -> str | None:
-    return next((k for k in MEDIA_EXTS[modality] if k in sample), None)
-
-
-def sample_text(sample: dict) -> str:
-    raw = sample.get("txt")
-    if raw is None:
-        raise BadSample("missing_text")
-    text = raw.decode("utf-8", errors="replace") if isinstance(raw, bytes) else str(raw)
-    if not text.strip():
-        raise BadSample("empty_text")
-    return text.strip()
+from mmpt import modality
+from mmpt.data.media import BadSample, DecodeSpec
 
 
 def sample_label(sample: dict) -> int:
@@ -51,40 +23,36 @@ def sample_label(sample: dict) -> int:
     return int(meta.get("label", -1)) if isinstance(meta, dict) else -1
 
 
+def missing(sample: dict, name: str) -> BadSample:
+    present = sorted(k for k in sample if not k.startswith("__"))
+    unknown = [k for k in present if k not in modality.known_keys()]
+    return BadSample("unknown_extension" if unknown else f"missing_{name}", f"keys {present}")
+
+
 class SampleDecoder:
-    """Decode the given modalities of a sample; audio falls back to the video file's audio track."""
+    """Decode the given modalities of a sample (a modality may come from a carrier's file: audio from a
+    video's sound track)."""
 
     def __init__(self, modalities: list, spec: DecodeSpec, train: bool):
-        unknown = [m for m in modalities if m not in MODALITIES]
-        if unknown:
-            raise ValueError(f"unknown modalities {unknown} (known: {', '.join(MODALITIES)})")
-        self.modalities, self.spec, self.train = list(modalities), spec, train
-        self.tokenizer = Tokenizer(spec.tokenizer, spec.context_length) if "text" in modalities else None
-
-    def _media(self, sample: dict, modality: str, rng: random.Random):
-        key = media_key(sample, modality)
-        if key is None and modality == "audio":
-            key = media_key(sample, "video")  # the audio track of a video file
-        if key is None:
-            present = sorted(k for k in sample if not k.startswith("__"))
-            unknown = [k for k in present if k not in KNOWN_KEYS]
-            raise BadSample("unknown_extension" if unknown else f"missing_{modality}", f"keys {present}")
         try:
-            if modality == "image":
-                return decode_image(sample[key], self.spec.image_size, self.train, rng)
-            if modality == "video":
-                return decode_video(sample[key], self.spec.video, self.train, rng)
-            return decode_audio(sample[key], self.spec.audio, self.train, rng)
+            self.specs = [modality.get(m) for m in modalities]
+        except KeyError as e:
+            raise ValueError(e.args[0]) from None
+        self.spec, self.train = spec, train
+
+    def _decode(self, sample: dict, spec: modality.Modality, rng: random.Random):
+        key, _ = modality.sample_key(sample, spec.name)
+        if key is None:
+            raise missing(sample, spec.name)
+        try:
+            return spec.decode(sample[key], self.spec, self.train, rng)
         except BadSample as e:
-            raise BadSample(f"{e.reason}_{modality}", str(e)) from None
+            raise BadSample(f"{e.reason}_{spec.name}", str(e)) from None
 
     def __call__(self, sample: dict) -> dict:
         rng = random.Random(sample.get("__seed__", 0))
         out = {"__key__": sample.get("__key__", "?"), "__url__": sample.get("__url__", "?")}
-        for modality in self.modalities:
-            if modality == "text":
-                out["text"] = self.tokenizer.encode(sample_text(sample))
-            else:
-                out[modality] = self._media(sample, modality, rng)
+        for spec in self.specs:
+            out[spec.name] = self._decode(sample, spec, rng)
         out["label"] = sample_label(sample)
         return out

@@ -1,25 +1,28 @@
-"""Real decoders for each media type: PIL (image), decord (video), torchaudio via torchcodec (audio).
+"""Real decoders for each media type: PIL (image), decord (video), torchaudio via torchcodec (audio), the
+tokenizer (text). The modality registry (`mmpt.modality`) says which decoder serves which modality.
 
-Each decoder takes encoded bytes and returns a tensor, raising `BadSample(reason)` for input it cannot use.
-`probe_*` functions return metadata only (for `mmpt shards check` and the shard builder).
+Every decoder is `decode_X(data: bytes, spec: DecodeSpec, train: bool, rng) -> tensor` and raises
+`BadSample(reason)` for input it cannot use. `probe_X(data) -> {stat: number}` checks that a file decodes and
+returns its metadata (for `mmpt shards build`, which refuses what fails, and `mmpt shards check`).
 """
 from __future__ import annotations
 
 import io
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from PIL import Image, ImageOps
 
+from mmpt.config import AudioConfig, VideoConfig
+from mmpt.data.tokenizer import get_tokenizer
+
 MAX_IMAGE_PIXELS = 64_000_000  # decompression-bomb guard: refuse, don't allocate
 MAX_VIDEO_FRAMES = 100_000
 MAX_AUDIO_SECONDS = 3600.0
-IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
-VIDEO_EXTS = ("mp4", "webm", "mkv", "avi", "mov")
-AUDIO_EXTS = ("flac", "wav", "mp3", "ogg", "m4a")
+PROBE_FRAMES = 4  # frames a video probe decodes, spread over the clip (a truncated file fails here)
 MEAN, STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)  # CLIP's
 
 
@@ -29,6 +32,21 @@ class BadSample(Exception):
     def __init__(self, reason: str, detail: str = ""):
         super().__init__(f"{reason}: {detail}" if detail else reason)
         self.reason = reason
+
+
+@dataclass
+class DecodeSpec:
+    """What the decoders read: the model's input sizes and the data section's per-modality settings."""
+    image_size: int = 32  # images and video frames (model.image_size)
+    context_length: int = 16
+    tokenizer: str = "openclip"
+    video: VideoConfig = field(default_factory=VideoConfig)
+    audio: AudioConfig = field(default_factory=AudioConfig)
+
+    @classmethod
+    def from_config(cls, cfg) -> "DecodeSpec":
+        """Run Config -> decode spec (sizes follow the model, so data and stems can't disagree)."""
+        return cls(cfg.model.image_size, cfg.model.context_length, cfg.data.tokenizer, cfg.data.video, cfg.data.audio)
 
 
 def _nonempty(data: bytes, kind: str) -> None:
@@ -77,19 +95,16 @@ def normalize(x: torch.Tensor) -> torch.Tensor:
     return (x - mean) / std
 
 
-def decode_image(data: bytes, size: int, train: bool, rng: random.Random) -> torch.Tensor:
-    return image_to_tensor(open_image(data, target=size), size, train, rng)
+def decode_image(data: bytes, spec: DecodeSpec, train: bool, rng: random.Random) -> torch.Tensor:
+    return image_to_tensor(open_image(data, target=spec.image_size), spec.image_size, train, rng)
+
+
+def probe_image(data: bytes) -> dict:
+    img = open_image(data)
+    return {"width": img.width, "height": img.height}
 
 
 # ---- video ------------------------------------------------------------------------------------------
-
-@dataclass
-class VideoSpec:
-    num_frames: int = 8
-    size: int = 32
-    fps: Optional[float] = None  # None: T frames uniformly over the clip; else frames at this rate ...
-    window_seconds: Optional[float] = None  # ... from a random (train) or centred (eval) window of S seconds
-
 
 def _video_reader(data: bytes, size: Optional[tuple] = None):
     import decord
@@ -115,7 +130,7 @@ def _crop(frames: torch.Tensor, size: int, train: bool, rng: random.Random) -> t
     return frames[..., top:top + size, left:left + size]
 
 
-def frame_indices(n_frames: int, native_fps: float, spec: VideoSpec, train: bool, rng: random.Random) -> list:
+def frame_indices(n_frames: int, native_fps: float, spec: VideoConfig, train: bool, rng: random.Random) -> list:
     """Which frames to decode. Clips shorter than needed loop (indices wrap) rather than fail."""
     t = spec.num_frames
     if spec.fps is None:
@@ -142,48 +157,39 @@ def video_size(data: bytes) -> tuple[int, int]:
         raise BadSample("undecodable", f"video: {e or 'no video stream'}") from None
 
 
-def decode_video(data: bytes, spec: VideoSpec, train: bool, rng: random.Random) -> torch.Tensor:
+def decode_video(data: bytes, spec: DecodeSpec, train: bool, rng: random.Random) -> torch.Tensor:
     """(T, 3, size, size) CLIP-normalised frames. decord scales while decoding (shorter side to `size`,
     aspect kept: decord rejects other shapes), then one crop for all frames."""
+    size = spec.image_size
     w, h = video_size(data)
-    scale = spec.size / min(h, w)
-    target = (max(spec.size, round(w * scale)), max(spec.size, round(h * scale)))
+    scale = size / min(h, w)
+    target = (max(size, round(w * scale)), max(size, round(h * scale)))
     try:
         vr = _video_reader(data, target if target != (w, h) else None)
-        idx = frame_indices(len(vr), vr.get_avg_fps() or 25.0, spec, train, rng)
+        idx = frame_indices(len(vr), vr.get_avg_fps() or 25.0, spec.video, train, rng)
         frames = torch.from_numpy(vr.get_batch(idx).asnumpy()).permute(0, 3, 1, 2)  # (T, 3, H, W) uint8
     except BadSample:
         raise
     except Exception as e:
         raise BadSample("undecodable", f"video frames: {e}") from None
-    if min(frames.shape[-2:]) < spec.size:  # decord rounded a side down: top up with a tiny resize
+    if min(frames.shape[-2:]) < size:  # decord rounded a side down: top up with a tiny resize
         frames = F.interpolate(frames.float(), size=target[::-1], mode="bilinear", antialias=True)
-    return normalize(_crop(frames, spec.size, train, rng).float().div_(255))
+    return normalize(_crop(frames, size, train, rng).float().div_(255))
 
 
 def probe_video(data: bytes) -> dict:
+    """Metadata, after decoding PROBE_FRAMES frames spread over the clip (at native size)."""
     vr = _video_reader(data)
     fps = vr.get_avg_fps() or 0.0
-    h, w = vr[0].shape[:2]
+    idx = frame_indices(len(vr), fps or 25.0, VideoConfig(num_frames=PROBE_FRAMES), False, random.Random(0))
+    try:
+        h, w = vr.get_batch(idx).shape[1:3]
+    except Exception as e:
+        raise BadSample("undecodable", f"video frames: {e}") from None
     return {"frames": len(vr), "fps": fps, "duration": len(vr) / fps if fps else 0.0, "width": w, "height": h}
 
 
 # ---- audio ------------------------------------------------------------------------------------------
-
-@dataclass
-class AudioSpec:
-    sample_rate: int = 16000
-    seconds: float = 1.0
-    num_mel_bins: int = 128
-    norm_mean: float = -4.27  # AST/ImageBind AudioSet statistics of the log-mel fbank
-    norm_std: float = 4.57
-
-    @property
-    def num_frames(self) -> int:
-        """Kaldi fbank frames of the fixed-length clip: 25 ms windows every 10 ms, edges snipped."""
-        n, win, hop = int(self.seconds * self.sample_rate), int(0.025 * self.sample_rate), int(0.01 * self.sample_rate)
-        return 1 + (n - win) // hop
-
 
 def load_waveform(data: bytes) -> tuple[torch.Tensor, int]:
     """Any container torchcodec reads (wav, flac, mp3, ogg, and the audio track of mp4/mkv/webm)."""
@@ -203,10 +209,11 @@ def load_waveform(data: bytes) -> tuple[torch.Tensor, int]:
     return wav, sr
 
 
-def decode_audio(data: bytes, spec: AudioSpec, train: bool, rng: random.Random) -> torch.Tensor:
+def decode_audio(data: bytes, spec: DecodeSpec, train: bool, rng: random.Random) -> torch.Tensor:
     """(1, frames, mel) normalised Kaldi log-mel fbank of a mono, resampled, cropped/padded clip."""
     import torchaudio
 
+    spec = spec.audio
     wav, sr = load_waveform(data)
     wav = wav.mean(0, keepdim=True)
     if sr != spec.sample_rate:
@@ -227,3 +234,21 @@ def decode_audio(data: bytes, spec: AudioSpec, train: bool, rng: random.Random) 
 def probe_audio(data: bytes) -> dict:
     wav, sr = load_waveform(data)
     return {"sample_rate": sr, "channels": wav.size(0), "duration": wav.size(-1) / sr}
+
+
+# ---- text -------------------------------------------------------------------------------------------
+
+def read_text(data: bytes | str) -> str:
+    text = data.decode("utf-8", errors="replace") if isinstance(data, bytes) else str(data)
+    if not text.strip():
+        raise BadSample("empty", "blank text")
+    return text.strip()
+
+
+def decode_text(data: bytes | str, spec: DecodeSpec, train: bool, rng: random.Random) -> torch.Tensor:
+    """(context_length,) token ids: SOT ... EOT, then padding."""
+    return get_tokenizer(spec.tokenizer, spec.context_length).encode(read_text(data))
+
+
+def probe_text(data: bytes | str) -> dict:
+    return {"words": len(read_text(data).split())}

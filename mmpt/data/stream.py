@@ -10,25 +10,19 @@ Each training batch carries `_skipped` ({"reasons": {...}, "shards": {...}}) sin
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass
 
-import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from mmpt.data.decode import DecodeSpec, SampleDecoder
-from mmpt.data.media import BadSample
+from mmpt.data.decode import SampleDecoder
+from mmpt.data.media import BadSample, DecodeSpec
 from mmpt.data.resumable import SkipCounter, Source, WorkerStream, batches, collate, rng_for
 from mmpt.data.shards import DataError, list_shards
+from mmpt.distributed import dist_info
+from mmpt.modality import ordered, pair_name
 
 log = logging.getLogger("mmpt.data")
-
-
-def dist_info() -> tuple[int, int]:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 
 
 def warn_few_shards(n_shards: int, name: str, num_workers: int) -> None:
@@ -166,24 +160,13 @@ def make_sources(entries: list) -> list:
     return [Source(e.name, list_shards(e.shards), list(e.modalities), e.weight) for e in entries]
 
 
-def decode_spec(cfg) -> DecodeSpec:
-    """Run Config -> what the decoders need (sizes follow the model so data and stems can't disagree)."""
-    from mmpt.data.media import AudioSpec, VideoSpec
-
-    v, a = cfg.data.video, cfg.data.audio
-    return DecodeSpec(image_size=cfg.model.image_size, context_length=cfg.model.context_length,
-                      tokenizer=cfg.data.tokenizer,
-                      video=VideoSpec(v.num_frames, cfg.model.image_size, v.fps, v.window_seconds),
-                      audio=AudioSpec(a.sample_rate, a.seconds, a.num_mel_bins, a.norm_mean, a.norm_std))
-
-
 def tasks_from_config(cfg) -> tuple[dict, dict]:
-    """Sources feeding the same modality pair form one task ("image-text"); its weight is their sum."""
+    """Sources feeding the same modality pair form one task, named by the pair ("image-text"); its weight is
+    their sum."""
     tasks, weights = {}, {}
     for src in make_sources(cfg.data.sources):
-        pair = sorted(src.modalities)
-        name = "-".join(pair)
-        task = tasks.setdefault(name, TaskConfig(name, pair, [], cfg.data.batch_size))
+        name = pair_name(*src.modalities)
+        task = tasks.setdefault(name, TaskConfig(name, ordered(src.modalities), [], cfg.data.batch_size))
         task.sources.append(src)
         weights[name] = weights.get(name, 0.0) + src.weight
     return tasks, weights
@@ -192,7 +175,7 @@ def tasks_from_config(cfg) -> tuple[dict, dict]:
 def train_loader(cfg, seed: int) -> MultiTaskLoader:
     d = cfg.data
     tasks, weights = tasks_from_config(cfg)
-    spec = decode_spec(cfg)
+    spec = DecodeSpec.from_config(cfg)
     loaders = {name: TaskLoader(task, spec, seed, d.num_workers, d.shuffle_slots, d.shuffle_buffer, d.pin_memory,
                                 d.prefetch) for name, task in tasks.items()}
     return MultiTaskLoader(loaders, weights, seed)

@@ -48,17 +48,14 @@ class Tokenizer:
         return self.batch([text])[0]
 
 
+@functools.lru_cache(maxsize=8)
+def get_tokenizer(name: str, context_length: int) -> Tokenizer:
+    """One tokenizer per (name, length) and process: loader workers decode every caption through it."""
+    return Tokenizer(name, context_length)
+
+
 def tokenize(texts: list, context_length: int, name: str = "openclip") -> torch.Tensor:
-    return Tokenizer(name, context_length).batch(texts)
-
-
-def valid_mask(tokens: torch.Tensor, eot: int) -> torch.Tensor:
-    """True up to and including the first EOT of each row (id 0 is a real BPE token, so no `!= 0`)."""
-    is_eot = tokens == eot
-    has_eot = is_eot.any(dim=1, keepdim=True)
-    first = torch.where(has_eot, is_eot.int().argmax(dim=1, keepdim=True),
-                        tokens.new_full((tokens.size(0), 1), tokens.size(1) - 1))
-    return torch.arange(tokens.size(1), device=tokens.device).unsqueeze(0) <= first
+    return get_tokenizer(name, context_length).batch(texts)
 
 
 def decode(ids: list, context_length: int) -> str:

@@ -11,12 +11,15 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from mmpt import modality as registry
+from mmpt.data.media import DecodeSpec
 from mmpt.data.shards import DataError
-from mmpt.data.stream import decode_spec, eval_loader
+from mmpt.data.stream import eval_loader
 from mmpt.data.tokenizer import tokenize
 
 
-def load_classes(path: str | Path) -> tuple[list, list]:
+def load_classes(path: str | Path, modality: str) -> tuple[list, list]:
+    """Class names and prompt templates; without `templates` the modality's defaults from the registry."""
     p = Path(path)
     try:
         data = json.loads(p.read_text())
@@ -24,6 +27,7 @@ def load_classes(path: str | Path) -> tuple[list, list]:
         raise DataError(f"classes file {p}: no such file") from None
     except json.JSONDecodeError as e:
         raise DataError(f"classes file {p}: invalid JSON: {e}") from None
+    data.setdefault("templates", list(registry.get(modality).templates))
     for key in ("classnames", "templates"):
         if not isinstance(data.get(key), list) or not data[key]:
             raise DataError(f"classes file {p}: '{key}' must be a non-empty list")
@@ -36,7 +40,7 @@ def class_embeddings(model, classnames: list, templates: list, context_length: i
     """(C, E): per class, the normalised mean of its prompts' embeddings (CLIP's prompt ensembling)."""
     prompts = [t.format(c) for c in classnames for t in templates]
     device = next(model.parameters()).device
-    emb = model.encode("text", tokenize(prompts, context_length, tokenizer).to(device))["emb"]
+    emb = model.encode(registry.TEXT, tokenize(prompts, context_length, tokenizer).to(device))["emb"]
     emb = emb.view(len(classnames), len(templates), -1).mean(1)
     return F.normalize(emb, dim=-1)
 
@@ -54,7 +58,8 @@ def zeroshot_classify(model, classifier: torch.Tensor, loader, modality: str = "
         param = next(model.parameters())
         emb = model.encode(modality, batch[modality].to(param.device, param.dtype))["emb"]
         labels = labels.to(param.device)
-        ranked = (emb @ classifier.t()).topk(max(top_k), dim=-1).indices
+        # top-k of fewer classes than k: every class is in it (k clipped, the key keeps the asked k)
+        ranked = (emb @ classifier.t()).topk(min(max(top_k), classifier.size(0)), dim=-1).indices
         for k in top_k:
             correct[k] += (ranked[:, :k] == labels[:, None]).any(dim=1).sum().item()
         n += labels.numel()
@@ -68,10 +73,14 @@ def zeroshot_classify(model, classifier: torch.Tensor, loader, modality: str = "
 
 def run_zeroshot(model, cfg, data_spec: str, classes_path: str, batch_size: int, modality: str = "image") -> dict:
     """Zero-shot classification of `modality` samples (labels in each sample's json) against text prompts."""
+    others = [m for m in cfg.model.modalities if m != registry.TEXT]
+    if modality not in others or registry.TEXT not in cfg.model.modalities:
+        raise DataError(f"--modality {modality}: zero-shot needs text and one of the model's modalities "
+                        f"{', '.join(others)}")
     model.eval()
-    classnames, templates = load_classes(classes_path)
+    classnames, templates = load_classes(classes_path, modality)
     classifier = class_embeddings(model, classnames, templates, cfg.model.context_length, cfg.data.tokenizer)
-    loader = eval_loader(data_spec, [modality], decode_spec(cfg), batch_size)
+    loader = eval_loader(data_spec, [modality], DecodeSpec.from_config(cfg), batch_size)
     result = zeroshot_classify(model, classifier, loader, modality, top_k=tuple(cfg.eval.top_k))
     result.update(data=data_spec, modality=modality, templates=len(templates))
     return result

@@ -11,31 +11,39 @@ is replayed for the re-encode so dropout and DropToken make the same choices twi
 """
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
 from mmpt.losses.contrastive import contrastive_loss
 
 
-def rng_state():
-    return torch.get_rng_state(), torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+class RngReplay:
+    """GradCache's two passes over each micro-batch must draw the same random numbers (dropout, DropToken):
+    `record()` before the first (no-grad) pass of each, `replay(i)` before the second pass of the i-th."""
 
+    def __init__(self):
+        self.states: list = []
 
-def set_rng_state(state) -> None:
-    torch.set_rng_state(state[0])
-    if state[1] is not None:
-        torch.cuda.set_rng_state_all(state[1])
+    def record(self) -> None:
+        cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+        self.states.append((torch.get_rng_state(), cuda))
+
+    def replay(self, i: int) -> None:
+        cpu, cuda = self.states[i]
+        torch.set_rng_state(cpu)
+        if cuda is not None:
+            torch.cuda.set_rng_state_all(cuda)
 
 
 def accumulated_contrastive_backward(encode_a: Callable, encode_b: Callable, micro_batches: list,
                                      logit_scale: torch.Tensor, **loss_kwargs) -> tuple[torch.Tensor, dict]:
     """Runs backward itself (gradients land on the encoders' parameters and the temperature); returns the
     detached loss and the loss report. `micro_batches` items are whatever encode_a/encode_b take."""
-    states, cached_a, cached_b = [], [], []
+    rng, cached_a, cached_b = RngReplay(), [], []
     with torch.no_grad():
         for mb in micro_batches:
-            states.append(rng_state())
+            rng.record()
             cached_a.append(encode_a(mb))
             cached_b.append(encode_b(mb))
     emb_a = torch.cat(cached_a).requires_grad_()
@@ -43,9 +51,9 @@ def accumulated_contrastive_backward(encode_a: Callable, encode_b: Callable, mic
     loss, report = contrastive_loss(emb_a, emb_b, logit_scale, **loss_kwargs)
     loss.backward()
     start = 0
-    for mb, state, part in zip(micro_batches, states, cached_a):
+    for i, (mb, part) in enumerate(zip(micro_batches, cached_a, strict=True)):
         end = start + part.size(0)
-        set_rng_state(state)
+        rng.replay(i)
         torch.autograd.backward([encode_a(mb), encode_b(mb)], [emb_a.grad[start:end], emb_b.grad[start:end]])
         start = end
     report["micro_batches"] = len(micro_batches)

@@ -3,8 +3,8 @@
     from mmpt.config import load_config
     from mmpt.model import build_model
     model = build_model(load_config("demo").model)
-    out = model({"image": images, "text": tokens})   # out["emb"]["image"], out["logit_scale"]["image|text"]
+    out = model({"image": images, "text": tokens})   # out["emb"]["image"], out["logit_scale"]["image-text"]
 """
-from mmpt.model.model import MultimodalModel, build_for_run, build_model, pair_name
+from mmpt.model.model import MultimodalModel, build_for_run, build_model
 
-__all__ = ["MultimodalModel", "build_for_run", "build_model", "pair_name"]
+__all__ = ["MultimodalModel", "build_for_run", "build_model"]

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mmpt.data.tokenizer import valid_mask
+from mmpt.model.stems import valid_mask
 from mmpt.model.trunk import MLP, Attention, Block
 
 

@@ -8,15 +8,8 @@ import copy
 
 import torch
 
+from mmpt import modality as registry
 from mmpt.model.moe import is_moe_layer
-
-
-def tokens_per_sample(cfg) -> dict:
-    """Encoder tokens of one sample at the config's nominal input size."""
-    grid = (cfg.image_size // cfg.patch_size) ** 2
-    return {"image": grid, "video": grid * (cfg.video_frames // cfg.tubelet),
-            "audio": (cfg.audio_frames // cfg.audio_patch) * (cfg.audio_mel // cfg.audio_patch),
-            "text": cfg.context_length}
 
 
 def experts_per_token(moe) -> float:
@@ -25,11 +18,10 @@ def experts_per_token(moe) -> float:
 
 def encoder_flops(cfg, modality: str) -> int:
     """Forward FLOPs (2 x multiply-adds) of stem + trunk + pooling head for one sample; attention included."""
-    n, d = tokens_per_sample(cfg)[modality], cfg.width
+    spec = registry.get(modality)
+    n, d = spec.tokens(cfg), cfg.width
     hidden = int(d * cfg.mlp_ratio)
-    patch = {"image": 3 * cfg.patch_size ** 2, "video": 3 * cfg.tubelet * cfg.patch_size ** 2,
-             "audio": cfg.audio_patch ** 2, "text": 0}[modality]
-    flops = 2 * n * patch * d
+    flops = 2 * n * spec.inputs_per_token(cfg) * d
     for layer in range(cfg.depth):
         moe_layer = is_moe_layer(cfg.moe, layer, cfg.depth)
         k = experts_per_token(cfg.moe) if moe_layer else 1.0
@@ -59,6 +51,7 @@ def model_info(cfg) -> dict:
         "name": cfg.name, "parameters": total, "encoder_parameters": total - decoder, "decoder_parameters": decoder,
         "active_parameters_per_token": int(round(total - decoder - inactive)),
         "moe_layers": [i for i in range(model_cfg.depth) if is_moe_layer(model_cfg.moe, i, model_cfg.depth)],
-        "experts": model_cfg.moe.num_experts, "tokens_per_sample": {m: tokens_per_sample(model_cfg)[m] for m in model_cfg.modalities},
+        "experts": model_cfg.moe.num_experts,
+        "tokens_per_sample": {m: registry.get(m).tokens(model_cfg) for m in model_cfg.modalities},
         "gflops_per_sample": {m: encoder_flops(model_cfg, m) / 1e9 for m in model_cfg.modalities},
     }

@@ -1,21 +1,22 @@
 """Composition of stems, trunk and heads into one model returning a dict (see mmpt/model/__init__.py)."""
 from __future__ import annotations
 
-import itertools
 import math
 from typing import Optional
 
 import torch
 from torch import nn
 
+from mmpt import modality as registry
 from mmpt.model.heads import CaptionDecoder, EmbeddingHead
 from mmpt.model.moe import make_ffn
-from mmpt.model.stems import as_volume, build_stems
 from mmpt.model.trunk import Trunk
 
 
-def pair_name(a: str, b: str) -> str:
-    return "|".join(sorted((a, b)))
+def build_stems(cfg) -> nn.ModuleDict:
+    """One stem per modality the config names, from the registry (a modality may borrow another's stem)."""
+    plan = registry.stem_plan(cfg)
+    return nn.ModuleDict({m: registry.get(m).stem(cfg) for m in cfg.modalities if plan[m][0] == m})
 
 
 class MultimodalModel(nn.Module):
@@ -24,60 +25,69 @@ class MultimodalModel(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.max_log_scale = math.log(max_logit_scale)
+        self.plan = registry.stem_plan(cfg)
         self.stems = build_stems(cfg)
         self.modality = nn.ParameterDict({m: nn.Parameter(torch.zeros(1, 1, cfg.width)) for m in cfg.modalities})
         self.trunk = Trunk(cfg.width, cfg.depth, cfg.heads, lambda i: make_ffn(cfg, i), cfg.dropout,
                            cfg.grad_checkpointing)
         self.heads = nn.ModuleDict({m: EmbeddingHead(cfg.width, cfg.heads, cfg.embed_dim) for m in cfg.modalities})
-        pairs = [pair_name(a, b) for a, b in itertools.combinations(sorted(cfg.modalities), 2)]
+        pairs = [registry.pair_name(a, b) for a, b in registry.pairs(cfg.modalities)]
         # One learnable temperature per modality pair (log scale, clamped in forward). Shape (1,), not a
         # scalar: DeepSpeed's parameter broadcast cannot view 0-dim tensors as bytes.
-        self.log_scales = nn.ParameterDict({p.replace("|", "_"): nn.Parameter(torch.full((1,), math.log(1 / init_temperature)))
+        self.log_scales = nn.ParameterDict({p: nn.Parameter(torch.full((1,), math.log(1 / init_temperature)))
                                             for p in pairs})
         # Sigmoid (SigLIP) losses also learn a logit bias per pair.
         self.logit_biases = None if init_logit_bias is None else nn.ParameterDict(
-            {p.replace("|", "_"): nn.Parameter(torch.full((1,), float(init_logit_bias))) for p in pairs})
-        self.decoder = CaptionDecoder(cfg) if "text" in cfg.modalities and cfg.decoder_cross_layers > 0 else None
+            {p: nn.Parameter(torch.full((1,), float(init_logit_bias))) for p in pairs})
+        with_text = registry.TEXT in cfg.modalities and cfg.decoder_cross_layers > 0
+        self.decoder = CaptionDecoder(cfg) if with_text else None
+        self.register_load_state_dict_pre_hook(_rename_old_pair_keys)
 
     def encode(self, modality: str, x: torch.Tensor) -> dict:
-        if modality == "text":
-            tokens, mask = self.stems["text"](x)
-        elif modality == "image" and "image" not in self.stems:  # image_as_video: frames repeated
-            tokens, mask = self.stems["video"](as_volume("image", x, self.cfg.tubelet))
-        else:
-            tokens, mask = self.stems[modality](as_volume(modality, x))
+        stem, frames = self.plan[modality]
+        tokens, mask = self.stems[stem](registry.get(modality).stem_input(x, frames))
         trunk = self.trunk(tokens + self.modality[modality], mask)
         return {"emb": self.heads[modality](trunk["hidden"], mask), "hidden": trunk["hidden"], "mask": mask,
                 "aux": trunk["aux"]}
 
-    def logit_scale(self, a: str, b: str) -> torch.Tensor:
-        return self.log_scales[pair_name(a, b).replace("|", "_")].clamp(max=self.max_log_scale).exp()[0]
+    def logit_scale(self, pair: str) -> torch.Tensor:
+        return self.log_scales[pair].clamp(max=self.max_log_scale).exp()[0]
 
     def forward(self, batch: dict, caption_source: Optional[str] = None, caption: bool = True) -> dict:
         """caption=False skips the decoder and reports only how many caption tokens it would score."""
         present = [m for m in self.cfg.modalities if m in batch]
         enc = {m: self.encode(m, batch[m]) for m in present}
+        pairs = [registry.pair_name(a, b) for a, b in registry.pairs(present)]
         out = {"emb": {m: e["emb"] for m, e in enc.items()},
                "aux": {f"{m}.{k}": v for m, e in enc.items() for k, v in e["aux"].items()},
-               "logit_scale": {pair_name(a, b): self.logit_scale(a, b)
-                               for a, b in itertools.combinations(sorted(present), 2)}}
+               "logit_scale": {p: self.logit_scale(p) for p in pairs}}
         if self.logit_biases is not None:
-            out["logit_bias"] = {pair: self.logit_biases[pair.replace("|", "_")][0] for pair in out["logit_scale"]}
-        if caption_source is None:  # caption whatever non-text modality is paired with the text
-            others = [m for m in present if m != "text"]
+            out["logit_bias"] = {p: self.logit_biases[p][0] for p in pairs}
+        if caption_source is None:  # caption whatever modality is paired with the text
+            others = [m for m in present if m != registry.TEXT]
             caption_source = others[0] if len(others) == 1 else None
-        if self.decoder is not None and caption_source in enc and "text" in batch:
-            src = enc[caption_source]
+        if self.decoder is not None and caption_source in enc and registry.TEXT in batch:
+            src, text = enc[caption_source], batch[registry.TEXT]
             if caption:
-                out.update(self.decoder(batch["text"], src["hidden"], src["mask"]))
+                out.update(self.decoder(text, src["hidden"], src["mask"]))
             else:
-                out["caption_tokens"] = self.decoder.target_count(batch["text"])
+                out["caption_tokens"] = self.decoder.target_count(text)
         return out
 
     @torch.no_grad()
-    def caption(self, modality: str, x: torch.Tensor, max_len: Optional[int] = None, num_beams: int = 1) -> torch.Tensor:
+    def caption(self, modality: str, x: torch.Tensor, max_len: Optional[int] = None,
+                num_beams: int = 1) -> torch.Tensor:
         src = self.encode(modality, x)
         return self.decoder.generate(src["hidden"], src["mask"], max_len, num_beams)
+
+
+def _rename_old_pair_keys(module, state_dict, prefix, *args) -> None:
+    """Checkpoints from before the one pair spelling named pair parameters `a_b` (alphabetical): rename them."""
+    for group in ("log_scales", "logit_biases"):
+        start = f"{prefix}{group}."
+        for key in [k for k in state_dict if k.startswith(start) and "_" in k[len(start):]]:
+            a, b = key[len(start):].split("_")
+            state_dict[start + registry.pair_name(a, b)] = state_dict.pop(key)
 
 
 def build_model(cfg, init_temperature: float = 0.07, max_logit_scale: float = 100.0,

@@ -61,7 +61,8 @@ class NativeMoE(nn.Module):
         routing = route(logits, self.cfg, self.training)
         out = self.experts(tokens, routing)
         if index is not None:
-            out = torch.zeros(x.numel() // x.size(-1), x.size(-1), dtype=out.dtype, device=out.device).index_copy(0, index, out)
+            full = torch.zeros(x.numel() // x.size(-1), x.size(-1), dtype=out.dtype, device=out.device)
+            out = full.index_copy(0, index, out)
         return out.view_as(x), aux_losses(logits, routing, self.cfg)
 
 

@@ -1,11 +1,12 @@
-"""Per-modality stems: raw batch tensor -> tokens (B, N, D) + key mask (B, N), True = real token.
+"""Stems: a modality's input -> tokens (B, N, D) + key mask (B, N), True = real token.
 
-One patch stem class serves image, video and audio — modality is configuration, not a class:
-an image is a one-frame volume (or, with `model.image_as_video`, fed to the video stem as repeated frames, as
-IMP does), a video is cut into t x p x p tubelets, a log-mel spectrogram is a one-channel image (F x M).
+One patch stem class serves image, video and audio — modality is configuration, not a class: it takes a
+(B, C, T, H, W) volume, and the modality registry (`mmpt.modality`) says how each batch tensor becomes one
+(an image is a one-frame volume, or, with `model.image_as_video`, repeated frames for the video stem as IMP
+does; a video is cut into t x p x p tubelets; a log-mel spectrogram is a one-channel image F x M).
 Position embeddings are factorised (time x space) and interpolated, so one model serves several resolutions,
 frame counts and clip durations. DropToken (VATT/IMP) keeps a random subset of patch tokens at train time.
-Stems live in a ModuleDict keyed by modality (`build_stems`); modality embeddings are added by the model.
+The model holds the stems in a ModuleDict keyed by modality and adds the modality embeddings.
 """
 from __future__ import annotations
 
@@ -13,7 +14,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mmpt.data.tokenizer import valid_mask
+
+def valid_mask(tokens: torch.Tensor, eot: int) -> torch.Tensor:
+    """True up to and including the first EOT of each row (id 0 is a real BPE token, so no `!= 0`)."""
+    is_eot = tokens == eot
+    has_eot = is_eot.any(dim=1, keepdim=True)
+    first = torch.where(has_eot, is_eot.int().argmax(dim=1, keepdim=True),
+                        tokens.new_full((tokens.size(0), 1), tokens.size(1) - 1))
+    return torch.arange(tokens.size(1), device=tokens.device).unsqueeze(0) <= first
 
 
 class PatchStem(nn.Module):
@@ -58,27 +66,3 @@ class TextStem(nn.Module):
         if tokens.size(1) > self.pos.size(1):
             raise ValueError(f"text length {tokens.size(1)} exceeds model.context_length={self.pos.size(1)}")
         return self.token(tokens) + self.pos[:, : tokens.size(1)], valid_mask(tokens, self.eot_id)
-
-
-def as_volume(modality: str, x: torch.Tensor, repeat: int = 1) -> torch.Tensor:
-    """Batch tensor -> (B, C, T, H, W): image (B,3,H,W), video (B,T,3,H,W), audio (B,1,F,M)."""
-    if modality == "video":
-        return x.permute(0, 2, 1, 3, 4)
-    return x.unsqueeze(2).expand(-1, -1, repeat, -1, -1) if repeat > 1 else x.unsqueeze(2)
-
-
-def build_stems(cfg) -> nn.ModuleDict:
-    """cfg: ModelConfig. Only the modalities the config names are built."""
-    p, drop = cfg.patch_size, cfg.drop_token
-    grid = cfg.image_size // p
-    makers = {
-        "image": lambda: PatchStem(cfg.width, 3, (1, p, p), (1, grid, grid), drop.get("image", 0.0)),
-        "video": lambda: PatchStem(cfg.width, 3, (cfg.tubelet, p, p), (cfg.video_frames // cfg.tubelet, grid, grid),
-                                   drop.get("video", 0.0)),
-        "audio": lambda: PatchStem(cfg.width, 1, (1, cfg.audio_patch, cfg.audio_patch),
-                                   (1, cfg.audio_frames // cfg.audio_patch, cfg.audio_mel // cfg.audio_patch),
-                                   drop.get("audio", 0.0)),
-        "text": lambda: TextStem(cfg.width, cfg.vocab_size, cfg.context_length, cfg.eot_id),
-    }
-    skip = {"image"} if cfg.image_as_video and "video" in cfg.modalities else set()
-    return nn.ModuleDict({m: makers[m]() for m in cfg.modalities if m not in skip})

@@ -5,7 +5,8 @@ Blocks return auxiliary outputs (e.g. MoE losses) in a dict that the trunk merge
 """
 from __future__ import annotations
 
-from typing import Callable, Optional
+from collections.abc import Callable
+from typing import Optional
 
 import torch
 import torch.nn.functional as F

@@ -21,24 +21,23 @@ from __future__ import annotations
 import torch
 
 from mmpt.losses import contrastive_terms, moe_terms
-from mmpt.losses.accumulate import rng_state, set_rng_state
+from mmpt.losses.accumulate import RngReplay
 from mmpt.losses.captioning import caption_loss
-
 
 PAIR_PARAMS = ("logit_scale", "logit_bias")  # per-pair outputs of the model the contrastive losses take
 
 
-def _encode_all(engine, batches: list) -> tuple[list, dict, dict, list]:
-    states, embs, tokens, pair_values = [], {}, [], {}
+def _encode_all(engine, batches: list) -> tuple[RngReplay, dict, dict, list]:
+    rng, embs, tokens, pair_values = RngReplay(), {}, [], {}
     with torch.no_grad():
         for batch in batches:
-            states.append(rng_state())
+            rng.record()
             out = engine(batch, encode_only=True)
             for m, e in out["emb"].items():
                 embs.setdefault(m, []).append(e)
             pair_values = {k: out[k] for k in PAIR_PARAMS if k in out}  # the same for every micro-batch
             tokens.append(out["caption_tokens"])
-    return states, {m: torch.cat(e) for m, e in embs.items()}, pair_values, tokens
+    return rng, {m: torch.cat(e) for m, e in embs.items()}, pair_values, tokens
 
 
 def _cached_grads(embs: dict, pair_values: dict, loss_cfg, group) -> tuple[dict, dict, dict]:
@@ -75,16 +74,16 @@ def surrogate(out: dict, cached: dict, loss_cfg) -> dict:
 def accumulated_step(engine, batches: list, loss_cfg, group=None) -> dict:
     """Backward and step for every micro-batch (DeepSpeed steps the optimizer at the last one, its
     gradient_accumulation_steps being len(batches)); returns the step's metrics as detached tensors."""
-    states, embs, pair_values, tokens = _encode_all(engine, batches)
+    rng, embs, pair_values, tokens = _encode_all(engine, batches)
     emb_grad, pair_grad, losses = _cached_grads(embs, pair_values, loss_cfg, group)
     sizes = [next(iter(b.values())).size(0) for b in batches]
     all_tokens, start, parts = sum(tokens), 0, []
-    for i, (batch, state, n) in enumerate(zip(batches, states, sizes)):
+    for i, (batch, n) in enumerate(zip(batches, sizes, strict=True)):
         cached = {"emb_grad": {m: g[start:start + n] for m, g in emb_grad.items()},
                   "pair_grad": pair_grad if i == 0 else {},  # temperatures and biases: once
                   "caption_share": tokens[i] / all_tokens if all_tokens else 0.0,
                   "micro_batches": len(batches)}
-        set_rng_state(state)
+        rng.replay(i)
         out = engine(batch, cached=cached)
         # The surrogate already carries this micro-batch's share; DeepSpeed divides by its accumulation
         # steps (k), so hand it k times the surrogate. (scale_wrt_gas=False is not enough: DeepSpeed's hooks
@@ -100,7 +99,7 @@ def _step_metrics(losses: dict, parts: list, tokens: list, loss_cfg) -> dict:
     total = losses.pop("contrastive", torch.zeros(()))
     for key in parts[0]:
         if key == "caption_loss":
-            value = sum(p[key] * t for p, t in zip(parts, tokens)) / max(sum(tokens), 1)
+            value = sum(p[key] * t for p, t in zip(parts, tokens, strict=True)) / max(sum(tokens), 1)
             total = total + loss_cfg.caption_weight * value
         else:
             value = torch.stack([p[key] for p in parts]).mean()

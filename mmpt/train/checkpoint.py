@@ -57,6 +57,7 @@ def consolidated_state_dict(ckpt_dir: str | Path, tag: str | None = None) -> dic
 
         state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag)
     else:  # ZeRO stage 0 keeps the whole module in the model states file
-        state = torch.load(ckpt_dir / tag / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"]
+        path = ckpt_dir / tag / "mp_rank_00_model_states.pt"
+        state = torch.load(path, map_location="cpu", weights_only=False)["module"]
     prefix = "model."  # TrainModule wraps the model
     return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}

@@ -1,4 +1,4 @@
-"""DeepSpeed engine: distributed init, the DeepSpeed JSON built from the typed config, optimizer, schedule.
+"""DeepSpeed engine: the DeepSpeed JSON built from the typed config, optimizer, schedule.
 
 The DeepSpeed config is generated, not hand-written, so batch sizes and ZeRO stage can't disagree with
 the run config; `deepspeed.extra` in the YAML is merged last for anything else DeepSpeed offers.
@@ -6,10 +6,8 @@ the run config; `deepspeed.extra` in the YAML is merged last for anything else D
 from __future__ import annotations
 
 import math
-import os
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from mmpt.losses import objective
@@ -35,41 +33,12 @@ class TrainModule(nn.Module):
         return objective(self.model(batch), self.loss_cfg, self.group)
 
 
-def init_distributed() -> tuple[int, int]:
-    """Init the process group (gloo without CUDA, nccl with it) once; works with and without torchrun."""
-    import deepspeed
-
-    os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
-    for key, default in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0"),
-                         ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", "29511")):
-        os.environ.setdefault(key, default)
-    if not dist.is_initialized():
-        deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
-    if torch.cuda.is_available():
-        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
-    return dist.get_rank(), dist.get_world_size()
-
-
 def to_engine(batch: dict, engine) -> dict:
     """A loader batch (CPU) -> the engine's device; float media in the dtype the engine computes in
     (DeepSpeed's bf16/fp16 modes cast the module itself, not its inputs). Token ids stay integers."""
     half = torch.bfloat16 if engine.bfloat16_enabled() else torch.float16 if engine.fp16_enabled() else None
     return {k: v.to(engine.device, dtype=half if v.is_floating_point() else None, non_blocking=True)
             for k, v in batch.items()}
-
-
-def collective_device() -> torch.device:
-    """Where tensors for collectives must live: NCCL moves only CUDA tensors, gloo CPU ones."""
-    if dist.get_backend() == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
-
-
-def shutdown_distributed() -> None:
-    # gloo processes exiting without teardown sometimes abort; always barrier + destroy.
-    if dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
 
 
 def _merge(base: dict, extra: dict) -> dict:
@@ -119,7 +88,6 @@ def lr_lambda(warmup: int, total: int):
 
 def build_engine(module: nn.Module, cfg, world_size: int):
     import deepspeed
-
     from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
     o = cfg.optim
     groups = param_groups(module, o.weight_decay)

@@ -17,13 +17,14 @@ from tqdm import tqdm
 from mmpt.config import Config
 from mmpt.data.stream import tasks_from_config, train_loader
 from mmpt.data.tokenizer import check_model_fits
+from mmpt.distributed import collective_device, init_distributed, shutdown_distributed
 from mmpt.losses.contrastive import rank_groups
 from mmpt.model import build_for_run
 from mmpt.train import checkpoint
 from mmpt.train.accumulate import accumulated_step
-from mmpt.train.engine import (TrainModule, build_engine, collective_device, init_distributed, shutdown_distributed,
-                               to_engine)
-from mmpt.train.logging import RunLogger
+from mmpt.train.engine import TrainModule, build_engine, to_engine
+from mmpt.train.runlog import RunLogger
+
 
 class BadDataError(RuntimeError):
     pass
@@ -33,7 +34,7 @@ def _reduce_mean(values: dict) -> dict:
     keys = sorted(values)
     t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64, device=collective_device())
     dist.all_reduce(t)
-    return {k: v / dist.get_world_size() for k, v in zip(keys, t.tolist())}
+    return {k: v / dist.get_world_size() for k, v in zip(keys, t.tolist(), strict=True)}
 
 
 def _gather_counts(counts: dict) -> dict:

@@ -1,4 +1,5 @@
-"""Exports: a run's DeepSpeed checkpoint -> model.safetensors + config.yaml + README.md model card.
+"""Exporting and loading trained models: a run's DeepSpeed checkpoint -> model.safetensors + config.yaml +
+README.md model card, and `load_pretrained` for either a run or an export directory.
 
     mmpt export --run runs/demo --out exports/demo
 """
@@ -11,6 +12,8 @@ from pathlib import Path
 import yaml
 
 from mmpt.config import Config, config_from_dict
+from mmpt.modality import ordered, pair_name
+from mmpt.modality import pairs as modality_pairs
 from mmpt.model import build_for_run
 from mmpt.train.checkpoint import checkpoint_dir, consolidated_state_dict
 
@@ -32,18 +35,20 @@ def load_pretrained(path: str | Path, tag: str | None = None):
     else:
         state = consolidated_state_dict(checkpoint_dir(path), tag)
     model = build_for_run(cfg)
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing, unexpected = model.load_state_dict(state, strict=True)
     if missing or unexpected:
-        raise ValueError(f"{path}: checkpoint does not match config.yaml (missing {missing[:3]}, unexpected {unexpected[:3]})")
+        raise ValueError(f"{path}: checkpoint does not match config.yaml (missing {missing[:3]}, "
+                         f"unexpected {unexpected[:3]})")
     return model.eval(), cfg
 
 
 def render_model_card(cfg: Config, n_params: int, results: dict | None) -> str:
     template = resources.files("mmpt.model_cards").joinpath("default.md").read_text()
-    rows = "\n".join(f"| {k} | {v:.4f} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in (results or {}).items())
+    rows = "\n".join(f"| {k} | {v:.4f} |" if isinstance(v, float) else f"| {k} | {v} |"
+                     for k, v in (results or {}).items())
     table = f"| metric | value |\n|---|---|\n{rows}" if rows else "No evaluation results were attached to this export."
-    mods = sorted(cfg.model.modalities)
-    pairs = ", ".join(f"{a}-{b}" for i, a in enumerate(mods) for b in mods[i + 1:])
+    mods = ordered(cfg.model.modalities)
+    pairs = ", ".join(pair_name(a, b) for a, b in modality_pairs(mods))
     m = cfg.model
     return template.format(name=cfg.name, pairs=pairs, modalities=", ".join(mods), width=m.width, depth=m.depth,
                            heads=m.heads, embed_dim=m.embed_dim, parameters=f"{n_params:,}", steps=cfg.train.steps,
