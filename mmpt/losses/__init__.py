@@ -19,7 +19,7 @@ def contrastive_terms(emb: dict, logit_scale: dict, loss_cfg, group=None, logit_
                          "mmpt.model.build_for_run(cfg) (or build_model(..., init_logit_bias=...))")
     for a, b in pairs(emb):
         pair = pair_name(a, b)
-        bias = logit_bias[pair] if loss_cfg.contrastive_kind == "sigmoid" else None
+        bias = logit_bias[pair] if logit_bias is not None and loss_cfg.contrastive_kind == "sigmoid" else None
         loss, _ = contrastive_loss(emb[a], emb[b], logit_scale[pair], group, chunk_size=loss_cfg.contrastive_chunk,
                                    ring=loss_cfg.contrastive_ring, kind=loss_cfg.contrastive_kind, logit_bias=bias,
                                    max_logit_scale=loss_cfg.max_logit_scale)
@@ -49,7 +49,8 @@ def moe_terms(aux: dict, losses: dict):
     """Sum the MoE layers' weighted aux losses; add per-modality means of their metrics to `losses`.
 
     aux keys look like "<modality>.layer<i>.<name>" (see MultimodalModel.forward)."""
-    total, per = 0.0, {}
+    total: float | torch.Tensor = 0.0
+    per: dict[tuple[str, str], list] = {}  # (modality, metric) -> values of every MoE layer
     for key, value in aux.items():
         modality, _, name = key.split(".", 2)
         if name == "moe_loss":

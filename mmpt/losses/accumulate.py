@@ -22,7 +22,7 @@ class RngReplay:
     """GradCache's two passes over each micro-batch must draw the same random numbers (dropout, DropToken):
     `record()` before the first (no-grad) pass of each, `replay(i)` before the second pass of the i-th."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         self.states: list = []
 
     def record(self) -> None:
@@ -50,11 +50,13 @@ def accumulated_contrastive_backward(encode_a: Callable, encode_b: Callable, mic
     emb_b = torch.cat(cached_b).requires_grad_()
     loss, report = contrastive_loss(emb_a, emb_b, logit_scale, **loss_kwargs)
     loss.backward()
+    grad_a, grad_b = emb_a.grad, emb_b.grad
+    assert grad_a is not None and grad_b is not None
     start = 0
     for i, (mb, part) in enumerate(zip(micro_batches, cached_a, strict=True)):
         end = start + part.size(0)
         rng.replay(i)
-        torch.autograd.backward([encode_a(mb), encode_b(mb)], [emb_a.grad[start:end], emb_b.grad[start:end]])
+        torch.autograd.backward([encode_a(mb), encode_b(mb)], [grad_a[start:end], grad_b[start:end]])
         start = end
     report["micro_batches"] = len(micro_batches)
     return loss.detach(), report

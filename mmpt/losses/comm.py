@@ -2,6 +2,8 @@
 round a ring one block at a time."""
 from __future__ import annotations
 
+import typing
+
 import torch
 import torch.distributed as dist
 
@@ -35,7 +37,7 @@ def circulate(tensors: list, group):
     """Yield the tensors of every rank of `group` in turn, own first, each passed on to the next rank while
     the caller works on it. Two buffers per tensor whatever the group size."""
     world, rank = dist.get_world_size(group), dist.get_rank(group)
-    handle = group or dist.group.WORLD
+    handle = typing.cast(dist.ProcessGroup, group or dist.group.WORLD)
     nxt = dist.get_global_rank(handle, (rank + 1) % world)
     prv = dist.get_global_rank(handle, (rank - 1) % world)
     current, spare = [t.contiguous() for t in tensors], None
@@ -53,4 +55,4 @@ def circulate(tensors: list, group):
                 request.wait()
         # The block just sent is free now (unless it is this rank's own input): it takes the next receive.
         spare = current if step > 0 else None
-        current = incoming
+        current = incoming if incoming is not None else []

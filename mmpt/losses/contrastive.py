@@ -29,9 +29,9 @@ def _check_equal_sizes(n: int, group, device: torch.device) -> None:
     # On the embeddings' device: NCCL only moves CUDA tensors.
     sizes = [torch.zeros(1, dtype=torch.long, device=device) for _ in range(dist.get_world_size(group))]
     dist.all_gather(sizes, torch.tensor([n], device=device), group=group)
-    sizes = [int(s) for s in sizes]
-    if len(set(sizes)) > 1:
-        raise ValueError(f"contrastive_loss: local batch sizes differ across ranks {sizes}; "
+    counts = [int(s) for s in sizes]
+    if len(set(counts)) > 1:
+        raise ValueError(f"contrastive_loss: local batch sizes differ across ranks {counts}; "
                          "use equal per-rank batches (drop the partial last batch)")
 
 
@@ -66,6 +66,7 @@ def contrastive_loss(emb_a: torch.Tensor, emb_b: torch.Tensor, logit_scale: torc
     ring = ring and world > 1
     report = _report(kind, ring, n, world, a.size(1), a.element_size(), chunk_size, check_sizes)
     if kind == "sigmoid":
+        assert logit_bias is not None  # checked above
         loss = sigmoid_loss(a, b, scale, logit_bias.float(), group, world, ring, chunk_size)
     elif ring:
         loss = ring_infonce(a, b, scale, group, chunk_size)

@@ -61,7 +61,7 @@ def _rows_pass(rows, cols, scale, bias, group, chunk: int, with_loss: bool, with
             logits = (dots * scale).add_(bias)
             if with_loss:
                 total += F.softplus(logits).sum()
-            if with_grad:
+            if grad is not None:  # with_grad
                 weights = logits.sigmoid_()
                 gs += torch.dot(weights.flatten(), dots.flatten())
                 gt += weights.sum()
