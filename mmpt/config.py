@@ -248,7 +248,9 @@ def _build(cls: type, data: dict, prefix: str) -> Any:
     names = {f.name for f in dataclasses.fields(cls)}
     for key in data:
         if key not in names:
-            raise ConfigError(f"unknown key '{prefix}{key}' (valid: {', '.join(sorted(names))})")
+            moved = _OLD_MODEL_KEYS.get(key) if prefix == "model." else None
+            hint = f"; it is model.{'.'.join(moved)} now" if moved else ""
+            raise ConfigError(f"unknown key '{prefix}{key}' (valid: {', '.join(sorted(names))}){hint}")
     kwargs = {}
     for key, value in data.items():
         tp = hints[key]

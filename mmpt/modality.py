@@ -11,23 +11,25 @@ check and the CLI look modalities up here. A new modality (depth, thermal, IMU, 
 `register(Modality(...))` in a module of yours, named in the run config's `plugins` list so that every
 torchrun process and every later eval or export imports it too (tests/test_modality.py registers a 1-D sensor).
 
-A modality pair is spelled `a-b` with the modalities in registry order (image, video, audio, then registered
-extensions, text last): `image-text`, `video-audio`. Parameter names, task names, loss and metric keys and
-JSON results all use it.
+A modality pair is spelled `a-b` with the modalities in registry order — image, video, audio, then registered
+extensions by name, text last — whatever order plugins are imported in: `image-text`, `video-audio`,
+`depth-text`. Parameter names, task names, loss and metric keys and JSON results all use it.
+
+The built-in entries reach their decoders (`mmpt.data`) and stems (`mmpt.model`) only when called, so this
+module imports neither side and both import it.
 """
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
 from torch import nn
 
-from mmpt.data import media
-from mmpt.model.stems import PatchStem, TextStem
-
 TEXT = "text"  # the modality the caption decoder writes and zero-shot prompts are made of
+BUILTIN_ORDER = ("image", "video", "audio")  # then extensions by name, then text
 METADATA_KEYS = ("json", "cls")  # sample keys that are no modality
 
 
@@ -44,13 +46,20 @@ class Modality:
     templates: tuple[str, ...] = ()  # default zero-shot prompts, "{}" = the class name
     carried_by: Optional[str] = None  # a modality whose files may carry this one (audio: a video's sound)
     inline: bool = False  # manifests hold the content itself (a caption), not a file path
+    shard_keys: dict[str, str] = field(default_factory=dict)  # extension -> key written to shards (jpeg: jpg)
 
 
 MODALITIES: dict[str, Modality] = {}
 
 
+def _rank(name: str) -> tuple:
+    if name in BUILTIN_ORDER:
+        return (0, BUILTIN_ORDER.index(name), "")
+    return (2, 0, "") if name == TEXT else (1, 0, name)
+
+
 def register(spec: Modality, replace: bool = False) -> Modality:
-    """Add a modality (text stays last, so pairs with text read `x-text`). Returns the spec."""
+    """Add a modality (or, with replace=True, redefine one in place). Returns the spec."""
     if not spec.name.isalnum() or spec.name != spec.name.lower():
         raise ValueError(f"modality name {spec.name!r}: use lower-case letters and digits only")
     if spec.name in MODALITIES and not replace:
@@ -60,11 +69,9 @@ def register(spec: Modality, replace: bool = False) -> Modality:
     if clash:
         owners = [taken.get(e, "metadata") for e in clash]
         raise ValueError(f"modality '{spec.name}': extension(s) {clash} belong to {owners}")
-    entries = {k: v for k, v in MODALITIES.items() if k != spec.name}
-    entries[spec.name] = spec
-    text = entries.pop(TEXT, None)
+    entries = {**MODALITIES, spec.name: spec}
     MODALITIES.clear()
-    MODALITIES.update(entries, **({TEXT: text} if text else {}))
+    MODALITIES.update(sorted(entries.items(), key=lambda item: _rank(item[0])))
     return spec
 
 
@@ -76,8 +83,7 @@ def get(name: str) -> Modality:
 
 def ordered(names) -> list[str]:
     """Modality names in registry order."""
-    order = list(MODALITIES)
-    return sorted(names, key=order.index)
+    return sorted(names, key=_rank)
 
 
 def pair_name(a: str, b: str) -> str:
@@ -119,6 +125,18 @@ def stem_plan(cfg) -> dict[str, tuple[str, int]]:
 
 # ---- the built-in modalities: the stems' arithmetic ------------------------------------------------------
 
+def _media(name: str) -> Callable:
+    """mmpt.data.media.<name>, imported on first call."""
+    def call(*args):
+        return getattr(importlib.import_module("mmpt.data.media"), name)(*args)
+    call.__name__ = name
+    return call
+
+
+def _stem(kind: str, *args) -> nn.Module:
+    return getattr(importlib.import_module("mmpt.model.stems"), kind)(*args)
+
+
 def _grid(cfg) -> int:
     return cfg.image_size // cfg.patch_size
 
@@ -133,21 +151,23 @@ def _repeat_frames(x: torch.Tensor, frames: int) -> torch.Tensor:
 
 
 register(Modality(
-    "image", ("jpg", "jpeg", "png", "webp"), media.decode_image, media.probe_image,
-    stem=lambda c: PatchStem(c.width, 3, (1, c.patch_size, c.patch_size), (1, _grid(c), _grid(c)), _drop(c, "image")),
+    "image", ("jpg", "jpeg", "png", "webp"), _media("decode_image"), _media("probe_image"),
+    stem=lambda c: _stem("PatchStem", c.width, 3, (1, c.patch_size, c.patch_size), (1, _grid(c), _grid(c)),
+                         _drop(c, "image")),
     tokens=lambda c: _grid(c) ** 2, stem_input=_repeat_frames, inputs_per_token=lambda c: 3 * c.patch_size ** 2,
-    templates=("a photo of a {}.", "a blurry photo of a {}.", "a photo of the {}.", "a close-up photo of a {}.")))
+    templates=("a photo of a {}.", "a blurry photo of a {}.", "a photo of the {}.", "a close-up photo of a {}."),
+    shard_keys={"jpeg": "jpg"}))
 register(Modality(
-    "video", ("mp4", "webm", "mkv", "avi", "mov"), media.decode_video, media.probe_video,
-    stem=lambda c: PatchStem(c.width, 3, (c.video.tubelet, c.patch_size, c.patch_size),
+    "video", ("mp4", "webm", "mkv", "avi", "mov"), _media("decode_video"), _media("probe_video"),
+    stem=lambda c: _stem("PatchStem", c.width, 3, (c.video.tubelet, c.patch_size, c.patch_size),
                              (c.video.frames // c.video.tubelet, _grid(c), _grid(c)), _drop(c, "video")),
     tokens=lambda c: _grid(c) ** 2 * (c.video.frames // c.video.tubelet),
     stem_input=lambda x, frames: x.permute(0, 2, 1, 3, 4),  # (B, T, 3, H, W) -> (B, 3, T, H, W)
     inputs_per_token=lambda c: 3 * c.video.tubelet * c.patch_size ** 2,
     templates=("a video of {}.", "a video of a person {}.", "a clip of {}.")))
 register(Modality(
-    "audio", ("flac", "wav", "mp3", "ogg", "m4a"), media.decode_audio, media.probe_audio,
-    stem=lambda c: PatchStem(c.width, 1, (1, c.audio.patch, c.audio.patch),
+    "audio", ("flac", "wav", "mp3", "ogg", "m4a"), _media("decode_audio"), _media("probe_audio"),
+    stem=lambda c: _stem("PatchStem", c.width, 1, (1, c.audio.patch, c.audio.patch),
                              (1, c.audio.frames // c.audio.patch, c.audio.mel // c.audio.patch), _drop(c, "audio")),
     tokens=lambda c: (c.audio.frames // c.audio.patch) * (c.audio.mel // c.audio.patch),
     stem_input=lambda x, frames: x.unsqueeze(2),  # (B, 1, F, M) spectrogram -> one-frame volume
@@ -155,6 +175,6 @@ register(Modality(
     templates=("the sound of {}.", "a sound of a {}.", "a recording of {}."),
     carried_by="video"))
 register(Modality(
-    TEXT, ("txt",), media.decode_text, media.probe_text,
-    stem=lambda c: TextStem(c.width, c.vocab_size, c.context_length, c.eot_id),
+    TEXT, ("txt",), _media("decode_text"), _media("probe_text"),
+    stem=lambda c: _stem("TextStem", c.width, c.vocab_size, c.context_length, c.eot_id),
     tokens=lambda c: c.context_length, inline=True))

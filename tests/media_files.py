@@ -24,9 +24,9 @@ def ffmpeg(*args: str) -> None:
     subprocess.run([need("ffmpeg"), "-hide_banner", "-loglevel", "error", "-y", *args], check=True)
 
 
-def png_bytes(w: int = 24, h: int = 16, value: int = 128) -> bytes:
+def png_bytes(w: int = 24, h: int = 16, value: int = 128, fmt: str = "PNG") -> bytes:
     buf = io.BytesIO()
-    Image.fromarray(np.full((h, w, 3), value, dtype=np.uint8)).save(buf, format="PNG")
+    Image.fromarray(np.full((h, w, 3), value, dtype=np.uint8)).save(buf, format=fmt)
     return buf.getvalue()
 
 

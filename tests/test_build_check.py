@@ -15,11 +15,13 @@ def mmpt(*args, timeout=300):
 def test_build_from_manifest_all_modalities_and_refusals(tmp_path):
     (tmp_path / "a.png").write_bytes(png_bytes())
     (tmp_path / "b.jpg").write_bytes(b"garbage")
+    (tmp_path / "c.jpeg").write_bytes(png_bytes(fmt="JPEG"))
     (tmp_path / "empty.png").write_bytes(b"")
     make_video(tmp_path / "v.mp4", audio=True)
     spoken(tmp_path / "s.wav")
     (tmp_path / "big.bmp").write_bytes(b"BM")
     rows = [{"image": "a.png", "text": "a grey square", "label": 2},
+            {"image": "c.jpeg", "text": "a jpeg, stored under the standard key jpg"},
             {"video": "v.mp4", "text": "a test pattern", "label": 0, "source": "lavfi"},
             {"audio": "s.wav", "text": "someone saying seven", "label": 7},
             {"video": "v.mp4", "audio": "s.wav"},
@@ -35,21 +37,24 @@ def test_build_from_manifest_all_modalities_and_refusals(tmp_path):
                 "--shard-size", "2", "--workers", "2")
     assert proc.returncode == 0, proc.stderr
     summary = json.loads(proc.stdout)
-    assert summary["written"] == 4 and summary["shards"] == 2
+    assert summary["written"] == 5 and summary["shards"] == 3
     assert summary["refused"] == {"unreadable": 1, "missing_file": 1, "empty_text": 1, "unknown_extension": 1,
                                   "empty_file": 1, "fewer_than_two_modalities": 1}
-    assert summary["keys"] == {"png": 1, "mp4": 2, "wav": 2, "txt": 3, "json": 4}
-    assert json.loads((tmp_path / "out" / "sizes.json").read_text()) == {"m-000000.tar": 2, "m-000001.tar": 2}
-    with tarfile.open(tmp_path / "out" / "m-000000.tar") as tar:
-        assert all(n.split(".", 1)[1] in ("png", "mp4", "wav", "txt", "json") for n in tar.getnames())
+    assert summary["keys"] == {"png": 1, "jpg": 1, "mp4": 2, "wav": 2, "txt": 4, "json": 5}
+    sizes = json.loads((tmp_path / "out" / "sizes.json").read_text())
+    assert sizes == {"m-000000.tar": 2, "m-000001.tar": 2, "m-000002.tar": 1}
+    for name in sizes:
+        with tarfile.open(tmp_path / "out" / name) as tar:
+            assert all(n.split(".", 1)[1] in ("png", "jpg", "mp4", "wav", "txt", "json") for n in tar.getnames())
 
     check = mmpt("shards", "check", tmp_path / "out", "--json")
     assert check.returncode == 0, check.stderr
     report = json.loads(check.stdout)
-    assert report["samples"] == 4 and report["bad"] == 0
+    assert report["samples"] == 5 and report["bad"] == 0
     # audio_track: a video whose sound track is the sample's audio (the video + wav row uses its wav, as training does)
-    assert report["samples_per_modality"] == {"image": 1, "video": 2, "audio": 2, "text": 3, "audio_track": 1}
-    assert report["stats"]["video_duration"]["max"] > 1.5 and report["audio_sample_rates"] == {"22050": 2}
+    assert report["samples_per_modality"] == {"image": 2, "video": 2, "audio": 2, "text": 4, "audio_track": 1}
+    assert report["stats"]["video_duration"]["max"] > 1.5
+    assert report["stats"]["audio_sample_rate"]["counts"] == {"22050": 2}  # small integer stats are counted
 
 
 def test_build_from_folder_with_labels(tmp_path):

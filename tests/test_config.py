@@ -26,6 +26,10 @@ def test_shipped_demo_config_loads_with_overrides():
     ("model.modalities=[image, smell]", "unknown modality 'smell'"),
     ("data.batch_size=0", "data.batch_size=0"),
     ("model", "expected dotted.key=value"),
+    ("model.video_frames=4", "it is model.video.frames now"),
+    ("deepspeed.zero_stage=true", "must be one of 0, 1, 2, 3"),
+    ("model.moe.router=topk", "model.moe.router='topk': must be one of token_choice, expert_choice"),
+    ("optim.betas=[0.9, fast]", "optim.betas[1]: expected float"),
 ])
 def test_bad_overrides_name_the_key(override, message):
     with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("(", r"\(")):

@@ -134,6 +134,10 @@ def test_one_spelling_of_a_pair():
     assert modality.pair_name("audio", "video") == "video-audio"
     assert modality.pair_name("text", "sensor") == "sensor-text"  # extensions go before text
     assert list(modality.MODALITIES)[-1] == modality.TEXT
+    # Extensions are ordered by name, not by import order, and redefining one keeps its place.
+    order = list(modality.MODALITIES)
+    modality.register(SENSOR, replace=True)
+    assert list(modality.MODALITIES) == order == ["image", "video", "audio", "sensor", "text"]
     assert modality.pairs(["text", "image", "audio"]) == [("image", "audio"), ("image", "text"), ("audio", "text")]
 
 

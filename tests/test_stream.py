@@ -122,3 +122,6 @@ def test_multitask_sampler_is_seeded_and_resumable(tmp_path):
     resumed = loader()
     resumed.load_state_dict(again.state_dict())
     assert [next(resumed)[0] for _ in range(15)] == names[25:]
+    other = MultiTaskLoader({"t1": task_loader(src, 0), "t3": task_loader(src, 0)}, {"t1": 1.0, "t3": 1.0}, seed=3)
+    with pytest.raises(DataError, match=r"checkpoint's tasks \['t1', 't2'\] differ from this config's \['t1', 't3'\]"):
+        other.load_state_dict(again.state_dict())

@@ -25,6 +25,7 @@ from mmpt.data.media import DecodeSpec
 from mmpt.data.resumable import Source
 from mmpt.data.shards import list_shards, write_shards
 from mmpt.data.stream import TaskConfig, TaskLoader
+from mmpt.modality import ordered
 
 CAPTIONS = ["a rabbit in a green meadow", "an animated forest scene with trees", "a cartoon character close up"]
 
@@ -81,7 +82,7 @@ def build_bench_shards(root: Path, n: int) -> dict:
 
 
 def ours(spec: str, modality: str, batches: int, batch_size: int, decode: DecodeSpec) -> dict:
-    task = TaskConfig(f"{modality}-text", sorted([modality, "text"]),
+    task = TaskConfig(f"{modality}-text", ordered([modality, "text"]),
                       [Source(modality, list_shards(spec), [modality, "text"])], batch_size)
     loader = TaskLoader(task, decode, seed=0, num_workers=0, slots=2, buffer=64)
     next(loader)  # warm-up: opens shards, fills the buffer

@@ -36,8 +36,9 @@ def folder_rows(root: str | os.PathLike, labels_from_folders: bool) -> list:
         ext = path.suffix.lower().lstrip(".")
         row = groups.setdefault(path.with_suffix(""), {})
         name = modality.modality_of_extension(ext)
-        if ext == "json":
-            row.update({k: v for k, v in json.loads(path.read_text()).items() if k not in modality.MODALITIES})
+        if ext == "json":  # metadata, and a caption if it has one; file paths come from the files themselves
+            meta = json.loads(path.read_text())
+            row.update({k: v for k, v in meta.items() if k not in modality.MODALITIES or modality.MODALITIES[k].inline})
         elif name is not None and modality.MODALITIES[name].inline:  # a caption file: its content goes in
             row[name] = path.read_text(errors="replace")
         else:
@@ -67,7 +68,7 @@ def _file_entry(name: str, value: str, base: str) -> tuple:
         modality.MODALITIES[name].probe(data)
     except BadSample as e:
         return "refused", PROBE_REFUSALS.get(e.reason, "unreadable"), str(path)
-    return "ok", ext, data
+    return "ok", modality.MODALITIES[name].shard_keys.get(ext, ext), data
 
 
 def encode_row(job: tuple) -> tuple:

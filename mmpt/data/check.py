@@ -1,4 +1,5 @@
-"""Checking shards: decode every sample with the training decoders, report bad ones and statistics.
+"""Checking shards: probe every sample's modalities as `mmpt shards build` does (the registry's probes, which
+decode), report bad ones and statistics per modality.
 
     mmpt shards check data/mine --workers 4 [--json] [--max-bad 0.001]
 
@@ -67,11 +68,17 @@ def check_shard(url: str) -> dict:
     return {"shard": url, "samples": n, "bad": bad, "stats": dict(stats)}
 
 
+MAX_COUNTED = 8  # a stat of at most this many distinct integers (sample rates, channels) also gets counts
+
+
 def _summary(values: list) -> dict:
     if not values:
         return {}
-    return {"min": min(values), "median": statistics.median(values), "mean": statistics.fmean(values),
-            "max": max(values)}
+    out = {"min": min(values), "median": statistics.median(values), "mean": statistics.fmean(values),
+           "max": max(values)}
+    if all(isinstance(v, int) for v in values) and len(set(values)) <= MAX_COUNTED:
+        out["counts"] = dict(sorted(Counter(values).items()))
+    return out
 
 
 def check_shards(spec: str, workers: int = 1) -> dict:
@@ -94,7 +101,6 @@ def check_shards(spec: str, workers: int = 1) -> dict:
         "bad_by_shard": dict(Counter(b["shard"] for b in bad).most_common()),
         "bad_samples": bad[:MAX_LISTED],
         "samples_per_modality": dict(Counter(merged.pop("modalities", []))),
-        "audio_sample_rates": dict(Counter(merged.pop("audio_sample_rate", []))),
         "stats": {key: _summary(values) for key, values in sorted(merged.items())},
     }
 
@@ -104,9 +110,9 @@ def format_report(report: dict) -> str:
              f"{report['bad']} bad ({100 * report['bad_fraction']:.2f}%)",
              "per modality: " + ", ".join(f"{m}={n}" for m, n in sorted(report["samples_per_modality"].items()))]
     for key, s in report["stats"].items():
-        lines.append(f"  {key:16s} min {s['min']:.4g}  median {s['median']:.4g}  mean {s['mean']:.4g}  max {s['max']:.4g}")
-    if report["audio_sample_rates"]:
-        lines.append("  audio sample rates: " + ", ".join(f"{r} Hz x{n}" for r, n in report["audio_sample_rates"].items()))
+        line = f"  {key:22s} min {s['min']:.4g}  median {s['median']:.4g}  mean {s['mean']:.4g}  max {s['max']:.4g}"
+        counts = ", ".join(f"{value} x{n}" for value, n in s.get("counts", {}).items())
+        lines.append(line + (f"  ({counts})" if counts else ""))
     for reason, n in report["bad_by_reason"].items():
         lines.append(f"bad: {reason} x{n}")
     for b in report["bad_samples"][:20]:

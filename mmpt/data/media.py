@@ -178,7 +178,9 @@ def decode_video(data: bytes, spec: DecodeSpec, train: bool, rng: random.Random)
 
 
 def probe_video(data: bytes) -> dict:
-    """Metadata, after decoding PROBE_FRAMES frames spread over the clip (at native size)."""
+    """Metadata, after reading the size from the headers as training does and decoding PROBE_FRAMES frames
+    spread over the clip (at native size)."""
+    video_size(data)
     vr = _video_reader(data)
     fps = vr.get_avg_fps() or 0.0
     idx = frame_indices(len(vr), fps or 25.0, VideoConfig(num_frames=PROBE_FRAMES), False, random.Random(0))

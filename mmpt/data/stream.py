@@ -124,6 +124,10 @@ class MultiTaskLoader:
         return {"step": self.step, "tasks": {n: loader.state_dict() for n, loader in self.loaders.items()}}
 
     def load_state_dict(self, state: dict) -> None:
+        if set(state["tasks"]) != set(self.loaders):
+            raise DataError(f"checkpoint's tasks {sorted(state['tasks'])} differ from this config's "
+                            f"{sorted(self.loaders)} (data.sources changed, or a run from before mmpt's one pair "
+                            "spelling): resume with the same sources, or set train.resume=false")
         self.step = state["step"]
         for name, sub in state["tasks"].items():
             self.loaders[name].load_state_dict(sub)

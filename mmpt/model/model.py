@@ -86,8 +86,9 @@ def _rename_old_pair_keys(module, state_dict, prefix, *args) -> None:
     for group in ("log_scales", "logit_biases"):
         start = f"{prefix}{group}."
         for key in [k for k in state_dict if k.startswith(start) and "_" in k[len(start):]]:
-            a, b = key[len(start):].split("_")
-            state_dict[start + registry.pair_name(a, b)] = state_dict.pop(key)
+            names = key[len(start):].split("_")
+            if len(names) == 2 and all(n in registry.MODALITIES for n in names):  # else: the strict load names it
+                state_dict[start + registry.pair_name(*names)] = state_dict.pop(key)
 
 
 def build_model(cfg, init_temperature: float = 0.07, max_logit_scale: float = 100.0,
