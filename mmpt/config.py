@@ -178,9 +178,30 @@ class TrainConfig:
 
 
 @dataclass
+class ZeroShotEval:
+    """One zero-shot classification eval (`mmpt eval zeroshot`, and during training with eval.every)."""
+    modality: str = "image"
+    data: str = "data/demo/val"  # shards, a folder per class, or a CSV/JSONL manifest with labels
+    classes: str = "data/demo/classes.json"  # {"classnames": [...], "templates": [...] (optional)}
+    templates: Optional[str] = None  # a shipped template set (photo, action, sound, speech) over the file's
+
+
+@dataclass
+class RetrievalEval:
+    """One retrieval eval in both directions over paired samples (`mmpt eval retrieval`)."""
+    modalities: list[str] = field(default_factory=lambda: ["image", "text"])
+    data: str = "data/demo/val"
+
+
+@dataclass
 class EvalConfig:
     batch_size: int = 256
     top_k: list[int] = field(default_factory=lambda: [1, 5])
+    workers: int = 1  # decoding processes per rank
+    every: int = 0  # run the evals below every N training steps on all ranks (0: not during training)
+    zeroshot: list[ZeroShotEval] = field(default_factory=list)
+    retrieval: list[RetrievalEval] = field(default_factory=list)
+    best: str = ""  # metrics.jsonl key whose highest value marks the best checkpoint, e.g. eval/zeroshot/image/top1
 
 
 @dataclass
@@ -334,6 +355,14 @@ def _validate_modalities(cfg: Config) -> None:
             raise ConfigError(f"data.sources[{i}].modalities: {missing} not in model.modalities={m.modalities}")
         if src.weight <= 0:
             raise ConfigError(f"data.sources[{i}].weight={src.weight}: must be positive")
+    for i, z in enumerate(cfg.eval.zeroshot):
+        if z.modality not in m.modalities or z.modality == "text" or "text" not in m.modalities:
+            raise ConfigError(f"eval.zeroshot[{i}].modality={z.modality!r}: needs text and a non-text modality of "
+                              f"model.modalities={m.modalities}")
+    for i, r in enumerate(cfg.eval.retrieval):
+        if len(set(r.modalities)) != 2 or any(x not in m.modalities for x in r.modalities):
+            raise ConfigError(f"eval.retrieval[{i}].modalities={r.modalities}: must name two different modalities "
+                              f"of model.modalities={m.modalities}")
 
 
 def _validate_moe(cfg: Config) -> None:
