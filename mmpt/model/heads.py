@@ -67,21 +67,46 @@ class CaptionDecoder(nn.Module):
     def _next_logprobs(self, seq: torch.Tensor, context: torch.Tensor, context_mask: torch.Tensor) -> torch.Tensor:
         return (self.hidden(seq, context, context_mask)[:, -1] @ self.token.weight.t()).float().log_softmax(-1)
 
+    def _start_cache(self, context: torch.Tensor) -> list:
+        """One dict per layer (text layers, then cross layers): self-attention keys/values are appended step by
+        step; the cross layers' keys/values of the encoder context are projected here, once."""
+        caches: list = [{} for _ in self.text_layers]
+        for layer in self.cross_layers:
+            k, v = layer.cross.keys_values(context)
+            caches.append({"context_k": k, "context_v": v})
+        return caches
+
+    def _cached_logprobs(self, seq: torch.Tensor, caches: list, context_mask: torch.Tensor) -> torch.Tensor:
+        """`_next_logprobs` from the newest token alone: the earlier tokens' keys/values are in `caches`."""
+        t = seq.size(1) - 1
+        x = self.token(seq[:, t:]) + self.pos[:, t: t + 1]
+        for layer, cache in zip([*self.text_layers, *self.cross_layers], caches, strict=True):
+            x = layer.step(x, cache, context_mask)
+        return (self.ln(x)[:, -1] @ self.token.weight.t()).float().log_softmax(-1)
+
     @torch.no_grad()
     def generate(self, context: torch.Tensor, context_mask: torch.Tensor, max_len: Optional[int] = None,
-                 num_beams: int = 1, length_penalty: float = 1.0) -> torch.Tensor:
+                 num_beams: int = 1, length_penalty: float = 1.0, use_cache: bool = True) -> torch.Tensor:
         """Greedy (num_beams=1) or beam search; (B, <=max_len) ids starting with SOT, 0-padded after EOT.
-        Beams are ranked by log-probability / length**length_penalty."""
+        Beams are ranked by log-probability / length**length_penalty. With `use_cache` (KV cache) each step
+        feeds only the newest token; without, every step re-runs the whole prefix (same ids, kept as the
+        reference the cache is tested against)."""
         max_len = max_len or self.context_length
+        if not 1 <= max_len <= self.context_length:
+            raise ValueError(f"max_len={max_len}: must be in 1..{self.context_length} (the decoder's positions)")
         b, dev = context.size(0), context.device
         k = num_beams
         ctx, ctx_mask = context.repeat_interleave(k, 0), context_mask.repeat_interleave(k, 0)
+        caches = self._start_cache(ctx) if use_cache else None
         seq = torch.full((b * k, 1), self.sot_id, dtype=torch.long, device=dev)
         score = torch.zeros(b, k, device=dev)
         score[:, 1:] = float("-inf")  # all beams start identical: expand only the first
         done = torch.zeros(b * k, dtype=torch.bool, device=dev)
         for _ in range(max_len - 1):
-            logp = self._next_logprobs(seq, ctx, ctx_mask)  # (B*k, V)
+            if caches is None:
+                logp = self._next_logprobs(seq, ctx, ctx_mask)  # (B*k, V)
+            else:
+                logp = self._cached_logprobs(seq, caches, ctx_mask)
             logp[done] = float("-inf")
             logp[done, 0] = 0.0  # finished beams only extend with padding, at no cost
             total = (score.view(-1, 1) + logp).view(b, -1)  # (B, k*V)
@@ -90,6 +115,11 @@ class CaptionDecoder(nn.Module):
             rows = (beam + torch.arange(b, device=dev)[:, None] * k).view(-1)
             seq = torch.cat([seq[rows], token.view(-1, 1)], dim=1)
             done = done[rows] | (token.view(-1) == self.eot_id)
+            if caches is not None and k > 1:
+                # The cache follows its beams. Rows never leave their sample, whose beams share one context:
+                # the context keys/values need no reordering.
+                for cache in caches:
+                    cache["k"], cache["v"] = cache["k"][rows], cache["v"][rows]
             if done.all():
                 break
         lengths = valid_mask(seq, self.eot_id).sum(1).float().view(b, k)

@@ -44,6 +44,24 @@ class Attention(nn.Module):
                                            dropout_p=self.dropout if self.training else 0.0)
         return self.out(y.transpose(1, 2).reshape(b, n, d))
 
+    # Incremental decoding (the caption decoder's KV cache) splits `forward` in two, so that keys and values
+    # are projected once per token (or once per context) and reused at every later step.
+    def keys_values(self, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, N, D) -> keys and values, each (B, heads, N, D / heads), exactly as `forward` computes them."""
+        b, n, _ = context.shape
+        k, v = self.kv(context).view(b, n, 2, self.heads, -1).permute(2, 0, 3, 1, 4)
+        return k, v
+
+    def attend(self, x: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               key_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Queries from x (B, n, D) attend to given keys/values; no causal mask: a cache holds only the past."""
+        b, n, d = x.shape
+        q = self.q(x).view(b, n, self.heads, -1).transpose(1, 2)
+        mask = None if key_mask is None else key_mask[:, None, None, :]
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
+                                           dropout_p=self.dropout if self.training else 0.0)
+        return self.out(y.transpose(1, 2).reshape(b, n, d))
+
 
 class MLP(nn.Module):
     """Dense FFN. Returns a tensor (DeepSpeed calls experts as `expert(x)`); MoE layers return (y, aux)."""
@@ -74,6 +92,22 @@ class Block(nn.Module):
         out = self.ffn(self.ln2(x), key_mask)
         y, aux = out if isinstance(out, tuple) else (out, {})
         return x + y, aux
+
+    def step(self, x: torch.Tensor, cache: dict, context_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """`forward(x, causal=True, ...)` for the newest position only, x (B, 1, D). `cache` holds this block's
+        self-attention keys/values of the earlier positions ("k", "v"; appended here) and, for a cross block,
+        its context's ("context_k", "context_v", from `cross.keys_values` once per generation). Attending to
+        the cached past plus itself is the causal mask's row for this position."""
+        h = self.ln1(x)
+        k, v = self.attn.keys_values(h)
+        if "k" in cache:
+            k, v = torch.cat([cache["k"], k], dim=2), torch.cat([cache["v"], v], dim=2)
+        cache["k"], cache["v"] = k, v
+        x = x + self.attn.attend(h, k, v)
+        if self.cross is not None:
+            x = x + self.cross.attend(self.ln_cross(x), cache["context_k"], cache["context_v"], context_mask)
+        out = self.ffn(self.ln2(x), None)
+        return x + (out[0] if isinstance(out, tuple) else out)
 
 
 class Trunk(nn.Module):
