@@ -1,2 +1,10 @@
 """mmpt: distributed multimodal pretraining with one shared encoder for every modality."""
 __version__ = "0.1.0"
+
+
+def from_pretrained(spec: str):
+    """Load a model: `hf-hub:ORG/NAME[@revision]`, `local-dir:PATH` or a PATH (an export or a run directory).
+    Returns mmpt.hub.Pretrained(model, cfg, tokenizer, preprocess). Imported lazily: `import mmpt` stays light."""
+    from mmpt.hub import from_pretrained as load
+
+    return load(spec)

@@ -1,71 +1,267 @@
-"""Exporting and loading trained models: a run's DeepSpeed checkpoint -> model.safetensors + config.yaml +
-README.md model card, and `load_pretrained` for either a run or an export directory.
+"""Exporting and loading trained models.
 
-    mmpt export --run runs/demo --out exports/demo
+    mmpt export --run runs/demo --out exports/demo --results runs/demo/zeroshot.json runs/demo/retrieval.json
+
+An export directory is what `mmpt push` uploads and `mmpt.from_pretrained` loads (mmpt/hub.py):
+
+    model.safetensors    consolidated fp32 weights from any ZeRO stage, native MoE layout
+    config.json          the resolved run config (plugins included; model.moe.backend as trained)
+    tokenizer.json       which tokenizer: open_clip's BPE (its vocab ships in its wheel) or tokenizer/ (a
+                         HuggingFace tokenizer, save_pretrained)
+    preprocessing.json   per modality of the model: its decoder and the DecodeSpec settings it is given
+    README.md            the model card (model_cards/default.md): metadata, model-index from the eval results
+
+`load_pretrained` reads a run directory (DeepSpeed checkpoints, consolidated) or an export directory.
 """
 from __future__ import annotations
 
+import copy
+import dataclasses
 import json
 from importlib import resources
 from pathlib import Path
 
 import yaml
 
+from mmpt import modality as registry
 from mmpt.config import Config, config_from_dict
-from mmpt.modality import ordered, pair_name
-from mmpt.modality import pairs as modality_pairs
+from mmpt.data.shards import DataError
 from mmpt.model import build_for_run
 from mmpt.train.checkpoint import checkpoint_dir, consolidated_state_dict
 
+WEIGHTS, CONFIG, TOKENIZER, PREPROCESSING, CARD = (
+    "model.safetensors", "config.json", "tokenizer.json", "preprocessing.json", "README.md")
+HF_TOKENIZER_DIR = "tokenizer"
+RUN_CONFIG = "config.yaml"  # a run directory's resolved config (and older exports')
+OPENCLIP = "openclip"
 
-def _load_config(path: Path) -> Config:
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: missing (expected the run's resolved config)")
-    return config_from_dict(yaml.safe_load(path.read_text()))
+
+def read_config(path: Path) -> Config:
+    """config.json of an export, else config.yaml of a run directory (or of an older export)."""
+    if (path / CONFIG).is_file():
+        try:
+            data = json.loads((path / CONFIG).read_text())
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path / CONFIG}: invalid JSON: {e}") from None
+    elif (path / RUN_CONFIG).is_file():
+        data = yaml.safe_load((path / RUN_CONFIG).read_text())
+    else:
+        raise FileNotFoundError(f"{path}: no {CONFIG} or {RUN_CONFIG} (not an export or run directory)")
+    return config_from_dict(data)
+
+
+def native_backend(cfg: Config) -> Config:
+    """A copy of the config building the native MoE layer: same parameters as DeepSpeed's in one layout, and
+    no process group needed (checkpoints are consolidated to it)."""
+    cfg = copy.deepcopy(cfg)
+    cfg.model.moe.backend = "native"
+    return cfg
 
 
 def load_pretrained(path: str | Path, tag: str | None = None):
-    """(model in eval mode, Config) from a run directory (DeepSpeed checkpoints) or an export directory."""
+    """(model in eval mode, Config) from a run directory (DeepSpeed checkpoints) or an export directory.
+    The model is built with the native MoE backend; the returned Config is the saved one."""
     path = Path(path)
-    cfg = _load_config(path / "config.yaml")
-    if (path / "model.safetensors").is_file():
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path}: no such run or export directory")
+    cfg = read_config(path)
+    if (path / WEIGHTS).is_file():
         from safetensors.torch import load_file
 
-        state = load_file(str(path / "model.safetensors"))
+        state = load_file(str(path / WEIGHTS))  # no pickle: safe for downloaded exports
     else:
         state = consolidated_state_dict(checkpoint_dir(path), tag)
-    model = build_for_run(cfg)
-    missing, unexpected = model.load_state_dict(state, strict=True)
-    if missing or unexpected:
-        raise ValueError(f"{path}: checkpoint does not match config.yaml (missing {missing[:3]}, "
-                         f"unexpected {unexpected[:3]})")
+    model = build_for_run(native_backend(cfg))
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        first = str(e).splitlines()[1:2] or [str(e)]
+        raise DataError(f"{path}: weights do not match the saved config: {first[0].strip()}") from None
     return model.eval(), cfg
 
 
-def render_model_card(cfg: Config, n_params: int, results: dict | None) -> str:
+# ---- tokenizer and preprocessing ---------------------------------------------------------------------------
+
+def write_tokenizer(cfg: Config, out: Path) -> dict:
+    """tokenizer.json (+ tokenizer/ for a HuggingFace tokenizer directory); returns what tokenizer.json says."""
+    from mmpt.data.tokenizer import Tokenizer
+
+    tok = Tokenizer(cfg.data.tokenizer, cfg.model.context_length)
+    info = {"kind": OPENCLIP, "context_length": cfg.model.context_length, "sot_id": tok.sot_id,
+            "eot_id": tok.eot_id, "vocab_size": tok.vocab_size}
+    if cfg.data.tokenizer != OPENCLIP:
+        from transformers import AutoTokenizer
+
+        AutoTokenizer.from_pretrained(cfg.data.tokenizer, local_files_only=True).save_pretrained(
+            str(out / HF_TOKENIZER_DIR))
+        info.update(kind="huggingface", path=HF_TOKENIZER_DIR)
+    (out / TOKENIZER).write_text(json.dumps(info, indent=1) + "\n")
+    return info
+
+
+def preprocessing(cfg: Config, tokenizer: str) -> dict:
+    """Per modality: the registry decoder and the DecodeSpec settings it is given (eval mode).
+
+    A DecodeSpec field named after a modality (data.video, data.audio) is that modality's own section, so it
+    is listed under it alone; the others (image_size, context_length, tokenizer) under every modality.
+    `tokenizer` is "openclip" or a directory relative to the export."""
+    from mmpt.data.media import MEAN, STD, DecodeSpec
+
+    spec = {**dataclasses.asdict(DecodeSpec.from_config(cfg)), "tokenizer": tokenizer}
+    entries = {}
+    for name in registry.ordered(cfg.model.modalities):
+        entry = registry.get(name)
+        settings = {k: v for k, v in spec.items() if k not in registry.MODALITIES or k == name}
+        entries[name] = {"decoder": getattr(entry.decode, "__name__", str(entry.decode)),
+                         "extensions": list(entry.extensions), "spec": settings}
+    # CLIP's normalisation of decoded pixels (images and video frames), for tools that decode themselves.
+    return {"modalities": entries, "pixel_mean": list(MEAN), "pixel_std": list(STD)}
+
+
+# ---- model card --------------------------------------------------------------------------------------------
+
+# What a result file measured, from a key it holds (first match wins): the model-index task type and name.
+_TASK_KINDS = (("pair", "{pair}-retrieval", "{pair} retrieval"),
+               ("bleu4", "{modality}-to-text", "{modality} captioning"),
+               ("cider", "{modality}-to-text", "{modality} captioning"),
+               ("top1", "zero-shot-{modality}-classification", "zero-shot {modality} classification"))
+# Counts, settings and per-class detail in result files (mmpt.eval's zero-shot, retrieval, caption): no metric.
+_NOT_METRICS = {"num_samples", "num_classes", "chance_top1", "skipped", "templates", "num_beams", "max_len",
+                "per_class_accuracy"}
+
+
+class _Blank(dict):
+    def __missing__(self, key):
+        return ""
+
+
+def _metrics(result: dict, prefix: str = "") -> list[tuple[str, float]]:
+    """Numeric leaves as (key path, value); nested dicts (retrieval directions) join their keys with '/'."""
+    out = []
+    for key, value in result.items():
+        if key in _NOT_METRICS:
+            continue
+        if isinstance(value, dict):
+            out += _metrics(value, f"{prefix}{key}/")
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            out.append((f"{prefix}{key}", float(value)))
+    return out
+
+
+def _dataset(spec: str) -> str:
+    """A data spec as a short name: its last two path parts (data/demo/val -> demo/val)."""
+    return "/".join(Path(spec).parts[-2:]) if spec else "unknown"
+
+
+def eval_rows(results: list[tuple[str, dict]]) -> list[dict]:
+    """(file stem, result) -> one row per metric: task type and name, dataset, samples, metric, value."""
+    rows = []
+    for stem, result in results:
+        fill = _Blank({k: v for k, v in result.items() if isinstance(v, str)})
+        kind = next((k for k in _TASK_KINDS if k[0] in result), (None, stem, stem))
+        task_type, task = (kind[1].format_map(fill).strip("-"), kind[2].format_map(fill).strip())
+        dataset = _dataset(str(result.get("data") or result.get("dataset") or ""))
+        for metric, value in _metrics(result):
+            rows.append({"task_type": task_type, "task": task, "dataset": dataset, "metric": metric,
+                         "value": value, "samples": result.get("num_samples", "")})
+    return rows
+
+
+def _model_index(name: str, rows: list[dict]) -> list[dict]:
+    groups: dict[tuple, list] = {}
+    for r in rows:
+        groups.setdefault((r["task_type"], r["task"], r["dataset"]), []).append(
+            {"type": r["metric"], "name": r["metric"], "value": r["value"]})
+    results = [{"task": {"type": t, "name": n}, "dataset": {"type": d, "name": d}, "metrics": m}
+               for (t, n, d), m in groups.items()]
+    return [{"name": name, "results": results}]
+
+
+def card_metadata(cfg: Config, rows: list[dict]) -> dict:
+    moe = cfg.model.moe.num_experts > 1
+    tags = ["multimodal", "contrastive", *(["mixture-of-experts"] if moe else []),
+            *registry.ordered(cfg.model.modalities), "mmpt"]
+    meta = {"license": "apache-2.0", "library_name": "mmpt", "tags": tags,
+            "datasets": list(dict.fromkeys(s.name for s in cfg.data.sources))}
+    if rows:
+        meta["model-index"] = _model_index(cfg.name, rows)
+    return meta
+
+
+def _results_table(rows: list[dict]) -> str:
+    if not rows:
+        return "No evaluation results were attached to this export."
+    lines = ["| task | dataset | samples | metric | value |", "|---|---|---|---|---|"]
+    lines += [f"| {r['task']} | {r['dataset']} | {r['samples']} | {r['metric']} | {r['value']:.4f} |" for r in rows]
+    return "\n".join(lines)
+
+
+def _architecture(cfg: Config, info: dict) -> dict:
+    m, moe = cfg.model, cfg.model.moe
+    layers = info["moe_layers"]
+    experts = (f"{moe.num_experts} experts in {len(layers)} of {m.depth} layers ({', '.join(map(str, layers))}); "
+               f"{moe.router} routing, top-{moe.top_k}, capacity factor {moe.capacity_factor} (trained with the "
+               f"{moe.backend} backend)") if moe.num_experts > 1 else "none (dense trunk)"
+    per_modality = "\n".join(f"| {name} | {info['tokens_per_sample'][name]} | {info['gflops_per_sample'][name]:.3f} |"
+                             for name in registry.ordered(m.modalities))
+    return {"width": m.width, "depth": m.depth, "heads": m.heads, "embed_dim": m.embed_dim, "patch": m.patch_size,
+            "image_size": m.image_size, "experts": experts, "decoder": f"{m.decoder_layers} causal text + "
+            f"{m.decoder_cross_layers} cross-attention layers", "per_modality": per_modality,
+            "parameters": f"{info['parameters']:,}", "active": f"{info['active_parameters_per_token']:,}"}
+
+
+def render_model_card(cfg: Config, results: list[tuple[str, dict]] | None = None) -> str:
+    """README.md from model_cards/default.md. results: (file stem, eval result dict) pairs."""
+    from mmpt.model.info import model_info
+
+    rows = eval_rows(results or [])
     template = resources.files("mmpt.model_cards").joinpath("default.md").read_text()
-    rows = "\n".join(f"| {k} | {v:.4f} |" if isinstance(v, float) else f"| {k} | {v} |"
-                     for k, v in (results or {}).items())
-    table = f"| metric | value |\n|---|---|\n{rows}" if rows else "No evaluation results were attached to this export."
-    mods = ordered(cfg.model.modalities)
-    pairs = ", ".join(pair_name(a, b) for a, b in modality_pairs(mods))
-    m = cfg.model
-    return template.format(name=cfg.name, pairs=pairs, modalities=", ".join(mods), width=m.width, depth=m.depth,
-                           heads=m.heads, embed_dim=m.embed_dim, parameters=f"{n_params:,}", steps=cfg.train.steps,
-                           train_data=", ".join(f"{s.name}: {s.shards}" for s in cfg.data.sources), results=table,
-                           config=yaml.safe_dump(cfg.to_dict(), sort_keys=False).strip())
+    mods = registry.ordered(cfg.model.modalities)
+    sources = "\n".join(f"- {s.name} ({registry.pair_name(*s.modalities)}, weight {s.weight}): `{s.shards}`"
+                        for s in cfg.data.sources)
+    return template.format(
+        metadata=yaml.safe_dump(card_metadata(cfg, rows), sort_keys=False).strip(), name=cfg.name,
+        pairs=", ".join(dict.fromkeys(registry.pair_name(*s.modalities) for s in cfg.data.sources)),
+        modalities=", ".join(mods),
+        first=next((x for x in mods if x != registry.TEXT), mods[0]), steps=cfg.train.steps, sources=sources,
+        results=_results_table(rows), config=yaml.safe_dump(cfg.to_dict(), sort_keys=False).strip(),
+        **_architecture(cfg, model_info(cfg)))
 
 
-def export(run_dir: str | Path, out_dir: str | Path, results_path: str | Path | None = None) -> Path:
+def load_results(paths: list[str | Path]) -> list[tuple[str, dict]]:
+    out = []
+    for p in map(Path, paths):
+        try:
+            data = json.loads(p.read_text())
+        except FileNotFoundError:
+            raise FileNotFoundError(f"{p}: no such results file") from None
+        except json.JSONDecodeError as e:
+            raise DataError(f"{p}: invalid JSON: {e}") from None
+        items = data if isinstance(data, list) else [data]
+        if not all(isinstance(x, dict) for x in items):
+            raise DataError(f"{p}: expected an eval result object (or a list of them)")
+        out += [(p.stem, x) for x in items]
+    return out
+
+
+# ---- export ------------------------------------------------------------------------------------------------
+
+def export(run_dir: str | Path, out_dir: str | Path, results: list[str | Path] | str | Path | None = None) -> Path:
+    """A run (or export) directory -> an export directory (see the module docstring). results: eval JSON files
+    whose metrics go into the model card."""
     from safetensors.torch import save_file
 
+    paths = [results] if isinstance(results, (str, Path)) else list(results or [])
+    loaded = load_results(paths)  # before any work: a wrong path is one line
     model, cfg = load_pretrained(run_dir)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    # safetensors refuses shared storage; the tensors here are independent but may be views after loading.
-    save_file({k: v.contiguous().clone() for k, v in model.state_dict().items()}, str(out / "model.safetensors"))
-    (out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-    results = json.loads(Path(results_path).read_text()) if results_path else None
-    n_params = sum(p.numel() for p in model.parameters())
-    (out / "README.md").write_text(render_model_card(cfg, n_params, results))
+    # safetensors refuses shared storage (the caption decoder's tied LM head): save independent copies.
+    state = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
+    save_file(state, str(out / WEIGHTS), metadata={"format": "pt", "library": "mmpt"})
+    (out / CONFIG).write_text(json.dumps(cfg.to_dict(), indent=1) + "\n")
+    info = write_tokenizer(cfg, out)
+    prep = preprocessing(cfg, info.get("path", OPENCLIP))
+    (out / PREPROCESSING).write_text(json.dumps(prep, indent=1) + "\n")
+    (out / CARD).write_text(render_model_card(cfg, loaded))
     return out

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from mmpt.export import load_pretrained
+from mmpt.hub import from_pretrained
 from mmpt.train.checkpoint import latest_tag
 from mmpt.train.runlog import read_metrics
 from tests.conftest import run
@@ -66,12 +67,24 @@ def test_train_checkpoint_resume_eval_export(demo_data, tmp_path):
     proc = run([sys.executable, "-m", "mmpt.cli", "export", "--run", str(out), "--out", str(export_dir),
                 "--results", str(result_path)])
     assert proc.returncode == 0, proc.stderr[-3000:]
-    card = (export_dir / "README.md").read_text()
-    assert "| top1 |" in card and "library_name: mmpt" in card
-    from_run, _ = load_pretrained(out)
-    from_export, _ = load_pretrained(export_dir)
-    images = torch.randn(2, 3, 32, 32)
-    torch.testing.assert_close(from_run.encode("image", images)["emb"], from_export.encode("image", images)["emb"])
+    assert {"model.safetensors", "config.json", "tokenizer.json", "preprocessing.json", "README.md"} <= {
+        p.name for p in export_dir.iterdir()}
+    from huggingface_hub import ModelCard
+
+    card = ModelCard.load(export_dir / "README.md")
+    assert card.data.library_name == "mmpt" and "mixture-of-experts" in card.data.tags
+    top1 = {(r.task_type, r.metric_type): r.metric_value for r in card.data.eval_results}
+    assert top1[("zero-shot-image-classification", "top1")] == result["top1"]
+    # The DeepSpeed ZeRO-2 checkpoint, consolidated, and the export give the same embeddings for every modality.
+    from_run, cfg = load_pretrained(out)
+    pretrained = from_pretrained(str(export_dir))
+    torch.manual_seed(0)
+    inputs = {"image": torch.randn(2, 3, 32, 32), "video": torch.randn(2, 8, 3, 32, 32),
+              "audio": torch.randn(2, 1, 98, 128), "text": pretrained.tokenizer(["a seven", "the number 3"])}
+    assert sorted(inputs) == sorted(cfg.model.modalities)
+    with torch.no_grad():
+        for m, x in inputs.items():
+            torch.testing.assert_close(from_run.encode(m, x)["emb"], pretrained.model.encode(m, x)["emb"])
 
 
 @pytest.mark.slow

@@ -1,0 +1,253 @@
+"""Publishing exports to a Hugging Face Hub and loading models back.
+
+    push("exports/demo", "my-org/mmpt-demo")                 # create_repo(exist_ok) + upload_folder
+    pretrained = mmpt.from_pretrained("hf-hub:my-org/mmpt-demo")
+    emb = pretrained.model.encode("image", pretrained.preprocess["image"](jpeg_bytes)[None])["emb"]
+
+A model spec is `hf-hub:ORG/NAME[@revision]` (snapshot_download of an export), `local-dir:PATH` (an export
+directory), or a PATH (an export or a run directory). Downloaded weights are read with safetensors only:
+nothing fetched from a hub is unpickled. The token comes from `token=`, else huggingface_hub's usual sources
+(HF_TOKEN, `huggingface-cli login`); error messages never contain it. HF_ENDPOINT points huggingface_hub at
+another server (tests/hub_server.py is a local test double).
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import random
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mmpt import modality as registry
+from mmpt.config import Config
+from mmpt.data.shards import DataError
+from mmpt.export import (
+    CARD,
+    CONFIG,
+    HF_TOKENIZER_DIR,
+    OPENCLIP,
+    PREPROCESSING,
+    TOKENIZER,
+    WEIGHTS,
+    load_pretrained,
+)
+
+HF_HUB, LOCAL_DIR = "hf-hub:", "local-dir:"
+# What a download fetches: an export's files only (a repo's pickled checkpoints, if any, stay on the hub).
+EXPORT_PATTERNS = [WEIGHTS, CONFIG, TOKENIZER, PREPROCESSING, CARD, f"{HF_TOKENIZER_DIR}/*"]
+_REPO = re.compile(r"[\w.-]+/[\w.-]+")
+
+
+class HubError(DataError):
+    """A hub request failed (HTTP error, connection, bad repo id): one line, never the token."""
+
+
+def _describe(error: Exception, token: Optional[str] = None) -> str:
+    """One line for a failed hub call (huggingface_hub's messages span lines), with every token replaced."""
+    import requests
+    from huggingface_hub import constants, get_token
+    from huggingface_hub.errors import LocalEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError
+
+    status = getattr(getattr(error, "response", None), "status_code", None)
+    first = next((s.strip() for s in str(error).splitlines() if s.strip()), type(error).__name__)
+    if isinstance(error, RevisionNotFoundError):
+        line = f"revision not found (HTTP {status})"
+    elif isinstance(error, RepositoryNotFoundError):
+        line = f"repository not found, or private and the token cannot read it (HTTP {status})"
+    elif isinstance(error, LocalEntryNotFoundError):
+        line = f"cannot reach {constants.ENDPOINT}, and no earlier download is cached"
+    elif status is None and isinstance(error, requests.exceptions.RequestException):
+        line = f"cannot reach {constants.ENDPOINT} ({type(error).__name__})"
+    else:
+        line = first + (" (check the token: HF_TOKEN or `huggingface-cli login`)" if status in (401, 403) else "")
+    for secret in (token, get_token()):
+        if secret:
+            line = line.replace(secret, "***")
+    return line
+
+
+def _hub_errors() -> tuple:
+    import requests
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    return HfHubHTTPError, LocalEntryNotFoundError, requests.exceptions.RequestException, ValueError
+
+
+def push(export_dir: str | Path, repo: str, private: bool = False, revision: str | None = None,
+         token: str | None = None) -> str:
+    """Upload an export directory to ORG/NAME (created if missing) on `revision` (a branch, created from main
+    if missing; default main). Returns the commit URL."""
+    export_dir = Path(export_dir)
+    if not (export_dir / WEIGHTS).is_file() or not (export_dir / CONFIG).is_file():
+        raise FileNotFoundError(f"{export_dir}: not an export directory (no {WEIGHTS} / {CONFIG}; run `mmpt export`)")
+    if not _REPO.fullmatch(repo):
+        raise DataError(f"repo '{repo}': expected ORG/NAME")
+    from huggingface_hub import HfApi
+
+    api = HfApi(token=token)
+    try:
+        api.create_repo(repo, private=private, exist_ok=True)
+        if revision:
+            api.create_branch(repo, branch=revision, exist_ok=True)
+        info = api.upload_folder(repo_id=repo, folder_path=str(export_dir), revision=revision,
+                                 commit_message=f"mmpt export {export_dir.name}")
+    except _hub_errors() as e:
+        raise HubError(f"push to {repo} failed: {_describe(e, token)}") from None
+    return info.commit_url
+
+
+# ---- loading -----------------------------------------------------------------------------------------------
+
+def _download(ref: str) -> Path:
+    repo, _, revision = ref.partition("@")
+    if not _REPO.fullmatch(repo):
+        raise DataError(f"{HF_HUB}{ref}: expected {HF_HUB}ORG/NAME[@revision]")
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(repo, revision=revision or None, allow_patterns=EXPORT_PATTERNS))
+    except _hub_errors() as e:
+        raise HubError(f"{HF_HUB}{ref}: download failed: {_describe(e)}") from None
+
+
+def resolve_spec(spec: str) -> tuple[Path, bool]:
+    """(local directory, whether it must be an export) for a model spec; downloads hf-hub specs."""
+    if spec.startswith(HF_HUB):
+        return _download(spec[len(HF_HUB):]), True
+    if spec.startswith(LOCAL_DIR):
+        return Path(spec[len(LOCAL_DIR):]), True
+    scheme = re.match(r"([A-Za-z][\w+.-]+):", spec)  # two letters at least: C:\ stays a path
+    if scheme and not Path(spec).exists():
+        raise DataError(f"model spec '{spec}': unknown scheme '{scheme.group(1)}:' (use {HF_HUB}ORG/NAME[@revision], "
+                        f"{LOCAL_DIR}PATH or a directory)")
+    return Path(spec), False
+
+
+def _tokenizer_name(path: Path, cfg) -> str:
+    """The tokenizer an export ships (tokenizer.json), else the run config's."""
+    if not (path / TOKENIZER).is_file():
+        return cfg.data.tokenizer
+    info = json.loads((path / TOKENIZER).read_text())
+    if info.get("context_length") != cfg.model.context_length:
+        raise DataError(f"{path / TOKENIZER}: context_length {info.get('context_length')} but the config has "
+                        f"{cfg.model.context_length}")
+    return OPENCLIP if info.get("kind") == OPENCLIP else str(path / info.get("path", HF_TOKENIZER_DIR))
+
+
+def _load(spec: str):
+    path, export_only = resolve_spec(str(spec))
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path}: no such export or run directory")
+    if export_only and not (path / WEIGHTS).is_file():
+        raise FileNotFoundError(f"{spec}: no {WEIGHTS} (an export made by `mmpt export` is needed)")
+    model, cfg = load_pretrained(path)
+    # An export's HuggingFace tokenizer is its tokenizer/ copy, wherever the training run read it from.
+    cfg.data.tokenizer = _tokenizer_name(path, cfg)
+    return path, model, cfg
+
+
+def load_model(spec: str):
+    """(model in eval mode, Config) for the CLI's --model: any spec; run directories consolidate checkpoints.
+    cfg.data.tokenizer names the tokenizer shipped with an export."""
+    _, model, cfg = _load(spec)
+    return model, cfg
+
+
+class TextTokenizer:
+    """texts (a string or a list) -> (N, context_length) int64 token ids, as training tokenized captions."""
+
+    def __init__(self, name: str, context_length: int):
+        from mmpt.data.tokenizer import get_tokenizer
+
+        self.name, self.context_length = name, context_length
+        self._tok = get_tokenizer(name, context_length)
+
+    def __call__(self, texts) -> torch.Tensor:
+        return self._tok.batch([texts] if isinstance(texts, str) else list(texts))
+
+
+def decode_spec(settings: dict, tokenizer: str):
+    """A DecodeSpec from preprocessing.json settings; fields left out keep their defaults."""
+    from mmpt.data.media import DecodeSpec
+
+    base, kwargs = DecodeSpec(), {}
+    for f in dataclasses.fields(DecodeSpec):
+        if f.name in settings:
+            default = getattr(base, f.name)
+            value = settings[f.name]
+            kwargs[f.name] = type(default)(**value) if dataclasses.is_dataclass(default) else value
+    return DecodeSpec(**{**kwargs, "tokenizer": tokenizer})
+
+
+def _decode(decoder: Callable, spec, data: bytes) -> torch.Tensor:
+    return decoder(data, spec, False, random.Random(0))  # eval mode: centre crops, no augmentation
+
+
+def _preprocessors(path: Path, cfg) -> dict:
+    from mmpt.data.media import DecodeSpec
+
+    saved = path / PREPROCESSING
+    entries = json.loads(saved.read_text())["modalities"] if saved.is_file() else {}
+    run_spec = DecodeSpec.from_config(cfg)  # a run directory: the run config's settings
+    specs = {m: decode_spec(entries[m]["spec"], cfg.data.tokenizer) if m in entries else run_spec
+             for m in cfg.model.modalities}
+    return {m: functools.partial(_decode, registry.get(m).decode, specs[m]) for m in registry.ordered(specs)}
+
+
+@dataclass
+class Pretrained:
+    """A loaded model: `model.encode(modality, x)` with x = `preprocess[modality](file bytes)[None]`, or for text
+    `tokenizer(texts)`."""
+    model: nn.Module
+    cfg: Config
+    tokenizer: TextTokenizer
+    preprocess: dict
+    path: Optional[Path] = None
+
+
+def from_pretrained(spec: str) -> Pretrained:
+    """Load `hf-hub:ORG/NAME[@revision]`, `local-dir:PATH` or a PATH (export or run directory)."""
+    path, model, cfg = _load(spec)
+    tokenizer = TextTokenizer(cfg.data.tokenizer, cfg.model.context_length)
+    return Pretrained(model, cfg, tokenizer, _preprocessors(path, cfg), path)
+
+
+class OpenClipModel(nn.Module):
+    """An mmpt model seen as an open_clip CLIP model (encode_image / encode_text / logit_scale / forward), so
+    tools written for open_clip models (open_clip.build_zero_shot_classifier, ...) take it. "Images" are
+    whichever modality is paired with text (default image)."""
+
+    def __init__(self, pretrained: Pretrained, modality: str = "image"):
+        super().__init__()
+        self.model, self.modality = pretrained.model, modality
+        self.pair = registry.pair_name(modality, registry.TEXT)
+        self.tokenizer, self.preprocess = pretrained.tokenizer, pretrained.preprocess[modality]
+
+    def _encode(self, modality: str, x: torch.Tensor, normalize: bool) -> torch.Tensor:
+        emb = self.model.encode(modality, x)["emb"]
+        return F.normalize(emb, dim=-1) if normalize else emb
+
+    def encode_image(self, images: torch.Tensor, normalize: bool = False) -> torch.Tensor:
+        return self._encode(self.modality, images, normalize)
+
+    def encode_text(self, text: torch.Tensor, normalize: bool = False) -> torch.Tensor:
+        return self._encode(registry.TEXT, text, normalize)
+
+    @property
+    def logit_scale(self) -> torch.Tensor:
+        """Log temperature, as open_clip's parameter (tools call .exp()); clamped as mmpt's forward clamps it."""
+        return self.model.logit_scale(self.pair).log()
+
+    def forward(self, image: Optional[torch.Tensor] = None, text: Optional[torch.Tensor] = None):
+        """open_clip's tuple: (image features, text features, logit scale), features unit-norm."""
+        image_features = self.encode_image(image, normalize=True) if image is not None else None
+        text_features = self.encode_text(text, normalize=True) if text is not None else None
+        return image_features, text_features, self.logit_scale.exp()
