@@ -100,3 +100,33 @@ def test_build_needs_manifest_or_folder(tmp_path):
     assert proc.returncode == 2 and "exactly one of --manifest or --folder" in proc.stderr
     proc = mmpt("shards", "build", "--manifest", tmp_path / "none.csv", "--out", tmp_path, "--prefix", "x")
     assert proc.returncode == 2 and "none.csv: no such file" in proc.stderr
+
+
+def test_label_only_samples_build_and_check_for_imagefolder_eval_sets(tmp_path):
+    for cls, value in (("cats", 10), ("dogs", 200)):
+        (tmp_path / "src" / cls).mkdir(parents=True)
+        for i in range(2):
+            (tmp_path / "src" / cls / f"{i}.png").write_bytes(png_bytes(value=value + i))  # no captions
+    proc = mmpt("shards", "build", "--folder", tmp_path / "src", "--labels-from-folders", "--out", tmp_path / "out",
+                "--prefix", "pets", "--no-shuffle")
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["written"] == 4
+    check = mmpt("shards", "check", tmp_path / "out", "--json")
+    assert check.returncode == 0, check.stdout
+    report = json.loads(check.stdout)
+    assert report["bad"] == 0 and report["samples_per_modality"] == {"image": 4}
+    # Without a label one modality is still too few, in a manifest and in shards; a label must be an index.
+    (tmp_path / "m.jsonl").write_text('{"image": "src/cats/0.png"}\n{"image": "src/cats/1.png", "label": "cat"}\n'
+                                      '{"image": "src/dogs/0.png", "label": 1}\n')
+    summary = json.loads(mmpt("shards", "build", "--manifest", tmp_path / "m.jsonl", "--out", tmp_path / "m",
+                              "--prefix", "m").stdout)
+    assert summary["written"] == 1 and summary["refused"] == {"fewer_than_two_modalities": 1, "bad_label": 1}
+    import webdataset as wds
+
+    (tmp_path / "s").mkdir()
+    with wds.TarWriter(str(tmp_path / "s" / "x-000000.tar")) as w:
+        w.write({"__key__": "labelled", "png": png_bytes(), "json": {"label": 3}})
+        w.write({"__key__": "bare", "png": png_bytes(), "json": {"source": "somewhere"}})
+    (tmp_path / "s" / "sizes.json").write_text('{"x-000000.tar": 2}')
+    report = json.loads(mmpt("shards", "check", tmp_path / "s", "--json").stdout)
+    assert [(b["key"], b["reason"]) for b in report["bad_samples"]] == [("bare", "fewer_than_two_modalities")]

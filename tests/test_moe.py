@@ -151,3 +151,44 @@ def test_named_configs_match_documented_parameter_counts():
     assert set(rows) >= {"demo", "imp_b16", "imp_moe_b16", "imp_moe_l16"}
     for name, documented in rows.items():
         assert model_info(load_config(name))["parameters"] == int(documented.replace(",", "")), name
+
+
+@pytest.mark.parametrize("router, k", [("token_choice", 1), ("token_choice", 2), ("expert_choice", 1)])
+def test_eval_routing_is_per_token_and_dropless(router, k):
+    from mmpt.config import MoEConfig
+    from mmpt.model.routing import eval_routing
+
+    # Training routing at this capacity drops tokens (and expert choice ranks tokens against each other).
+    cfg = MoEConfig(num_experts=4, top_k=k, router=router, capacity_factor=0.5, eval_capacity_factor=0.5)
+    torch.manual_seed(0)
+    layer = NativeMoE(cfg, 16, 32)
+    x = torch.randn(6, 5, 16)
+    mask = torch.ones(6, 5, dtype=torch.bool)
+    mask[1, 3:] = False  # padding, as text batches have
+    with torch.no_grad():
+        _, train_aux = layer(x, mask)
+        assert float(train_aux["dropped_rate"]) > 0  # training behaviour unchanged
+        full, aux = layer.eval()(x, mask)
+        alone = [layer(x[i:i + 1, j:j + 1])[0][0, 0] for i in range(6) for j in range(5) if mask[i, j]]
+    assert float(aux["dropped_rate"]) == 0
+    # The same experts and gates alone as in the batch; outputs equal up to matmul rounding over other shapes.
+    torch.testing.assert_close(torch.stack(alone), full[mask], rtol=1e-5, atol=1e-6)
+    logits = torch.randn(7, 4)
+    batch = eval_routing(logits, router, k, 0.5)
+    for t in range(7):
+        one = eval_routing(logits[t:t + 1], router, k, 0.5)
+        assert batch.expert[batch.token == t].tolist() == one.expert.tolist()
+        assert torch.equal(batch.gate[batch.token == t], one.gate)
+
+
+def test_expert_choice_eval_falls_back_to_top_k_token_choice_with_router_probabilities():
+    from mmpt.model.routing import eval_routing
+
+    logits = torch.randn(9, 4)
+    r = eval_routing(logits, "expert_choice", k=1, eval_capacity_factor=2.0)  # k = round(2.0) experts per token
+    assert int(r.dropped) == 0 and torch.bincount(r.token, minlength=9).tolist() == [2] * 9
+    top = logits.softmax(-1).topk(2, dim=-1)
+    for t in range(9):
+        assert sorted(r.expert[r.token == t].tolist()) == sorted(top.indices[t].tolist())
+        torch.testing.assert_close(r.gate[r.token == t].sum(), top.values[t].sum())  # not renormalised
+    assert torch.bincount(eval_routing(logits, "expert_choice", 1, 9.0).token).tolist() == [4] * 9  # at most E

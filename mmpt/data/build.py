@@ -5,9 +5,11 @@
 
 Manifest columns: one per modality (`image`, `video`, `audio`, ... paths relative to the manifest; `text` the
 caption itself), `label`, and any other metadata (kept in the sample's json). A folder layout groups files by
-path without extension: `cats/001.jpg` + `cats/001.txt` (+ `cats/001.json`) make one sample; with --labels-from-folders the parent
-folder names become class labels (sorted, numbered from 0). Each media file is probed with the same real
-decoders training uses, so a file that would fail in training is refused here, not three days in.
+path without extension: `cats/001.jpg` + `cats/001.txt` (+ `cats/001.json`) make one sample; with
+--labels-from-folders the parent folder names become class labels (sorted, numbered from 0), and a lone media
+file (no caption) makes a label-only sample, as an ImageFolder-style eval set needs. A row needs two
+modalities, or one and a label. Each media file is probed with the same real decoders training uses, so a
+file that would fail in training is refused here, not three days in.
 """
 from __future__ import annotations
 
@@ -15,9 +17,9 @@ import json
 import os
 import random
 from collections import Counter
+from collections.abc import Iterator
 from multiprocessing import Pool
 from pathlib import Path
-from typing import Iterator
 
 from mmpt import modality
 from mmpt.data.media import BadSample
@@ -88,11 +90,16 @@ def encode_row(job: tuple) -> tuple:
         if not content:
             return "refused", f"empty_{name}", str(next(iter(files.values()), index))
         sample[modality.MODALITIES[name].extensions[0]] = content
-    if sum(k != "__key__" for k in sample) < 2:
-        return "refused", "fewer_than_two_modalities", str(index)
     meta = {k: v for k, v in row.items() if k not in modality.MODALITIES}
-    if meta.get("label") not in (None, ""):
-        meta["label"] = int(meta["label"])
+    labelled = meta.get("label") not in (None, "")
+    if labelled:
+        try:
+            meta["label"] = int(meta["label"])
+        except (TypeError, ValueError):
+            return "refused", "bad_label", f"{index}: label {meta['label']!r} is not a class index"
+    # Two modalities make a training pair; one media file with a label is a classification eval sample.
+    if sum(k != "__key__" for k in sample) < (1 if labelled else 2):
+        return "refused", "fewer_than_two_modalities", str(index)
     sample["json"] = meta
     return "ok", sample
 

@@ -7,6 +7,9 @@
 - `deepspeed`: `deepspeed.moe.layer.MoE` with expert parallelism (`model.moe.ep_size`), ZeRO <= 2.
 
 Both return (y, aux): the same routing semantics, the same auxiliary losses (mmpt.model.routing) and metrics.
+At eval the native layer routes per token and dropless (`mmpt.model.routing.eval_routing`: expert choice falls
+back to top-k token choice), so a token's output does not depend on its batch; the deepspeed layer keeps
+DeepSpeed's own eval gating (capacity from `eval_capacity_factor`, dropping when `drop_tokens`).
 """
 from __future__ import annotations
 
@@ -16,11 +19,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mmpt.model.routing import aux_losses, expert_choice_routing, top_k_routing, valid_tokens
+from mmpt.model.routing import aux_losses, eval_routing, expert_choice_routing, top_k_routing, valid_tokens
 from mmpt.model.trunk import MLP
 
 
-def route(logits: torch.Tensor, cfg, training: bool):
+def route(logits: torch.Tensor, cfg, training: bool, per_token_eval: bool = True):
+    """The routing of one call. per_token_eval=False: eval as DeepSpeed's gate does it (its metrics say so)."""
+    if not training and per_token_eval:
+        return eval_routing(logits, cfg.router, cfg.top_k, cfg.eval_capacity_factor)
     factor = cfg.capacity_factor if training else cfg.eval_capacity_factor
     if cfg.router == "expert_choice":
         return expert_choice_routing(logits, factor)
@@ -96,7 +102,7 @@ class DeepSpeedMoE(nn.Module):
         tokens, _ = valid_tokens(x, key_mask)
         logits = F.linear(tokens.float(), self.router_weight.float())
         # DeepSpeed's own l_aux is the same Switch balance term; ours is used so both backends train alike.
-        return y, aux_losses(logits, route(logits, self.cfg, self.training), self.cfg)
+        return y, aux_losses(logits, route(logits, self.cfg, self.training, per_token_eval=False), self.cfg)
 
 
 def make_ffn(model_cfg, layer: int) -> nn.Module:

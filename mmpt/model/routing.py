@@ -4,6 +4,17 @@ auxiliary losses and per-call metrics. Pure functions of router logits; the laye
 Token choice follows Switch/GShard and DeepSpeed: capacity C = ceil(S / E * capacity_factor) per expert (k times
 that for k choices), first choices of all tokens claim slots before second choices, in token order.
 Expert choice (Zhou et al. 2022, encoder only): each expert takes its top-C tokens by router probability.
+
+At eval (`eval_routing`, what the layers call when `not self.training`) routing is per token and dropless, so a
+token's output never depends on the other tokens in the batch — zero-shot and retrieval results are the same
+whatever the eval batch size, batch composition or number of ranks:
+- token choice: top-k as in training, but no capacity (C = the busiest expert's load): nothing is dropped,
+  whatever `drop_tokens` and `eval_capacity_factor` say;
+- expert choice: an expert's top-C pick ranks a token against the whole batch, so eval falls back to per-token
+  top-k token choice with k = max(1, round(eval_capacity_factor)) (at most E): in expert choice a token gets
+  `capacity_factor` experts on average, and its gates stay the raw router probabilities, as expert choice
+  trains them (not renormalised over the k choices).
+Training routing is unchanged.
 """
 from __future__ import annotations
 
@@ -28,12 +39,14 @@ def capacity(tokens: int, experts: int, factor: float, k: int = 1) -> int:
     return max(1, math.ceil(tokens / experts * factor * k))
 
 
-def top_k_routing(logits: torch.Tensor, k: int, capacity_factor: float, drop_tokens: bool = True) -> Routing:
-    """logits (S, E) fp32 of valid tokens only. Gates of the k choices are renormalised to sum to 1 (k > 1)."""
+def top_k_routing(logits: torch.Tensor, k: int, capacity_factor: float, drop_tokens: bool = True,
+                  renormalize: bool = True) -> Routing:
+    """logits (S, E) fp32 of valid tokens only. Gates of the k choices are renormalised to sum to 1 (k > 1)
+    unless `renormalize` is False (they stay router probabilities)."""
     s, e = logits.shape
     probs = logits.softmax(-1)
     top_p, top_e = probs.topk(k, dim=-1)  # (S, k)
-    if k > 1:
+    if k > 1 and renormalize:
         top_p = top_p / top_p.sum(-1, keepdim=True).clamp_min(torch.finfo(top_p.dtype).eps)
     # Choice-major order: every token's first choice is placed before any second choice.
     expert = top_e.t().reshape(-1)
@@ -56,6 +69,15 @@ def expert_choice_routing(logits: torch.Tensor, capacity_factor: float) -> Routi
     picked = torch.zeros(s, dtype=torch.bool, device=logits.device)
     picked[token.reshape(-1)] = True
     return Routing(token.reshape(-1), expert.reshape(-1), gate.reshape(-1), (~picked).sum(), cap)
+
+
+def eval_routing(logits: torch.Tensor, router: str, k: int, eval_capacity_factor: float) -> Routing:
+    """Per-token, dropless routing for eval (see the module docstring): each token's experts and gates are a
+    function of its own logits only."""
+    if router == "expert_choice":
+        per_token = min(logits.size(1), max(1, round(eval_capacity_factor)))
+        return top_k_routing(logits, per_token, eval_capacity_factor, drop_tokens=False, renormalize=False)
+    return top_k_routing(logits, k, eval_capacity_factor, drop_tokens=False)
 
 
 def entropy(p: torch.Tensor, dim: int = -1) -> torch.Tensor:

@@ -1,0 +1,138 @@
+"""Retrieval in both directions over paired samples: R@1/5/10 and median rank for any pair the model has.
+
+    mmpt eval retrieval --model runs/demo --pair image-text
+    run_retrieval(model, cfg, ["image", "text"], "data/demo/val")
+    -> {"pair": "image-text", "num_samples": 297, "image_to_text": {"R@1": .., "R@5": .., "R@10": ..,
+        "median_rank": ..}, "text_to_image": {...}, "skipped": 0, "data": "data/demo/val"}
+
+Each sample's positive is its own partner (a text's is its own caption, one caption per sample); every other
+sample of the set is a negative. The rank of a query is 1 + the number of candidates scoring above its
+positive; candidates within `TIE` of the positive's cosine similarity count as ties, and ties go to the query:
+duplicate captions ("the number 7 written by hand") embed identically, and floating-point noise from how
+samples were batched must not reorder them.
+
+Ranks are computed here with torch, not torchmetrics: torchmetrics' retrieval metrics take every query's
+scores as a flat (query, candidate) list of N² predictions plus N² targets and indexes, sort each group, and
+have no median rank; with one positive per query the positive's rank gives R@k and the median directly, and
+the similarity matrix is computed in blocks of queries, never N² at once. The tests check these ranks against
+torchmetrics' RetrievalRecall.
+
+Under torch.distributed every rank embeds its split; the embeddings are gathered (all_gather, padded to the
+largest split) with their keys (all_gather_object), deduplicated by `__key__` and ordered by key, so each
+sample counts once and every rank computes the same result as one process.
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from mmpt import modality as registry
+from mmpt.data.shards import DataError
+from mmpt.distributed import collective_device, dist_info
+from mmpt.eval.data import check_model, eval_batches, model_inputs, skipped_count
+
+KS = (1, 5, 10)
+TIE = 1e-6  # cosine similarities this close to the positive's count as ties (won by the query)
+QUERY_BLOCK = 1024
+
+
+def positive_ranks(sim: torch.Tensor, offset: int = 0, tie: float = TIE) -> torch.Tensor:
+    """sim (Q, N): query i's positive is column offset + i. 1-based ranks (Q,)."""
+    rows = torch.arange(sim.size(0), device=sim.device)
+    positive = sim[rows, rows + offset]
+    return (sim > positive[:, None] + tie).sum(1) + 1
+
+
+def rank_metrics(ranks: torch.Tensor, ks: tuple = KS) -> dict:
+    """R@k (fraction of queries whose positive is in the top k) and the median rank (the mean of the two
+    middle ranks for an even count)."""
+    ranks = ranks.double()
+    result = {f"R@{k}": float((ranks <= k).double().mean()) for k in ks}
+    ordered = ranks.sort().values
+    n = ordered.numel()
+    result["median_rank"] = float((ordered[(n - 1) // 2] + ordered[n // 2]) / 2)
+    return result
+
+
+def retrieval_metrics(sim: torch.Tensor, tie: float = TIE) -> tuple[dict, dict]:
+    """A square similarity matrix (rows: side a, columns: side b, positives on the diagonal) -> the metrics
+    of a -> b (rows as queries) and of b -> a (columns as queries)."""
+    if sim.dim() != 2 or sim.size(0) != sim.size(1):
+        raise ValueError(f"retrieval needs a square similarity matrix, got {tuple(sim.shape)}")
+    return rank_metrics(positive_ranks(sim, tie=tie)), rank_metrics(positive_ranks(sim.t(), tie=tie))
+
+
+def embedding_ranks(queries: torch.Tensor, candidates: torch.Tensor, block: int = QUERY_BLOCK) -> torch.Tensor:
+    """Ranks of each query's positive (same index) among all candidates, `block` queries at a time."""
+    return torch.cat([positive_ranks(queries[i:i + block] @ candidates.t(), offset=i)
+                      for i in range(0, queries.size(0), block)])
+
+
+@torch.no_grad()
+def embed_pairs(model, batches, a: str, b: str) -> tuple[list, torch.Tensor, torch.Tensor, int]:
+    """This rank's keys and unit embeddings of both sides (float32, CPU), and the samples skipped."""
+    keys, emb_a, emb_b, skipped = [], [], [], 0
+    for batch in tqdm(batches, desc=f"retrieval {a}-{b}", leave=False, disable=dist_info()[0] != 0):
+        skipped += skipped_count(batch)
+        if not batch["__key__"]:
+            continue
+        keys += batch["__key__"]
+        for name, out in ((a, emb_a), (b, emb_b)):
+            out.append(F.normalize(model.encode(name, model_inputs(model, batch, name))["emb"].float(), dim=-1).cpu())
+    dim = model.cfg.embed_dim if hasattr(model, "cfg") else 0
+    empty = torch.zeros(0, dim)
+    return keys, torch.cat(emb_a) if emb_a else empty, torch.cat(emb_b) if emb_b else empty, skipped
+
+
+def _all_gather_padded(x: torch.Tensor, sizes: list) -> list:
+    """Every rank's (n_r, D) tensor, sent padded to the largest n_r (all_gather needs equal shapes)."""
+    device, longest = collective_device(), max(sizes)
+    padded = torch.zeros(longest, x.size(1), dtype=x.dtype, device=device)
+    padded[:x.size(0)] = x.to(device)
+    parts = [torch.empty_like(padded) for _ in sizes]
+    dist.all_gather(parts, padded)
+    return [p[:n].cpu() for p, n in zip(parts, sizes, strict=True)]
+
+
+def gather_unique(keys: list, emb_a: torch.Tensor, emb_b: torch.Tensor, skipped: int):
+    """All ranks' samples, each key once (the first seen), ordered by key; and the total skipped."""
+    if dist.is_available() and dist.is_initialized():
+        gathered: list = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, (keys, emb_a.size(1), skipped))
+        sizes = [len(k) for k, _, _ in gathered]
+        dim = max(d for _, d, _ in gathered)
+        keys = [key for k, _, _ in gathered for key in k]
+        skipped = sum(s for _, _, s in gathered)
+        emb_a = torch.cat(_all_gather_padded(emb_a.reshape(-1, dim), sizes))
+        emb_b = torch.cat(_all_gather_padded(emb_b.reshape(-1, dim), sizes))
+    first = {}
+    for i, key in enumerate(keys):
+        first.setdefault(key, i)
+    order = torch.tensor([first[k] for k in sorted(first)], dtype=torch.long)
+    return sorted(first), emb_a[order], emb_b[order], skipped
+
+
+def run_retrieval(model, cfg, modalities: list, data: str, batch_size: int | None = None,
+                  workers: int | None = None) -> dict:
+    """Retrieval between two modalities of paired samples in `data` (shards, folder or manifest) in both
+    directions. Defaults: cfg.eval.batch_size, cfg.eval.workers. Every rank returns the same dict."""
+    if len(modalities) != 2 or len(set(modalities)) != 2:
+        raise DataError(f"retrieval needs two different modalities, got {list(modalities)}")
+    a, b = registry.ordered(modalities)
+    check_model(model, cfg, [a, b], "retrieval")
+    batch_size = batch_size or cfg.eval.batch_size
+    workers = cfg.eval.workers if workers is None else workers
+    was_training = model.training
+    model.eval()
+    try:
+        local = embed_pairs(model, eval_batches(data, [a, b], cfg, batch_size, workers, labels=False), a, b)
+    finally:
+        model.train(was_training)
+    keys, emb_a, emb_b, skipped = gather_unique(*local)
+    if not keys:
+        raise DataError(f"retrieval {data}: no samples with both {a} and {b} (an empty eval set; {skipped} skipped)")
+    return {"pair": registry.pair_name(a, b), "num_samples": len(keys),
+            f"{a}_to_{b}": rank_metrics(embedding_ranks(emb_a, emb_b)),
+            f"{b}_to_{a}": rank_metrics(embedding_ranks(emb_b, emb_a)), "skipped": skipped, "data": data}
