@@ -1,5 +1,6 @@
 # Two commands do all set-up on a fresh machine (see README):
-#   make demo   install, build the embedded demo shards, train with torchrun on 2 processes, zero-shot eval
+#   make demo   install, build the embedded demo shards, train with torchrun on 2 processes, zero-shot and
+#               retrieval evals
 #   make test   install, run the test suite
 #   make lint   install, ruff check + mypy on the typed modules (CI runs it before the tests)
 # Both are idempotent: the venv is reinstalled only when pyproject.toml or constraints.txt change, demo
@@ -33,11 +34,18 @@ $(STAMP): pyproject.toml constraints.txt
 demo: $(STAMP)
 	$(BIN)/python data_pipelines/demo_digits.py --out data/demo
 	PATH=$(BIN):$$PATH NPROC=$(NPROC) launchers/torchrun.sh train --config demo train.out_dir=$(RUN)
-	$(BIN)/mmpt eval zeroshot --run $(RUN) --out $(RUN)/zeroshot.json
-	$(BIN)/mmpt eval zeroshot --run $(RUN) --modality audio --data data/demo/speech-val \
+	$(BIN)/mmpt eval zeroshot --model $(RUN) --out $(RUN)/zeroshot.json
+	$(BIN)/mmpt eval zeroshot --model $(RUN) --modality audio --data data/demo/speech-val \
 	  --classes data/demo/speech-classes.json --out $(RUN)/zeroshot_audio.json
-	$(BIN)/mmpt eval zeroshot --run $(RUN) --modality video --data data/demo/motion-val \
+	$(BIN)/mmpt eval zeroshot --model $(RUN) --modality video --data data/demo/motion-val \
 	  --classes data/demo/motion-classes.json --out $(RUN)/zeroshot_video.json
+	$(BIN)/mmpt eval retrieval --model $(RUN) --pair image-text --data data/demo/val --out $(RUN)/retrieval_image-text.json
+	$(BIN)/mmpt eval retrieval --model $(RUN) --pair audio-text --data data/demo/speech-val \
+	  --out $(RUN)/retrieval_audio-text.json
+	$(BIN)/mmpt eval retrieval --model $(RUN) --pair video-text --data data/demo/motion-val \
+	  --out $(RUN)/retrieval_video-text.json
+	$(BIN)/mmpt eval retrieval --model $(RUN) --pair video-audio --data data/demo/motion-val \
+	  --out $(RUN)/retrieval_video-audio.json
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q tests

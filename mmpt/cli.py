@@ -2,17 +2,23 @@
 
     mmpt train --config demo train.steps=100            (single process)
     torchrun --nproc_per_node=2 -m mmpt.cli train --config demo
-    mmpt eval zeroshot --run runs/demo --out runs/demo/zeroshot.json
+    mmpt eval zeroshot --model runs/demo --out runs/demo/zeroshot.json
+    mmpt eval retrieval --model runs/demo --pair image-text
+    NPROC=2 launchers/torchrun.sh eval zeroshot --model hf-hub:org/name --modality audio --data data/esc50
     mmpt shards build --manifest pairs.jsonl --out data/mine --prefix mine --workers 8
     mmpt shards check data/mine --json
     mmpt model info imp_moe_b16 --json
     mmpt --plugin my_pkg.depth shards check data/depth    (a module registering a modality)
     mmpt export --run runs/demo --out exports/demo --results runs/demo/zeroshot.json
+    mmpt push exports/demo --repo org/name
+    mmpt plot runs/demo
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -28,25 +34,75 @@ def cmd_train(args) -> int:
     return 0
 
 
-def cmd_eval_zeroshot(args) -> int:
+@contextlib.contextmanager
+def _eval_session(args):
+    """The model of --model on its device; under torchrun a process group, so every rank evaluates its split.
+    Library chatter goes to stderr: stdout carries only the result JSON."""
     import torch
 
-    from mmpt.eval.zeroshot import run_zeroshot
-    from mmpt.export import load_pretrained
+    from mmpt.distributed import init_distributed, shutdown_distributed
+    from mmpt.hub import load_model
 
-    model, cfg = load_pretrained(args.run)
-    if args.device != "cpu" and torch.cuda.is_available():
-        model = model.to("cuda")
-    result = run_zeroshot(model, cfg, args.data or cfg.data.val, args.classes or cfg.data.classes,
-                          args.batch_size or cfg.eval.batch_size, args.modality)
+    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    if distributed:
+        init_distributed()
+    try:
+        with contextlib.redirect_stdout(sys.stderr):
+            model, cfg = load_model(args.model)
+            if args.device != "cpu" and torch.cuda.is_available():
+                model = model.to("cuda")
+            yield model, cfg
+    finally:
+        if distributed:
+            shutdown_distributed()
+
+
+def _report(args, result: dict, line: str) -> int:
+    from mmpt.distributed import dist_info
+
+    if dist_info()[0] != 0:
+        return 0
     text = json.dumps(result, indent=1)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(text + "\n")
     print(text)
-    print(f"zero-shot top-1 {result['top1']:.3f} (chance {result['chance_top1']:.3f}) "
-          f"on {result['num_samples']} samples", file=sys.stderr)
+    print(line, file=sys.stderr)
     return 0
+
+
+def cmd_eval_zeroshot(args) -> int:
+    from mmpt.eval.zeroshot import run_zeroshot
+
+    png = args.png or (str(Path(args.out).with_suffix(".png")) if args.out else None)
+    with _eval_session(args) as (model, cfg):
+        result = run_zeroshot(model, cfg, args.modality, data=args.data, classes=args.classes,
+                              templates=args.templates, batch_size=args.batch_size, workers=args.workers, png=png)
+    return _report(args, result, f"zero-shot top-1 {result['top1']:.3f} (chance {result['chance_top1']:.3f}) "
+                                 f"on {result['num_samples']} samples")
+
+
+def cmd_eval_retrieval(args) -> int:
+    from mmpt.eval.retrieval import run_retrieval
+
+    modalities = args.pair.split("-")
+    if len(modalities) != 2:
+        raise ConfigError(f"--pair {args.pair!r}: expected two modalities joined by '-', e.g. image-text")
+    with _eval_session(args) as (model, cfg):
+        result = run_retrieval(model, cfg, modalities, args.data or cfg.data.val, batch_size=args.batch_size,
+                               workers=args.workers)
+    ways = [f"{k.replace('_to_', '->')} R@1 {v['R@1']:.3f}" for k, v in result.items() if isinstance(v, dict)]
+    return _report(args, result, f"retrieval {result['pair']} on {result['num_samples']} samples: " + ", ".join(ways))
+
+
+def cmd_eval_caption(args) -> int:
+    from mmpt.eval.caption import run_caption
+
+    with _eval_session(args) as (model, cfg):
+        result = run_caption(model, cfg, args.modality, args.data or cfg.data.val, batch_size=args.batch_size,
+                             num_beams=args.beams, max_len=args.max_len, workers=args.workers)
+    return _report(args, result, f"caption BLEU-4 {result['bleu4']:.3f} CIDEr {result['cider']:.3f} "
+                                 f"on {result['num_samples']} samples")
 
 
 def cmd_shards_build(args) -> int:
@@ -112,6 +168,21 @@ def cmd_export(args) -> int:
     return 0
 
 
+def cmd_push(args) -> int:
+    from mmpt.hub import push
+
+    print(push(args.export_dir, args.repo, private=args.private, revision=args.revision))
+    return 0
+
+
+def cmd_plot(args) -> int:
+    from mmpt.plot import plot_run
+
+    for path in plot_run(args.run_dir, args.out):
+        print(path)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="mmpt", description="Distributed multimodal pretraining.",
                                  formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
@@ -123,17 +194,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="dotted.key=value overrides")
     p.set_defaults(func=cmd_train)
 
-    ev = sub.add_parser("eval", help="evaluate a trained model").add_subparsers(dest="eval_command", required=True)
-    p = ev.add_parser("zeroshot", help="zero-shot classification on held-out shards")
-    p.add_argument("--run", required=True, help="run directory (DeepSpeed checkpoints) or export directory")
-    p.add_argument("--data", help="shard spec (default: the run's data.val)")
-    p.add_argument("--classes", help="classes JSON: classnames (+ templates, else the modality's defaults); "
-                   "default: data.classes")
+    ev = sub.add_parser("eval", help="evaluate a trained model (under torchrun: every rank its split)")
+    ev = ev.add_subparsers(dest="eval_command", required=True)
+    p = _eval_parser(ev, "zeroshot", "zero-shot classification from text prompts", cmd_eval_zeroshot)
     p.add_argument("--modality", default="image", help="what is classified: any of the model's modalities but text")
-    p.add_argument("--batch-size", type=int)
-    p.add_argument("--out", help="write the result JSON here")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu"], help="auto: the GPU when there is one")
-    p.set_defaults(func=cmd_eval_zeroshot)
+    p.add_argument("--data", help="shards, a folder per class, or a CSV/JSONL manifest (default: data.val)")
+    p.add_argument("--classes", help="classes JSON: classnames (+ templates); default: data.classes")
+    p.add_argument("--templates", help="a shipped template set instead: photo, action, sound or speech")
+    p.add_argument("--png", help="confusion matrix PNG (default: beside --out)")
+    p = _eval_parser(ev, "retrieval", "R@1/5/10 and median rank in both directions", cmd_eval_retrieval)
+    p.add_argument("--pair", default="image-text", help="two modalities of the model, e.g. image-text, video-audio")
+    p.add_argument("--data", help="shards of paired samples (default: data.val)")
+    p = _eval_parser(ev, "caption", "captions generated for a modality, BLEU-4 and CIDEr", cmd_eval_caption)
+    p.add_argument("--modality", default="image")
+    p.add_argument("--data", help="shards with captions (default: data.val)")
+    p.add_argument("--beams", type=int, default=1, help="1: greedy")
+    p.add_argument("--max-len", type=int)
 
     sh = sub.add_parser("shards", help="build webdataset shards").add_subparsers(dest="shards_command", required=True)
     p = sh.add_parser("build", help="manifest (CSV/JSONL) or folder of media + captions -> tar shards + sizes.json")
@@ -167,12 +243,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_model_info)
 
-    p = sub.add_parser("export", help="run checkpoint -> safetensors + config + model card")
+    p = sub.add_parser("export", help="run checkpoint -> safetensors + config + tokenizer + model card")
     p.add_argument("--run", required=True)
     p.add_argument("--out", required=True)
-    p.add_argument("--results", help="eval JSON to put in the model card")
+    p.add_argument("--results", nargs="*", default=[], help="eval JSON files for the model card's metrics")
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("push", help="upload an export directory to the HuggingFace Hub (token: HF login/HF_TOKEN)")
+    p.add_argument("export_dir")
+    p.add_argument("--repo", required=True, help="ORG/NAME")
+    p.add_argument("--private", action="store_true")
+    p.add_argument("--revision", help="branch to push to (default: main)")
+    p.set_defaults(func=cmd_push)
+
+    p = sub.add_parser("plot", help="PNG curves of a run from its metrics.jsonl")
+    p.add_argument("run_dir")
+    p.add_argument("--out", help="folder for the PNGs (default: RUN/plots)")
+    p.set_defaults(func=cmd_plot)
     return ap
+
+
+def _eval_parser(ev, name: str, summary: str, func) -> argparse.ArgumentParser:
+    p = ev.add_parser(name, help=summary)
+    p.add_argument("--model", "--run", dest="model", required=True,
+                   help="run dir, export dir, hf-hub:ORG/NAME[@rev] or local-dir:PATH")
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--workers", type=int, help="decoding processes (default: eval.workers)")
+    p.add_argument("--out", help="write the result JSON here")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu"], help="auto: the GPU when there is one")
+    p.set_defaults(func=func)
+    return p
 
 
 def main(argv=None) -> int:

@@ -181,8 +181,8 @@ class TrainConfig:
 class ZeroShotEval:
     """One zero-shot classification eval (`mmpt eval zeroshot`, and during training with eval.every)."""
     modality: str = "image"
-    data: str = "data/demo/val"  # shards, a folder per class, or a CSV/JSONL manifest with labels
-    classes: str = "data/demo/classes.json"  # {"classnames": [...], "templates": [...] (optional)}
+    data: Optional[str] = None  # shards, a folder per class, or a CSV/JSONL manifest with labels; None: data.val
+    classes: Optional[str] = None  # {"classnames": [...], "templates": [...] (optional)}; None: data.classes
     templates: Optional[str] = None  # a shipped template set (photo, action, sound, speech) over the file's
 
 
@@ -190,7 +190,7 @@ class ZeroShotEval:
 class RetrievalEval:
     """One retrieval eval in both directions over paired samples (`mmpt eval retrieval`)."""
     modalities: list[str] = field(default_factory=lambda: ["image", "text"])
-    data: str = "data/demo/val"
+    data: Optional[str] = None  # shards of paired samples; None: data.val
 
 
 @dataclass
@@ -370,6 +370,9 @@ def _validate_moe(cfg: Config) -> None:
     if moe.backend == "deepspeed" and moe.num_experts > 1 and cfg.deepspeed.zero_stage > 2:
         raise ConfigError("model.moe.backend=deepspeed needs deepspeed.zero_stage <= 2 (DeepSpeed refuses its MoE "
                           "under ZeRO-3); use model.moe.backend=native")
+    if moe.backend == "deepspeed" and moe.ep_size > 1 and cfg.eval.every and (cfg.eval.zeroshot or cfg.eval.retrieval):
+        raise ConfigError("eval.every with model.moe.backend=deepspeed and ep_size > 1: expert all_to_all needs the "
+                          "same batches on every rank, eval splits differ; set eval.every=0 and evaluate the export")
     if moe.backend == "deepspeed" and moe.router == "expert_choice":
         raise ConfigError("model.moe.router=expert_choice is native-only; set model.moe.backend=native")
     if moe.num_experts > 1 and (moe.num_experts % moe.ep_size or moe.top_k not in (1, 2)):

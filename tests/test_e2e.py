@@ -1,5 +1,5 @@
-"""End to end through the real stack: torchrun (2 gloo processes) -> DeepSpeed -> checkpoint -> resume ->
-zero-shot eval -> export. Small model, the real demo shards."""
+"""End to end through the real stack: torchrun (2 gloo processes) -> DeepSpeed -> evals during training ->
+checkpoint -> resume -> zero-shot eval -> export -> plot. Small model, the real demo shards."""
 import json
 import random
 import sys
@@ -24,7 +24,7 @@ def train(demo_data, out_dir, steps, *extra):
     data = [f"data.sources=[{sources}]", f"data.val={demo_data}/val", f"data.classes={demo_data}/classes.json"]
     env = {"NPROC": "2", "MASTER_PORT": str(random.randint(20000, 40000)), "OMP_NUM_THREADS": "1"}
     proc = run(["launchers/torchrun.sh", "train", "--config", "demo", *TINY, *data, f"train.out_dir={out_dir}",
-                f"train.steps={steps}", *extra], env=env)
+                f"train.steps={steps}", "eval.every=0", *extra], env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     return proc
 
@@ -32,19 +32,30 @@ def train(demo_data, out_dir, steps, *extra):
 @pytest.mark.slow
 def test_train_checkpoint_resume_eval_export(demo_data, tmp_path):
     out = tmp_path / "run"
-    train(demo_data, out, 8)
+    train(demo_data, out, 8, "eval.every=4")  # the demo config's evals: image zero-shot and image-text retrieval
     ckpt = out / "checkpoints"
     assert latest_tag(ckpt) == "step0000008"
     first = read_metrics(out)
-    assert [m["step"] for m in first] == [2, 4, 6, 8]
+    assert [m["step"] for m in first if "loss" in m] == [2, 4, 6, 8]
+    top1 = "eval/zeroshot/image/val/top1"
+    evals = [m for m in first if top1 in m]
+    assert [m["step"] for m in evals] == [4, 8]
+    assert all(0 <= m["eval/retrieval/image-text/val/image_to_text/R@1"] <= 1 for m in evals)
+    best = json.loads((out / "best.json").read_text())  # the best image top-1 keeps checkpoints/best
+    assert best["value"] == max(m[top1] for m in evals) and (ckpt / "best").is_dir()
     assert (out / "config.yaml").is_file() and any((out / "tb").iterdir())
 
-    proc = train(demo_data, out, 14)  # resumes from step 8
+    proc = train(demo_data, out, 14, "eval.every=4")  # resumes from step 8
     metrics = read_metrics(out)
-    assert [m["step"] for m in metrics] == [2, 4, 6, 8, 10, 12, 14]
+    assert [m["step"] for m in metrics if "loss" in m] == [2, 4, 6, 8, 10, 12, 14]
+    assert [m["step"] for m in metrics if top1 in m] == [4, 8, 12, 14]
     assert "done: 14 steps" in proc.stdout + proc.stderr
-    assert latest_tag(ckpt) == "step0000014"
+    assert latest_tag(ckpt) == "step0000014"  # the best checkpoint never becomes `latest`
     assert sorted(p.name for p in ckpt.glob("step*")) == ["step0000012", "step0000014"]  # keep_checkpoints=2
+    assert (ckpt / "best").is_dir()
+    metrics = [m for m in metrics if "loss" in m]
+    proc = run([sys.executable, "-m", "mmpt.cli", "plot", str(out)])
+    assert proc.returncode == 0 and (out / "plots" / "eval.png").is_file(), proc.stderr[-2000:]
     # Tasks alternate, so compare like with like: the caption loss (every task with text has one).
     caption = [(m["step"], m["caption_loss"]) for m in metrics if "caption_loss" in m]
     assert caption[-1][1] < caption[0][1] - 0.5, caption
@@ -93,12 +104,15 @@ def test_moe_backends_train_under_zero(demo_data, tmp_path, stage, backend, accu
     """ZeRO-3 with the native MoE (batched expert weights) and accumulated (GradCache) steps; ZeRO-2 with DeepSpeed's
     expert-parallel MoE (ep_size=2)."""
     out = tmp_path / f"z{stage}"
+    evals = "eval.every=4" if backend == "native" else "eval.every=0"  # ZeRO-3 evals gather the partitions
     proc = train(demo_data, out, 4, f"deepspeed.zero_stage={stage}", f"model.moe.backend={backend}",
-                 "model.moe.ep_size=2", f"train.accumulate={accumulate}")
+                 "model.moe.ep_size=2", f"train.accumulate={accumulate}", evals)
     assert f"done: 4 steps, {4 * accumulate * 16 * 2} samples" in proc.stdout + proc.stderr
     metrics = read_metrics(out)
-    assert [m["step"] for m in metrics] == [2, 4] and all(torch.isfinite(torch.tensor(m["loss"])) for m in metrics)
+    steps = [m for m in metrics if "loss" in m]
+    assert [m["step"] for m in steps] == [2, 4] and all(torch.isfinite(torch.tensor(m["loss"])) for m in steps)
     if backend == "native":
+        assert [m["step"] for m in metrics if "eval/zeroshot/image/val/top1" in m] == [4]
         model, cfg = load_pretrained(out)
         assert cfg.deepspeed.zero_stage == 3
         assert sum(p.numel() for p in model.parameters()) > 1_000_000  # full, not a rank's partition

@@ -100,9 +100,10 @@ def test_fifth_modality_builds_checks_trains_and_evaluates(tmp_path):
     out = tmp_path / "run"
     source = f"data.sources=[{{name: waves, shards: {tmp_path / 'shards'}, modalities: [sensor, text]}}]"
     proc = run(["launchers/torchrun.sh", "train", "--config", "demo", "plugins=[tests.test_modality]", source,
-                "model.modalities=[sensor, text]", "model.width=32", "model.depth=2", "model.heads=2",
-                "model.embed_dim=16", "model.moe.num_experts=2", "data.batch_size=8", "train.steps=2",
-                "train.log_every=1", f"train.out_dir={out}"], env={"NPROC": "2", "OMP_NUM_THREADS": "1"})
+                "model.modalities=[sensor, text]", "eval.zeroshot=[]", "eval.retrieval=[]", "model.width=32",
+                "model.depth=2", "model.heads=2", "model.embed_dim=16", "model.moe.num_experts=2", "data.batch_size=8",
+                "train.steps=2", "train.log_every=1", f"train.out_dir={out}"],
+               env={"NPROC": "2", "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics] == [1, 2] and {m["task"] for m in metrics} == {"sensor-text"}
@@ -122,7 +123,8 @@ def test_model_info_counts_the_fifth_modality():
     from mmpt.config import load_config
     from mmpt.model.info import model_info
 
-    cfg = load_config("demo", ["model.modalities=[sensor, text]", "plugins=[tests.test_modality]",
+    cfg = load_config("demo", ["model.modalities=[sensor, text]", "plugins=[tests.test_modality]", "eval.zeroshot=[]",
+                               "eval.retrieval=[]",
                                "data.sources=[{name: s, shards: s, modalities: [text, sensor]}]"])
     info = model_info(cfg)
     assert info["tokens_per_sample"] == {"sensor": LENGTH // PATCH, "text": 16}

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
+import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
@@ -145,10 +146,12 @@ def eval_loader(spec_str: str, modalities: list, spec: DecodeSpec, batch_size: i
             return decoder(sample)
         except BadSample as e:
             counter.record(e.reason, sample.get("__url__", "?"), sample.get("__key__", "?"), str(e))
-            return None
+            return {"_bad": e.reason}  # a marker, not a drop: a batch after the last good sample still counts it
 
     def batch_fn(samples):
-        return {**collate(samples, modalities), "_skipped": counter.take()}
+        good = [s for s in samples if "_bad" not in s]
+        batch = collate(good, modalities) if good else {"label": torch.zeros(0, dtype=torch.long), "__key__": []}
+        return {**batch, "_skipped": counter.take()}
 
     def on_tar_error(exn):
         return counter.tar_handler(exn.args[-1] if exn.args else "?")(exn)

@@ -1,1 +1,1 @@
-"""Zero-shot evaluation (classification now; retrieval and captioning grow here)."""
+"""Evaluation: zero-shot classification, retrieval and captioning, single process or under torchrun."""

@@ -86,6 +86,8 @@ def generate_captions(model, loader, modality: str, num_beams: int, max_len: int
     param = next(model.parameters())
     for batch in tqdm(loader, desc="caption", leave=False):
         skipped += sum(batch["_skipped"]["reasons"].values())
+        if not batch["__key__"]:  # only bad samples in this batch
+            continue
         ids = model.caption(modality, batch[modality].to(param.device, param.dtype), max_len, num_beams)
         for key, row, text in zip(batch["__key__"], ids.tolist(), batch[registry.TEXT].tolist(), strict=True):
             records.append((key, decode(row, context_length), decode(text, context_length)))

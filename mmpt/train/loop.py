@@ -23,6 +23,7 @@ from mmpt.model import build_for_run
 from mmpt.train import checkpoint
 from mmpt.train.accumulate import accumulated_step
 from mmpt.train.engine import TrainModule, build_engine, to_engine
+from mmpt.train.evaluate import BestTracker, run_evals
 from mmpt.train.runlog import RunLogger
 
 
@@ -114,6 +115,7 @@ def _train(cfg: Config, rank: int, world: int) -> dict:
     if "data" in state:
         loader.load_state_dict(state["data"][rank])
     logger = RunLogger(out_dir, enabled=rank == 0)
+    best = BestTracker(out_dir, cfg.eval.best)
     bar = tqdm(total=cfg.train.steps, initial=start, disable=rank != 0, desc="train", dynamic_ncols=True)
     pending, window = {"reasons": Counter(), "shards": Counter()}, {"t": time.time(), "n": 0}
     step, last = start, {}
@@ -147,6 +149,8 @@ def _train(cfg: Config, rank: int, world: int) -> dict:
             dist.all_gather_object(data_states, loader.state_dict())
             checkpoint.save(engine, out_dir, step, {"skipped": {k: dict(v) for k, v in skipped.items()},
                                                     "samples": used, "data": data_states}, cfg.train.keep_checkpoints)
+        if _eval_due(cfg, step):
+            _evaluate(engine, model, cfg, step, logger, best, rank)
     bar.close()
     logger.close()
     summary = {"steps": step, "samples": used, "skipped": dict(skipped["reasons"]), **last}
@@ -155,6 +159,27 @@ def _train(cfg: Config, rank: int, world: int) -> dict:
         print(f"done: {step} steps, {used} samples, skipped {sum(skipped['reasons'].values())} bad samples{reasons}; "
               f"checkpoints in {checkpoint.checkpoint_dir(out_dir)}", flush=True)
     return summary
+
+
+def _eval_due(cfg: Config, step: int) -> bool:
+    configured = cfg.eval.every > 0 and (cfg.eval.zeroshot or cfg.eval.retrieval)
+    return bool(configured) and (step % cfg.eval.every == 0 or step == cfg.train.steps)
+
+
+def _evaluate(engine, model, cfg: Config, step: int, logger: RunLogger, best: BestTracker, rank: int) -> None:
+    """Every rank evaluates its split; an improvement of eval.best saves the `best` checkpoint (all ranks)."""
+    metrics = run_evals(model, cfg)
+    logger.log(step, metrics)
+    if rank == 0:
+        headline = {k.removeprefix("eval/"): v for k, v in metrics.items() if k.endswith(("top1", "R@1"))}
+        shown = ", ".join(f"{k} {v:.3f}" for k, v in headline.items())
+        tqdm.write(f"step {step} eval: {shown}")
+    if cfg.eval.best and cfg.eval.best not in metrics and rank == 0:
+        tqdm.write(f"eval.best={cfg.eval.best!r} is not among the eval metrics ({', '.join(sorted(metrics))})")
+    if best.improved(metrics):
+        engine.save_checkpoint(str(checkpoint.checkpoint_dir(cfg.train.out_dir)), tag=BestTracker.TAG,
+                               client_state={"step": step, "metric": cfg.eval.best}, save_latest=False)
+        best.record(step, metrics, write=rank == 0)
 
 
 def _log_step(engine, losses: dict, step: int, window: dict, logger: RunLogger, bar, **extra) -> dict:
