@@ -25,7 +25,7 @@ import yaml
 
 from mmpt import modality as registry
 from mmpt.config import Config, config_from_dict
-from mmpt.data.shards import DataError
+from mmpt.data.shards import DataError, read_json
 from mmpt.model import build_for_run
 from mmpt.train.checkpoint import checkpoint_dir, consolidated_state_dict
 
@@ -231,12 +231,7 @@ def render_model_card(cfg: Config, results: list[tuple[str, dict]] | None = None
 def load_results(paths: list[str | Path]) -> list[tuple[str, dict]]:
     out = []
     for p in map(Path, paths):
-        try:
-            data = json.loads(p.read_text())
-        except FileNotFoundError:
-            raise FileNotFoundError(f"{p}: no such results file") from None
-        except json.JSONDecodeError as e:
-            raise DataError(f"{p}: invalid JSON: {e}") from None
+        data = read_json(p, "results file")
         items = data if isinstance(data, list) else [data]
         if not all(isinstance(x, dict) for x in items):
             raise DataError(f"{p}: expected an eval result object (or a list of them)")

@@ -208,7 +208,7 @@ def test_bad_inputs_are_one_line(exported, tmp_path):
              (lambda: from_pretrained(str(tmp_path / "nope")), FileNotFoundError, "nope: no such export or run"),
              (lambda: from_pretrained(f"local-dir:{tmp_path}"), FileNotFoundError, "no model.safetensors"),
              (lambda: from_pretrained("hf-hub:just-a-name"), DataError, "expected hf-hub:ORG/NAME[@revision]"),
-             (lambda: export(run_dir, tmp_path / "x", [tmp_path / "r.json"]), FileNotFoundError, "no such results")]
+             (lambda: export(run_dir, tmp_path / "x", [tmp_path / "r.json"]), DataError, "r.json: no such file")]
     for call, error, text in cases:
         with pytest.raises(error) as info:
             call()

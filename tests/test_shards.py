@@ -24,11 +24,13 @@ def read_all(spec, batch_size=4):
     loader = eval_loader(spec, ["image", "text"], DecodeSpec(image_size=16, context_length=16), batch_size)
     keys, labels, texts, skipped = [], [], [], {}
     for batch in loader:
+        for reason, n in batch["_skipped"]["reasons"].items():
+            skipped[reason] = skipped.get(reason, 0) + n
+        if not batch["__key__"]:  # a batch of bad samples only: counted, nothing to decode
+            continue
         keys += batch["__key__"]
         labels += batch["label"].tolist()
         texts += [decode(t.tolist(), 16) for t in batch["text"]]
-        for reason, n in batch["_skipped"]["reasons"].items():
-            skipped[reason] = skipped.get(reason, 0) + n
         assert batch["image"].shape[1:] == (3, 16, 16)
     return keys, labels, texts, skipped
 

@@ -66,14 +66,20 @@ def write_shards(samples: Iterable[dict], out_dir: str | os.PathLike, prefix: st
     return report
 
 
-def read_sizes(shard_dir: str | os.PathLike) -> dict:
-    path = Path(shard_dir) / SIZES_FILE
+def read_json(path: str | os.PathLike, what: str, missing_hint: str = "no such file"):
+    """A user-given JSON file; a missing or malformed one is a DataError naming it."""
+    path = Path(path)
     try:
         return json.loads(path.read_text())
     except FileNotFoundError:
-        raise DataError(f"{path}: missing (a shard directory needs sizes.json; build it with `mmpt shards build`)") from None
+        raise DataError(f"{what} {path}: {missing_hint}") from None
     except json.JSONDecodeError as e:
-        raise DataError(f"{path}: invalid JSON: {e}") from None
+        raise DataError(f"{what} {path}: invalid JSON: {e}") from None
+
+
+def read_sizes(shard_dir: str | os.PathLike) -> dict:
+    hint = "missing (a shard directory needs sizes.json; build it with `mmpt shards build`)"
+    return read_json(Path(shard_dir) / SIZES_FILE, "shard sizes", hint)
 
 
 def list_shards(spec: str) -> list[str]:

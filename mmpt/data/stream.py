@@ -135,7 +135,8 @@ class MultiTaskLoader:
 
 
 def eval_loader(spec_str: str, modalities: list, spec: DecodeSpec, batch_size: int, num_workers: int = 0):
-    """Finite, every sample once across ranks and workers, in shard order; partial last batch kept."""
+    """Finite, every sample once across ranks and workers, in shard order; partial last batch kept. Bad samples
+    take batch slots and are counted in `_skipped`, so a batch may hold none (`__key__` empty: skip it)."""
     urls = list_shards(spec_str)
     warn_few_shards(len(urls), spec_str, num_workers)
     counter = SkipCounter(log)

@@ -13,7 +13,6 @@ dropless (`mmpt.model.routing`), so nothing depends on the batch size or on whic
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -22,7 +21,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from mmpt import modality as registry
-from mmpt.data.shards import DataError
+from mmpt.data.shards import DataError, read_json
 from mmpt.data.tokenizer import tokenize
 from mmpt.distributed import collective_device, dist_info
 from mmpt.eval.data import check_model, eval_batches, model_inputs, skipped_count
@@ -32,12 +31,7 @@ from mmpt.eval.templates import template_set
 def load_classes(path: str | Path, modality: str, templates: str | None = None) -> tuple[list, list]:
     """Class names and prompt templates: the shipped set `templates`, else the file's, else the registry's."""
     p = Path(path)
-    try:
-        data = json.loads(p.read_text())
-    except FileNotFoundError:
-        raise DataError(f"classes file {p}: no such file") from None
-    except json.JSONDecodeError as e:
-        raise DataError(f"classes file {p}: invalid JSON: {e}") from None
+    data = read_json(p, "classes file")
     if not isinstance(data, dict):
         raise DataError(f"classes file {p}: expected an object with 'classnames' (and optionally 'templates')")
     if templates is not None:
