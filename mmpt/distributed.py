@@ -27,6 +27,15 @@ def dist_info() -> tuple[int, int]:
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 
 
+def gather_objects(obj) -> list:
+    """Every rank's `obj` (small, picklable), in rank order; just [obj] without a process group."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return [obj]
+    parts: list = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, obj)
+    return parts
+
+
 def init_distributed() -> tuple[int, int]:
     """Init the process group (gloo without CUDA, nccl with it) once; works with and without torchrun."""
     import deepspeed

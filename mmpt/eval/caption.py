@@ -24,7 +24,6 @@ import json
 import re
 
 import torch
-import torch.distributed as dist
 import webdataset as wds
 from tqdm import tqdm
 
@@ -33,6 +32,7 @@ from mmpt.data.media import DecodeSpec
 from mmpt.data.shards import DataError, list_shards
 from mmpt.data.stream import eval_loader
 from mmpt.data.tokenizer import decode
+from mmpt.distributed import gather_objects
 
 _PUNCT = re.compile(r"[^\w\s]")
 NUM_EXAMPLES = 5
@@ -94,15 +94,6 @@ def generate_captions(model, loader, modality: str, num_beams: int, max_len: int
     return records, skipped
 
 
-def _gather(payload: tuple) -> list:
-    """Every rank's payload, in rank order (just this one without a process group)."""
-    if not (dist.is_available() and dist.is_initialized()):
-        return [payload]
-    parts: list = [None] * dist.get_world_size()
-    dist.all_gather_object(parts, payload)
-    return parts
-
-
 def _check(model, cfg, modality: str, num_beams: int, max_len: int | None) -> None:
     others = [m for m in cfg.model.modalities if m != registry.TEXT]
     if getattr(model, "decoder", None) is None:
@@ -136,7 +127,7 @@ def run_caption(model, cfg, modality: str, data: str, batch_size: int | None = N
     local = [(key, hyp, refs.get(key) or [text]) for key, hyp, text in records]
     merged: dict = {}
     total_skipped = 0
-    for part, part_skipped in _gather((local, skipped)):
+    for part, part_skipped in gather_objects((local, skipped)):
         total_skipped += part_skipped
         for key, hyp, ref in part:
             merged.setdefault(key, (hyp, ref))

@@ -30,7 +30,7 @@ from tqdm import tqdm
 
 from mmpt import modality as registry
 from mmpt.data.shards import DataError
-from mmpt.distributed import collective_device, dist_info
+from mmpt.distributed import collective_device, dist_info, gather_objects
 from mmpt.eval.data import check_model, eval_batches, model_inputs, skipped_count
 
 KS = (1, 5, 10)
@@ -99,8 +99,7 @@ def _all_gather_padded(x: torch.Tensor, sizes: list) -> list:
 def gather_unique(keys: list, emb_a: torch.Tensor, emb_b: torch.Tensor, skipped: int):
     """All ranks' samples, each key once (the first seen), ordered by key; and the total skipped."""
     if dist.is_available() and dist.is_initialized():
-        gathered: list = [None] * dist.get_world_size()
-        dist.all_gather_object(gathered, (keys, emb_a.size(1), skipped))
+        gathered = gather_objects((keys, emb_a.size(1), skipped))
         sizes = [len(k) for k, _, _ in gathered]
         dim = max(d for _, d, _ in gathered)
         keys = [key for k, _, _ in gathered for key in k]

@@ -17,7 +17,7 @@ from tqdm import tqdm
 from mmpt.config import Config
 from mmpt.data.stream import tasks_from_config, train_loader
 from mmpt.data.tokenizer import check_model_fits
-from mmpt.distributed import collective_device, init_distributed, shutdown_distributed
+from mmpt.distributed import collective_device, gather_objects, init_distributed, shutdown_distributed
 from mmpt.losses.contrastive import rank_groups
 from mmpt.model import build_for_run
 from mmpt.train import checkpoint
@@ -40,10 +40,8 @@ def _reduce_mean(values: dict) -> dict:
 
 def _gather_counts(counts: dict) -> dict:
     """Sum {"reasons": Counter, "shards": Counter} over ranks (small dicts, so all_gather_object is fine)."""
-    parts = [None] * dist.get_world_size()
-    dist.all_gather_object(parts, counts)
     total = {"reasons": Counter(), "shards": Counter()}
-    for part in parts:
+    for part in gather_objects(counts):
         for kind in total:
             total[kind].update(part[kind])
     return total
