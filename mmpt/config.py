@@ -72,6 +72,7 @@ class DataConfig:
     video: VideoConfig = field(default_factory=VideoConfig)
     audio: AudioConfig = field(default_factory=AudioConfig)
     bad_sample_limit: float = 0.01  # fraction of skipped samples that stops the run
+    max_consecutive_bad: int = 1000  # a source yielding this many bad samples in a row stops the run
 
 
 @dataclass
@@ -171,7 +172,9 @@ class TrainConfig:
     ckpt_every: int = 200
     keep_checkpoints: int = 2
     out_dir: str = "runs/demo"
-    resume: bool = True  # continue from the newest checkpoint in out_dir if one exists
+    # True: continue exactly from the newest complete checkpoint in out_dir (weights, optimizer, RNG, data
+    # streams); "weights": weights, optimizer and step but a fresh data stream; False: start over.
+    resume: Literal[True, False, "weights"] = True
     seed: int = 0
     # Micro-batches per optimizer step; >1 computes the contrastive loss over all of them (GradCache).
     accumulate: int = 1
@@ -319,7 +322,7 @@ def validate(cfg: Config) -> Config:
     if m.image_size % m.patch_size:
         raise ConfigError(f"model.image_size={m.image_size} must be divisible by model.patch_size={m.patch_size}")
     for key, val in [("data.batch_size", d.batch_size), ("train.steps", cfg.train.steps), ("model.depth", m.depth),
-                     ("train.accumulate", cfg.train.accumulate)]:
+                     ("train.accumulate", cfg.train.accumulate), ("data.max_consecutive_bad", d.max_consecutive_bad)]:
         if val <= 0:
             raise ConfigError(f"{key}={val}: must be positive")
     if cfg.loss.contrastive_group_size < -1:

@@ -20,7 +20,7 @@ def test_shipped_demo_config_loads_with_overrides():
     ("model.widht=64", "unknown key 'model.widht'"),
     ("nope.x=1", "unknown key 'nope'"),
     ("model.width=abc", "model.width: expected int"),
-    ("train.resume=3", "train.resume: expected bool"),
+    ("train.resume=3", "train.resume=3: must be one of True, False, weights"),
     ("deepspeed.zero_stage=5", "deepspeed.zero_stage=5"),
     ("model.heads=3", "divisible by model.heads=3"),
     ("model.modalities=[image, smell]", "unknown modality 'smell'"),
