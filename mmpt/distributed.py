@@ -65,6 +65,16 @@ def shutdown_distributed() -> None:
         dist.destroy_process_group()
 
 
+def abort_distributed() -> None:
+    """After an exception on this rank: leave without the barrier, which could wait forever for ranks stuck in
+    a collective this rank never reaches."""
+    if dist.is_initialized():
+        try:
+            dist.destroy_process_group()
+        except Exception:  # already broken by the failure that brought us here; exiting is what matters
+            pass
+
+
 # ---- bytes sent, counted at the torch.distributed calls --------------------------------------------------
 
 def _nbytes(tensor) -> int:

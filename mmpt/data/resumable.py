@@ -17,6 +17,7 @@ import torch
 import webdataset as wds
 
 from mmpt.data.media import BadSample
+from mmpt.data.shards import DataError
 
 
 @dataclass
@@ -115,7 +116,8 @@ class WorkerStream:
                 sample["__source__"] = src
                 return sample
             del self.slots[(src, slot)]  # shard exhausted (or unreadable): open the next one
-        raise RuntimeError(f"source '{self.sources[src].name}': 1000 consecutive shards yielded no sample")
+        raise DataError(f"source '{self.sources[src].name}': 1000 shards in a row yielded no sample "
+                        f"(last: {entry[0] if entry else '?'}); are they empty or unreadable?")
 
     def _draw(self) -> dict:
         pick = rng_for(*self.key, "draw", self.drawn)
@@ -147,16 +149,29 @@ def collate(samples: list, modalities: list) -> dict:
 
 
 def batches(stream: WorkerStream, decoders: list, batch_size: int, modalities: list, counter: SkipCounter,
-            worker: int):
-    """Decode and batch; each batch carries the worker's state after its last sample and the skip counts."""
-    buf = []
-    for raw in stream:
-        try:
-            buf.append(decoders[raw["__source__"]](raw))
-        except BadSample as e:
-            counter.record(e.reason, raw.get("__url__", "?"), raw.get("__key__", "?"), str(e))
-        if len(buf) == batch_size:
-            batch = collate(buf, modalities)
-            batch.update(_state=stream.state(), _worker=worker, _skipped=counter.take())
-            yield batch
-            buf = []
+            worker: int, max_bad: int = 1000):
+    """Decode and batch; each batch carries the worker's state after its last sample and the skip counts.
+    A source with max_bad undecodable samples in a row (or no readable shard) ends the stream with a batch
+    holding only `_error`: raised in the worker, DataLoader would wrap the message in a traceback."""
+    buf, bad_run = [], Counter()
+    try:
+        for raw in stream:
+            src = raw["__source__"]
+            try:
+                buf.append(decoders[src](raw))
+                bad_run[src] = 0
+            except BadSample as e:
+                counter.record(e.reason, raw.get("__url__", "?"), raw.get("__key__", "?"), str(e))
+                bad_run[src] += 1
+                if bad_run[src] >= max_bad:
+                    raise DataError(f"source '{stream.sources[src].name}': {bad_run[src]} samples in a row could "
+                                    f"not be decoded, over data.max_consecutive_bad={max_bad} (this one: "
+                                    f"{e.reason} at {raw.get('__url__', '?')}:{raw.get('__key__', '?')} {e}; "
+                                    f"skipped so far: {dict(counter.reasons)})") from None
+            if len(buf) == batch_size:
+                batch = collate(buf, modalities)
+                batch.update(_state=stream.state(), _worker=worker, _skipped=counter.take())
+                yield batch
+                buf = []
+    except DataError as e:
+        yield {"_error": str(e)}

@@ -44,10 +44,12 @@ class TaskConfig:
 
 
 class TaskStream(IterableDataset):
-    def __init__(self, task: TaskConfig, spec: DecodeSpec, seed: int, slots: int, buffer: int):
+    def __init__(self, task: TaskConfig, spec: DecodeSpec, seed: int, slots: int, buffer: int, max_bad: int = 1000):
         self.task, self.spec, self.seed, self.slots, self.buffer = task, spec, seed, slots, buffer
+        self.max_bad = max_bad
         self.resume_states: dict = {}
         self.worker_offset = 0
+        self.restart = 0  # the step a re-derived stream started at (see TaskLoader.restart_at); 0: the original
 
     def __iter__(self):
         info = get_worker_info()
@@ -55,21 +57,25 @@ class TaskStream(IterableDataset):
         worker = (physical + self.worker_offset) % n_workers  # logical id: see TaskLoader.load_state_dict
         rank, _ = dist_info()
         counter = SkipCounter(log)
-        stream = WorkerStream(self.task.sources, self.seed, rank, worker, self.slots, self.buffer, counter,
+        seed = self.seed if not self.restart else f"{self.seed}:restart:{self.restart}"
+        stream = WorkerStream(self.task.sources, seed, rank, worker, self.slots, self.buffer, counter,
                               self.resume_states.get(worker))
         decoders = [SampleDecoder(s.modalities, self.spec, train=True) for s in self.task.sources]
-        return batches(stream, decoders, self.task.batch_size, self.task.modalities, counter, worker)
+        return batches(stream, decoders, self.task.batch_size, self.task.modalities, counter, worker, self.max_bad)
 
 
 class TaskLoader:
     """An infinite DataLoader for one task with `state_dict()` / `load_state_dict()` for exact resume."""
 
     def __init__(self, task: TaskConfig, spec: DecodeSpec, seed: int, num_workers: int = 1, slots: int = 4,
-                 buffer: int = 256, pin_memory: bool = False, prefetch: int = 2):
+                 buffer: int = 256, pin_memory: bool = False, prefetch: int = 2, max_bad: int = 1000):
         self.task, self.num_workers = task, num_workers
-        self.dataset = TaskStream(task, spec, seed, slots, buffer)
+        self.dataset = TaskStream(task, spec, seed, slots, buffer, max_bad)
+        # Our own generator for DataLoader's base seed: drawn from the global one, it would shift the model's
+        # RNG (dropout, DropToken) by when each task's loader starts, which differs after a resume.
         self.kw = dict(batch_size=None, num_workers=num_workers, pin_memory=pin_memory,
-                       persistent_workers=num_workers > 0, prefetch_factor=prefetch if num_workers > 0 else None)
+                       persistent_workers=num_workers > 0, prefetch_factor=prefetch if num_workers > 0 else None,
+                       generator=torch.Generator().manual_seed(0))
         self.consumed, self.states, self._it = 0, {}, None
         warn_few_shards(sum(len(s.urls) for s in task.sources), task.name, num_workers)
 
@@ -77,6 +83,8 @@ class TaskLoader:
         if self._it is None:
             self._it = iter(DataLoader(self.dataset, **self.kw))
         batch = next(self._it)
+        if "_error" in batch:
+            raise DataError(f"task '{self.task.name}': {batch['_error']}")
         self.states[batch.pop("_worker")] = batch.pop("_state")
         self.consumed += 1
         return batch
@@ -86,13 +94,23 @@ class TaskLoader:
 
     def state_dict(self) -> dict:
         return {"consumed": self.consumed, "num_workers": max(1, self.num_workers), "workers": dict(self.states),
-                "rank_world": list(dist_info())}
+                "rank_world": list(dist_info()), "restart": self.dataset.restart}
+
+    def exact(self, state: dict) -> bool:
+        """Whether `state` can be resumed exactly here (same rank, world size and worker count)."""
+        return state["num_workers"] == max(1, self.num_workers) and list(state["rank_world"]) == list(dist_info())
+
+    def restart_at(self, step: int) -> None:
+        """A fresh stream keyed by the step it starts at: no sample order of the earlier streams repeats."""
+        self.consumed, self.states, self._it = 0, {}, None
+        self.dataset.resume_states, self.dataset.worker_offset, self.dataset.restart = {}, 0, step
 
     def load_state_dict(self, state: dict) -> None:
-        if state["num_workers"] != max(1, self.num_workers) or list(state["rank_world"]) != list(dist_info()):
+        if not self.exact(state):
             raise DataError(f"task '{self.task.name}': data state saved with {state['num_workers']} workers at "
                              f"(rank, world)={state['rank_world']}; cannot resume exactly with {self.num_workers} "
                              f"workers at {list(dist_info())}")
+        self.dataset.restart = state.get("restart", 0)
         self.consumed = state["consumed"]
         self.states = {int(k): v for k, v in state["workers"].items()}
         self.dataset.resume_states = self.states
@@ -123,6 +141,16 @@ class MultiTaskLoader:
 
     def state_dict(self) -> dict:
         return {"step": self.step, "tasks": {n: loader.state_dict() for n, loader in self.loaders.items()}}
+
+    def restart_at(self, step: int) -> None:
+        """Continue the task sequence at `step` with fresh sample streams (another world size or worker count,
+        or train.resume=weights)."""
+        self.step = step
+        for loader in self.loaders.values():
+            loader.restart_at(step)
+
+    def exact(self, state: dict) -> bool:
+        return all(self.loaders[n].exact(s) for n, s in state["tasks"].items() if n in self.loaders)
 
     def load_state_dict(self, state: dict) -> None:
         if set(state["tasks"]) != set(self.loaders):
@@ -185,5 +213,5 @@ def train_loader(cfg, seed: int) -> MultiTaskLoader:
     tasks, weights = tasks_from_config(cfg)
     spec = DecodeSpec.from_config(cfg)
     loaders = {name: TaskLoader(task, spec, seed, d.num_workers, d.shuffle_slots, d.shuffle_buffer, d.pin_memory,
-                                d.prefetch) for name, task in tasks.items()}
+                                d.prefetch, d.max_consecutive_bad) for name, task in tasks.items()}
     return MultiTaskLoader(loaders, weights, seed)

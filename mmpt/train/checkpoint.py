@@ -1,16 +1,22 @@
-"""DeepSpeed checkpoints: save with client state, keep the newest K, resume, consolidate to one state dict.
+"""DeepSpeed checkpoints: atomic saves with per-rank state, keep the newest K, resume, consolidate to one state dict.
 
-Layout: RUN/checkpoints/step0000200/... plus DeepSpeed's `latest` file naming the newest tag.
+Layout: RUN/checkpoints/step0000200/ (DeepSpeed's files + rank_<R>.pt per rank) and `latest` naming the newest.
+A save is written under step0000200.tmp and renamed once every rank has finished, then `latest` is replaced
+(both atomic renames), so a crash mid-save leaves the previous checkpoint as the one to resume from.
 """
 from __future__ import annotations
 
 import math
+import os
 import re
 import shutil
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
+
+from mmpt.train import faults
+from mmpt.train.resume import TAG_RE, choose_tag, load_rank_state, save_rank_state, saved_world, set_rng_state
 
 TAG = "step{:07d}"
 
@@ -24,27 +30,63 @@ def latest_tag(ckpt_dir: str | Path) -> str | None:
     return latest.read_text().strip() if latest.is_file() else None
 
 
-def save(engine, out_dir: str | Path, step: int, client_state: dict, keep: int) -> Path:
-    ckpt_dir = checkpoint_dir(out_dir)
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def save(engine, out_dir: str | Path, step: int, client_state: dict, keep: int, data_state: dict) -> Path:
+    """Every rank: DeepSpeed's shards and its own rank file under TAG.tmp; after a barrier rank 0 renames the
+    directory, points `latest` at it and prunes old tags."""
+    ckpt_dir, rank, world = checkpoint_dir(out_dir), dist.get_rank(), dist.get_world_size()
     tag = TAG.format(step)
-    engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state={**client_state, "step": step})
-    if dist.get_rank() == 0 and keep > 0:
-        tags = sorted(p for p in ckpt_dir.iterdir() if p.is_dir() and re.fullmatch(r"step\d{7}", p.name))
-        for old in tags[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
+    tmp, final = ckpt_dir / f"{tag}.tmp", ckpt_dir / tag
+    if rank == 0 and tmp.exists():
+        shutil.rmtree(tmp)  # left by a save that died
     dist.barrier()
-    return ckpt_dir / tag
+    engine.save_checkpoint(str(ckpt_dir), tag=tmp.name, client_state={**client_state, "step": step},
+                           save_latest=False)
+    save_rank_state(tmp, rank, world, data_state)
+    faults.maybe("save", step, rank)
+    dist.barrier()
+    if rank == 0:
+        if final.exists():  # the same step saved again after a fallback resume
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _write_atomic(ckpt_dir / "latest", tag)
+        if keep > 0:
+            tags = sorted(p for p in ckpt_dir.iterdir() if p.is_dir() and TAG_RE.fullmatch(p.name))
+            for old in tags[:-keep]:
+                shutil.rmtree(old, ignore_errors=True)
+    dist.barrier()
+    return final
 
 
-def resume(engine, out_dir: str | Path) -> dict:
-    """Load the newest checkpoint if there is one; returns its client state ({} when starting fresh)."""
+def resume(engine, out_dir: str | Path, log=print) -> dict:
+    """Load the newest complete checkpoint if there is one, with this rank's RNG states; returns the client state
+    plus "rank_state" (this rank's data state or None) and "world" (the world size it was saved with); {} when
+    starting fresh. A run saved on another number of ranks resumes from its universal form (see reshard)."""
     ckpt_dir = checkpoint_dir(out_dir)
-    if latest_tag(ckpt_dir) is None:
+    tag = choose_tag(ckpt_dir, log)
+    if tag is None:
         return {}
-    path, client_state = engine.load_checkpoint(str(ckpt_dir))
-    if path is None:
-        raise RuntimeError(f"{ckpt_dir}: 'latest' names {latest_tag(ckpt_dir)} but DeepSpeed could not load it")
-    return client_state or {}
+    rank, world = dist.get_rank(), dist.get_world_size()
+    before = saved_world(ckpt_dir / tag) or world
+    if before != world:
+        from mmpt.train.reshard import load_resharded
+
+        client_state = load_resharded(engine, ckpt_dir, tag, before, log)
+    else:
+        path, client_state = engine.load_checkpoint(str(ckpt_dir), tag=tag)
+        if path is None:
+            raise RuntimeError(f"{ckpt_dir / tag}: DeepSpeed could not load this checkpoint")
+    mine = load_rank_state(ckpt_dir / tag, rank) if before == world else None
+    if mine is not None:
+        set_rng_state(mine["rng"])
+    legacy = (client_state or {}).pop("data", None)  # mmpt before rank files kept every rank's state here
+    data = mine["data"] if mine is not None else legacy[rank] if legacy and before == world else None
+    return {**(client_state or {}), "tag": tag, "world": before, "rank_state": data}
 
 
 def consolidated_state_dict(ckpt_dir: str | Path, tag: str | None = None) -> dict:

@@ -14,21 +14,29 @@ import torch.distributed as dist
 import yaml
 from tqdm import tqdm
 
-from mmpt.config import Config
+from mmpt.config import Config, ConfigError, upgrade_old_keys
+from mmpt.data.shards import DataError
 from mmpt.data.stream import tasks_from_config, train_loader
 from mmpt.data.tokenizer import check_model_fits
-from mmpt.distributed import collective_device, gather_objects, init_distributed, shutdown_distributed
+from mmpt.distributed import (
+    abort_distributed,
+    collective_device,
+    gather_objects,
+    init_distributed,
+    shutdown_distributed,
+)
 from mmpt.losses.contrastive import rank_groups
 from mmpt.model import build_for_run
-from mmpt.train import checkpoint
+from mmpt.train import checkpoint, faults, preempt
 from mmpt.train.accumulate import accumulated_step
 from mmpt.train.engine import TrainModule, build_engine, to_engine
 from mmpt.train.evaluate import BestTracker, run_evals
+from mmpt.train.resume import check_same_run, choose_tag, seed_rank
 from mmpt.train.runlog import RunLogger
 
 
-class BadDataError(RuntimeError):
-    pass
+class BadDataError(DataError):
+    """Too many bad samples (data.bad_sample_limit): a data problem the user fixes, so one line, exit 2."""
 
 
 def _reduce_mean(values: dict) -> dict:
@@ -67,7 +75,11 @@ def contrastive_group_size(cfg: Config, world: int) -> int:
     size = cfg.loss.contrastive_group_size
     if size == -1:
         size = int(os.environ.get("LOCAL_WORLD_SIZE", world))
-    return size if 0 < size < world else world
+    size = size if 0 < size < world else world
+    if world % size:
+        raise ConfigError(f"loss.contrastive_group_size={cfg.loss.contrastive_group_size}: groups of {size} ranks do "
+                          f"not divide the world size {world}")
+    return size
 
 
 def contrastive_summary(cfg: Config, world: int) -> str:
@@ -87,76 +99,126 @@ def contrastive_summary(cfg: Config, world: int) -> str:
 def train(cfg: Config) -> dict:
     rank, world = init_distributed()
     try:
-        return _train(cfg, rank, world)
-    finally:
-        shutdown_distributed()
+        result = _train(cfg, rank, world)
+    except BaseException:
+        # No barrier: the other ranks may sit in a collective this rank will never join; exiting closes this
+        # rank's connections, which ends theirs with an error (and torchrun stops the group).
+        abort_distributed()
+        raise
+    shutdown_distributed()
+    return result
 
 
-def _train(cfg: Config, rank: int, world: int) -> dict:
+def _start(cfg: Config, rank: int, world: int):
+    """Model, engine and the resumed state; config.yaml is (re)written only after the checkpoint has loaded."""
     out_dir = Path(cfg.train.out_dir)
     tasks_from_config(cfg)  # a shard spec matching nothing fails here, before the engine is built
     check_model_fits(cfg.data.tokenizer, cfg.model)
-    if rank == 0:
-        write_run_config(cfg, out_dir)
-    torch.manual_seed(cfg.train.seed)
+    saved = out_dir / "config.yaml"
+    if cfg.train.resume and saved.is_file() and choose_tag(checkpoint.checkpoint_dir(out_dir), lambda m: None):
+        check_same_run(upgrade_old_keys(yaml.safe_load(saved.read_text()) or {}), cfg.to_dict(), out_dir)
+    torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank
     model = build_for_run(cfg)
     size = contrastive_group_size(cfg, world)
     group = rank_groups(size) if size < world else None
     engine = build_engine(TrainModule(model, cfg.loss, group), cfg, world)
+    seed_rank(cfg.train.seed, rank)  # dropout and DropToken masks differ across ranks
+    say = (lambda m: tqdm.write(m)) if rank == 0 else (lambda m: None)
+    state = checkpoint.resume(engine, out_dir, say) if cfg.train.resume else {}
     if rank == 0:
+        write_run_config(cfg, out_dir)
         print(contrastive_summary(cfg, world), flush=True)
-    state = checkpoint.resume(engine, out_dir) if cfg.train.resume else {}
+    loader = train_loader(cfg, cfg.train.seed)
+    _resume_data(loader, state, cfg, world, say)
+    return model, engine, group, state, loader
+
+
+def _resume_data(loader, state: dict, cfg: Config, world: int, say) -> None:
+    """Exactly where it stopped when the run is the same shape; else the task sequence continues at the step
+    with fresh sample streams keyed by that step (see README: resuming on another number of ranks)."""
+    if not state:
+        return
+    step, mine = int(state.get("step", 0)), state.get("rank_state")
+    if cfg.train.resume == "weights":
+        say(f"train.resume=weights: weights, optimizer and step {step} from {state['tag']}; fresh data streams")
+    elif mine is None or not loader.exact(mine):
+        say(f"resuming {state['tag']} (saved on {state['world']} ranks) on {world} ranks with "
+            f"data.num_workers={cfg.data.num_workers}: the data streams restart at step {step} (not exact)")
+    else:
+        loader.load_state_dict(mine)
+        return
+    loader.restart_at(step)
+
+
+def _train(cfg: Config, rank: int, world: int) -> dict:
+    out_dir = Path(cfg.train.out_dir)
+    model, engine, group, state, loader = _start(cfg, rank, world)
     start = int(state.get("step", 0))
     skipped = {k: Counter(v) for k, v in state.get("skipped", {"reasons": {}, "shards": {}}).items()}
     used = int(state.get("samples", 0))
-    loader = train_loader(cfg, cfg.train.seed)
-    if "data" in state:
-        loader.load_state_dict(state["data"][rank])
-    logger = RunLogger(out_dir, enabled=rank == 0)
+    logger = RunLogger(out_dir, enabled=rank == 0, start_step=start)
     best = BestTracker(out_dir, cfg.eval.best)
     bar = tqdm(total=cfg.train.steps, initial=start, disable=rank != 0, desc="train", dynamic_ncols=True)
     pending, window = {"reasons": Counter(), "shards": Counter()}, {"t": time.time(), "n": 0}
-    step, last = start, {}
-    while step < cfg.train.steps:
-        task, batches = loader.take(cfg.train.accumulate)
-        for batch in batches:
-            for kind, counts in batch.pop("_skipped").items():
-                pending[kind].update(counts)
-        modalities = loader.loaders[task].task.modalities
-        inputs = [to_engine({m: batch[m] for m in modalities}, engine) for batch in batches]
-        if len(inputs) > 1:
-            losses = accumulated_step(engine, inputs, cfg.loss, group)
-        else:
-            losses = engine(inputs[0])
-            engine.backward(losses["loss"])
-            engine.step()
-        step += 1
-        n = sum(batch["label"].size(0) for batch in batches) * world
-        window["n"] += n
-        used += n
-        bar.update(1)
-        if step % cfg.train.log_every == 0 or step == cfg.train.steps:
-            for kind, counts in _gather_counts(pending).items():
-                skipped[kind].update(counts)
-                pending[kind].clear()
-            last = _log_step(engine, losses, step, window, logger, bar, task=task,
-                             skipped=sum(skipped["reasons"].values()))
-            check_bad_fraction(skipped, used, cfg.data.bad_sample_limit)
-        if step % cfg.train.ckpt_every == 0 or step == cfg.train.steps:
-            data_states = [None] * world
-            dist.all_gather_object(data_states, loader.state_dict())
-            checkpoint.save(engine, out_dir, step, {"skipped": {k: dict(v) for k, v in skipped.items()},
-                                                    "samples": used, "data": data_states}, cfg.train.keep_checkpoints)
-        if _eval_due(cfg, step):
-            _evaluate(engine, model, cfg, step, logger, best, rank)
+    step, last, stopped = start, {}, False
+    if rank == 0:
+        preempt.clear(out_dir)
+    with preempt.Preemption() as signals:
+        while step < cfg.train.steps and not stopped:
+            task, batches = loader.take(cfg.train.accumulate)
+            for batch in batches:
+                for kind, counts in batch.pop("_skipped").items():
+                    pending[kind].update(counts)
+            losses = _step(engine, loader, task, batches, cfg, group)
+            step += 1
+            faults.maybe("step", step, rank)
+            n = sum(batch["label"].size(0) for batch in batches) * world
+            window["n"] += n
+            used += n
+            bar.update(1)
+            stopped = signals.stop_now()
+            if step % cfg.train.log_every == 0 or step == cfg.train.steps or stopped:
+                for kind, counts in _gather_counts(pending).items():
+                    skipped[kind].update(counts)
+                    pending[kind].clear()
+                last = _log_step(engine, losses, step, window, logger, bar, task=task,
+                                 skipped=sum(skipped["reasons"].values()))
+                check_bad_fraction(skipped, used, cfg.data.bad_sample_limit)
+            if _eval_due(cfg, step):
+                _evaluate(engine, model, cfg, step, logger, best, rank)
+            if step % cfg.train.ckpt_every == 0 or step == cfg.train.steps or stopped:
+                logger.flush()
+                checkpoint.save(engine, out_dir, step, {"skipped": {k: dict(v) for k, v in skipped.items()},
+                                                        "samples": used}, cfg.train.keep_checkpoints,
+                                loader.state_dict())
     bar.close()
     logger.close()
     summary = {"steps": step, "samples": used, "skipped": dict(skipped["reasons"]), **last}
     if rank == 0:
-        reasons = f" {dict(skipped['reasons'])}" if skipped["reasons"] else ""
-        print(f"done: {step} steps, {used} samples, skipped {sum(skipped['reasons'].values())} bad samples{reasons}; "
-              f"checkpoints in {checkpoint.checkpoint_dir(out_dir)}", flush=True)
-    return summary
+        _report_end(out_dir, step, used, skipped, stopped)
+    return {**summary, "preempted": stopped}
+
+
+def _step(engine, loader, task: str, batches: list, cfg: Config, group) -> dict:
+    modalities = loader.loaders[task].task.modalities
+    inputs = [to_engine({m: batch[m] for m in modalities}, engine) for batch in batches]
+    if len(inputs) > 1:
+        return accumulated_step(engine, inputs, cfg.loss, group)
+    losses = engine(inputs[0])
+    engine.backward(losses["loss"])
+    engine.step()
+    return losses
+
+
+def _report_end(out_dir: Path, step: int, used: int, skipped: dict, stopped: bool) -> None:
+    if stopped:
+        preempt.mark(out_dir, step)
+        print(f"preempted: checkpoint of step {step} saved in {checkpoint.checkpoint_dir(out_dir)}; "
+              f"{out_dir / preempt.MARKER} written; the same command resumes", flush=True)
+        return
+    reasons = f" {dict(skipped['reasons'])}" if skipped["reasons"] else ""
+    print(f"done: {step} steps, {used} samples, skipped {sum(skipped['reasons'].values())} bad samples{reasons}; "
+          f"checkpoints in {checkpoint.checkpoint_dir(out_dir)}", flush=True)
 
 
 def _eval_due(cfg: Config, step: int) -> bool:
@@ -166,7 +228,8 @@ def _eval_due(cfg: Config, step: int) -> bool:
 
 def _evaluate(engine, model, cfg: Config, step: int, logger: RunLogger, best: BestTracker, rank: int) -> None:
     """Every rank evaluates its split; an improvement of eval.best saves the `best` checkpoint (all ranks)."""
-    metrics = run_evals(model, cfg)
+    with torch.random.fork_rng(devices=[]):  # eval loaders draw seeds; training's RNG must not see that
+        metrics = run_evals(model, cfg)
     logger.log(step, metrics)
     if rank == 0:
         headline = {k.removeprefix("eval/"): v for k, v in metrics.items() if k.endswith(("top1", "R@1"))}

@@ -1,0 +1,24 @@
+"""Fault injection for the recovery tests: real failures (SIGKILL, an exception) at a chosen point of a real run.
+
+    MMPT_FAULT=save:20:1  rank 1 is SIGKILLed inside the save of step 20, after writing its files
+    MMPT_FAULT=step:5:1   rank 1 raises at step 5
+
+Unset (always, outside tests) this costs one dict lookup per call.
+"""
+from __future__ import annotations
+
+import os
+import signal
+
+
+class InjectedFault(RuntimeError):
+    pass
+
+
+def maybe(point: str, step: int, rank: int) -> None:
+    spec = os.environ.get("MMPT_FAULT")
+    if not spec or spec != f"{point}:{step}:{rank}":
+        return
+    if point == "save":
+        os.kill(os.getpid(), signal.SIGKILL)
+    raise InjectedFault(f"injected fault at {point} {step} on rank {rank} (MMPT_FAULT={spec})")
