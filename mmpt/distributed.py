@@ -44,11 +44,32 @@ def init_distributed() -> tuple[int, int]:
     for key, default in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0"),
                          ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", "29511")):
         os.environ.setdefault(key, default)
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if not dist.is_initialized() and _restarted_under_agent_store():
+        _init_after_restart(backend)
     if not dist.is_initialized():
-        deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+        deepspeed.init_distributed(dist_backend=backend)
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
     return dist.get_rank(), dist.get_world_size()
+
+
+def _restarted_under_agent_store() -> bool:
+    return (int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
+            and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True")
+
+
+def _init_after_restart(backend: str) -> None:
+    """After torchrun --max-restarts restarted the group: torchrun's store outlives the restart and still holds
+    the dead group's addresses, which the new group would read (gloo: "connectFullMesh failed ... Connection
+    refused"). A key prefix per attempt keeps the groups apart."""
+    from datetime import timedelta
+
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world, is_master=False,
+                          timeout=timedelta(minutes=30))
+    prefixed = dist.PrefixStore(f"mmpt/attempt_{os.environ['TORCHELASTIC_RESTART_COUNT']}", store)
+    dist.init_process_group(backend, store=prefixed, rank=rank, world_size=world)
 
 
 def collective_device() -> torch.device:

@@ -3,7 +3,8 @@
     MMPT_FAULT=save:20:1  rank 1 is SIGKILLed inside the save of step 20, after writing its files
     MMPT_FAULT=step:5:1   rank 1 raises at step 5
 
-Unset (always, outside tests) this costs one dict lookup per call.
+A fault fires in torchrun's first attempt only (TORCHELASTIC_RESTART_COUNT 0 or unset), so a group restarted by
+`--max-restarts` runs through. Unset (always, outside tests) this costs one dict lookup per call.
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ class InjectedFault(RuntimeError):
 
 def maybe(point: str, step: int, rank: int) -> None:
     spec = os.environ.get("MMPT_FAULT")
-    if not spec or spec != f"{point}:{step}:{rank}":
+    if not spec or spec != f"{point}:{step}:{rank}" or os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0":
         return
     if point == "save":
         os.kill(os.getpid(), signal.SIGKILL)
