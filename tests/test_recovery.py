@@ -144,3 +144,18 @@ def test_source_of_only_bad_samples_is_an_error(tmp_path):
     errors = [line for line in proc.stderr.splitlines() if line.startswith("mmpt train: error:")]
     assert len(errors) == 1 and "source 'junk': 50 samples in a row could not be decoded" in errors[0], proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_resume_with_another_model_is_one_line(demo_data, straight, tmp_path):
+    import shutil
+
+    out = tmp_path / "run"
+    shutil.copytree(straight, out)
+    before = (out / "config.yaml").read_text()
+    proc = run([sys.executable, "-m", "mmpt.cli", *args(demo_data, out, 30, "model.width=64", "model.heads=4")],
+               timeout=120)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert proc.stderr.strip().splitlines() == [
+        f"mmpt train: error: train.resume: {out} holds another run (model.heads: 2 -> 4; model.width: 32 -> 64); "
+        "use a new train.out_dir, or train.resume=false to start over there"]
+    assert (out / "config.yaml").read_text() == before  # not overwritten

@@ -97,6 +97,7 @@ def contrastive_summary(cfg: Config, world: int) -> str:
 
 
 def train(cfg: Config) -> dict:
+    check_resumable(cfg)
     rank, world = init_distributed()
     try:
         result = _train(cfg, rank, world)
@@ -109,14 +110,19 @@ def train(cfg: Config) -> dict:
     return result
 
 
+def check_resumable(cfg: Config) -> None:
+    """Before anything starts: a run directory with a checkpoint must hold the same model and tasks."""
+    out_dir = Path(cfg.train.out_dir)
+    saved = out_dir / "config.yaml"
+    if cfg.train.resume and saved.is_file() and choose_tag(checkpoint.checkpoint_dir(out_dir), lambda m: None):
+        check_same_run(upgrade_old_keys(yaml.safe_load(saved.read_text()) or {}), cfg.to_dict(), out_dir)
+
+
 def _start(cfg: Config, rank: int, world: int):
     """Model, engine and the resumed state; config.yaml is (re)written only after the checkpoint has loaded."""
     out_dir = Path(cfg.train.out_dir)
     tasks_from_config(cfg)  # a shard spec matching nothing fails here, before the engine is built
     check_model_fits(cfg.data.tokenizer, cfg.model)
-    saved = out_dir / "config.yaml"
-    if cfg.train.resume and saved.is_file() and choose_tag(checkpoint.checkpoint_dir(out_dir), lambda m: None):
-        check_same_run(upgrade_old_keys(yaml.safe_load(saved.read_text()) or {}), cfg.to_dict(), out_dir)
     torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank
     model = build_for_run(cfg)
     size = contrastive_group_size(cfg, world)
