@@ -41,6 +41,9 @@ def init_distributed() -> tuple[int, int]:
     import deepspeed
 
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
+    from mmpt.launch import adopt_launcher_env
+
+    adopt_launcher_env()  # DeepSpeed's runner names LOCAL_WORLD_SIZE differently
     for key, default in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0"),
                          ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", "29511")):
         os.environ.setdefault(key, default)

@@ -136,9 +136,10 @@ def test_source_of_only_bad_samples_is_an_error(tmp_path):
     with wds.TarWriter(str(shards / "junk-000000.tar")) as sink:
         for i in range(200):
             sink.write({"__key__": f"s{i:04d}", "jpg": b"not an image", "txt": "a digit", "json": json.dumps({})})
+    source = f"{{name: junk, shards: '{shards}/junk-{{000000..000000}}.tar', modalities: [image, text]}}"
     proc = run([sys.executable, "-m", "mmpt.cli", "train", "--config", "demo", *TINY, "model.moe.last=0",
-                f"data.sources=[{{name: junk, shards: '{shards}/junk-{{000000..000000}}.tar', modalities: [image, text]}}]",
-                "data.max_consecutive_bad=50", f"train.out_dir={tmp_path / 'run'}", "train.steps=5"],
+                f"data.sources=[{source}]", "data.max_consecutive_bad=50", f"train.out_dir={tmp_path / 'run'}",
+                "train.steps=5"],
                timeout=120, env={"MASTER_PORT": str(random.randint(20000, 40000))})
     assert proc.returncode == 2, proc.stderr[-3000:]
     errors = [line for line in proc.stderr.splitlines() if line.startswith("mmpt train: error:")]

@@ -25,6 +25,7 @@ from mmpt.distributed import (
     init_distributed,
     shutdown_distributed,
 )
+from mmpt.launch import warn_accelerate_disagreements
 from mmpt.losses.contrastive import rank_groups
 from mmpt.model import build_for_run
 from mmpt.train import checkpoint, faults, preempt
@@ -99,6 +100,7 @@ def contrastive_summary(cfg: Config, world: int) -> str:
 def train(cfg: Config) -> dict:
     check_resumable(cfg)
     rank, world = init_distributed()
+    warn_accelerate_disagreements(cfg, rank)
     try:
         result = _train(cfg, rank, world)
     except BaseException:
