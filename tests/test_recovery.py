@@ -160,3 +160,52 @@ def test_resume_with_another_model_is_one_line(demo_data, straight, tmp_path):
         f"mmpt train: error: train.resume: {out} holds another run (model.heads: 2 -> 4; model.width: 32 -> 64); "
         "use a new train.out_dir, or train.resume=false to start over there"]
     assert (out / "config.yaml").read_text() == before  # not overwritten
+
+
+def universal_form(step_dir: Path, out: Path) -> dict:
+    """DeepSpeed's own world-size-free view of a ZeRO checkpoint: fp32 weight, exp_avg, exp_avg_sq, step per
+    parameter."""
+    import torch
+
+    proc = run([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(step_dir),
+                "--output_folder", str(out), "--inject_missing_state", "--num_extract_workers", "1",
+                "--num_merge_workers", "1"], timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    files = sorted(p for p in (out / "zero").rglob("*.pt") if p.name != "optimizer_state.pt")
+    return {str(p.relative_to(out)): torch.load(p, weights_only=False) for p in files}
+
+
+def same_tensors(a: dict, b: dict) -> bool:
+    import torch
+
+    unwrap = lambda v: v["param"] if isinstance(v, dict) else v  # noqa: E731
+    return a.keys() == b.keys() and all(torch.equal(unwrap(a[k]), unwrap(b[k])) for k in a)
+
+
+def test_resume_on_another_world_size(demo_data, straight, tmp_path):
+    """2 ranks -> 1 -> 2 (ZeRO-2): each resume converts through DeepSpeed's universal checkpoint and saves the
+    step in the new layout at once; weights and Adam state are the 2-rank run's exactly. Data streams restart
+    at the step; train.resume=weights does that on purpose."""
+    import shutil
+
+    out = tmp_path / "run"
+    shutil.copytree(straight, out)
+    step20 = out / "checkpoints" / "step0000020"
+    original = universal_form(step20, tmp_path / "u0")
+    assert len(original) > 100 and any(k.endswith("exp_avg_sq.pt") for k in original)
+
+    one = train(demo_data, out, 20, nproc=1)
+    assert one.returncode == 0, one.stderr[-4000:]
+    said = one.stdout + one.stderr
+    assert "(saved on 2 ranks) on 1 ranks" in said and "restart at step 20" in said
+    assert same_tensors(universal_form(step20, tmp_path / "u1"), original)
+
+    two = train(demo_data, out, 22)
+    assert two.returncode == 0, two.stderr[-4000:]
+    assert "(saved on 1 ranks) on 2 ranks" in two.stdout + two.stderr
+    assert same_tensors(universal_form(step20, tmp_path / "u2"), original)
+    assert [s for s, _ in losses(out)] == list(range(1, 23))
+
+    weights = train(demo_data, out, 23, "train.resume=weights")
+    assert weights.returncode == 0 and "train.resume=weights" in weights.stdout + weights.stderr, weights.stderr[-3000:]
+    assert [s for s, _ in losses(out)] == list(range(1, 24))

@@ -63,20 +63,24 @@ def save(engine, out_dir: str | Path, step: int, client_state: dict, keep: int, 
     return final
 
 
-def resume(engine, out_dir: str | Path, log=print) -> dict:
-    """Load the newest complete checkpoint if there is one, with this rank's RNG states; returns the client state
-    plus "rank_state" (this rank's data state or None) and "world" (the world size it was saved with); {} when
-    starting fresh. A run saved on another number of ranks resumes from its universal form (see reshard)."""
+def find(out_dir: str | Path, log=print) -> tuple[str | None, int | None]:
+    """Before the engine is built: the tag to resume from and the world size it was saved with (None, None
+    when starting fresh; world None for mmpt checkpoints from before rank files, taken as unchanged)."""
     ckpt_dir = checkpoint_dir(out_dir)
     tag = choose_tag(ckpt_dir, log)
-    if tag is None:
-        return {}
-    rank, world = dist.get_rank(), dist.get_world_size()
-    before = saved_world(ckpt_dir / tag) or world
-    if before != world:
-        from mmpt.train.reshard import load_resharded
+    return tag, (saved_world(ckpt_dir / tag) if tag else None)
 
-        client_state = load_resharded(engine, ckpt_dir, tag, before, log)
+
+def resume(engine, out_dir: str | Path, tag: str, before: int, universal: bool, zero_stage: int) -> dict:
+    """Load `tag` (see find) with this rank's RNG states. Returns the client state plus "tag", "world" (saved
+    with) and "rank_state" (this rank's data state; None on another world size). `universal`: the engine was
+    built to load DeepSpeed's universal form (another world size, ZeRO 1-3; see reshard)."""
+    ckpt_dir = checkpoint_dir(out_dir)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    if universal:
+        from mmpt.train import reshard
+
+        client_state = reshard.load(engine, ckpt_dir, reshard.convert(ckpt_dir, tag, print), zero_stage)
     else:
         path, client_state = engine.load_checkpoint(str(ckpt_dir), tag=tag)
         if path is None:

@@ -47,7 +47,7 @@ def _merge(base: dict, extra: dict) -> dict:
     return base
 
 
-def deepspeed_config(cfg, world_size: int) -> dict:
+def deepspeed_config(cfg, world_size: int, load_universal: bool = False) -> dict:
     ds = {
         "train_micro_batch_size_per_gpu": cfg.data.batch_size,
         "gradient_accumulation_steps": cfg.train.accumulate,
@@ -58,6 +58,8 @@ def deepspeed_config(cfg, world_size: int) -> dict:
         "steps_per_print": 10**9,
         "zero_allow_untested_optimizer": True,
     }
+    if load_universal:  # resuming on another world size (mmpt.train.reshard)
+        ds["checkpoint"] = {"load_universal": True}
     return _merge(ds, cfg.deepspeed.extra)
 
 
@@ -86,7 +88,7 @@ def lr_lambda(warmup: int, total: int):
     return f
 
 
-def build_engine(module: nn.Module, cfg, world_size: int):
+def build_engine(module: nn.Module, cfg, world_size: int, load_universal: bool = False):
     import deepspeed
     from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
     o = cfg.optim
@@ -98,5 +100,5 @@ def build_engine(module: nn.Module, cfg, world_size: int):
     optimizer = torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(o.warmup_steps, cfg.train.steps))
     engine, _, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, lr_scheduler=scheduler,
-                                           config=deepspeed_config(cfg, world_size))
+                                           config=deepspeed_config(cfg, world_size, load_universal))
     return engine

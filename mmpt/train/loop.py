@@ -28,7 +28,7 @@ from mmpt.distributed import (
 from mmpt.launch import warn_accelerate_disagreements
 from mmpt.losses.contrastive import rank_groups
 from mmpt.model import build_for_run
-from mmpt.train import checkpoint, faults, preempt
+from mmpt.train import checkpoint, faults, preempt, reshard
 from mmpt.train.accumulate import accumulated_step
 from mmpt.train.engine import TrainModule, build_engine, to_engine
 from mmpt.train.evaluate import BestTracker, run_evals
@@ -129,10 +129,13 @@ def _start(cfg: Config, rank: int, world: int):
     model = build_for_run(cfg)
     size = contrastive_group_size(cfg, world)
     group = rank_groups(size) if size < world else None
-    engine = build_engine(TrainModule(model, cfg.loss, group), cfg, world)
-    seed_rank(cfg.train.seed, rank)  # dropout and DropToken masks differ across ranks
     say = (lambda m: tqdm.write(m)) if rank == 0 else (lambda m: None)
-    state = checkpoint.resume(engine, out_dir, say) if cfg.train.resume else {}
+    tag, before = checkpoint.find(out_dir, say) if cfg.train.resume else (None, None)
+    before = before or world
+    universal = tag is not None and reshard.needs_universal(cfg, before, world)
+    engine = build_engine(TrainModule(model, cfg.loss, group), cfg, world, load_universal=universal)
+    seed_rank(cfg.train.seed, rank)  # dropout and DropToken masks differ across ranks
+    state = checkpoint.resume(engine, out_dir, tag, before, universal, cfg.deepspeed.zero_stage) if tag else {}
     if rank == 0:
         write_run_config(cfg, out_dir)
         print(contrastive_summary(cfg, world), flush=True)
@@ -171,6 +174,9 @@ def _train(cfg: Config, rank: int, world: int) -> dict:
     step, last, stopped = start, {}, False
     if rank == 0:
         preempt.clear(out_dir)
+    if state and state["world"] != world:  # save in this world size's layout now: a crash won't convert again
+        checkpoint.save(engine, out_dir, start, {"skipped": {k: dict(v) for k, v in skipped.items()}, "samples": used},
+                        cfg.train.keep_checkpoints, loader.state_dict())
     with preempt.Preemption() as signals:
         while step < cfg.train.steps and not stopped:
             task, batches = loader.take(cfg.train.accumulate)
