@@ -50,11 +50,12 @@ def convert(ckpt_dir: Path, tag: str, log) -> str:
 
 
 def load(engine, ckpt_dir: Path, universal_tag: str, zero_stage: int) -> dict:
+    names = [g.get("name") for g in engine.optimizer.optimizer.param_groups]  # before DeepSpeed overwrites them
     path, client_state = engine.load_checkpoint(str(ckpt_dir), tag=universal_tag)
     if path is None:
         raise RuntimeError(f"{ckpt_dir / universal_tag}: DeepSpeed could not load the universal checkpoint")
     if zero_stage == 3:
-        _fix_zero3_groups(engine, ckpt_dir / universal_tag)
+        _fix_zero3_groups(engine, ckpt_dir / universal_tag, names)
     dist.barrier()
     if dist.get_rank() == 0:
         shutil.rmtree(ckpt_dir / universal_tag, ignore_errors=True)
@@ -62,14 +63,14 @@ def load(engine, ckpt_dir: Path, universal_tag: str, zero_stage: int) -> dict:
     return client_state or {}
 
 
-def _fix_zero3_groups(engine, universal_dir: Path) -> None:
+def _fix_zero3_groups(engine, universal_dir: Path, names: list) -> None:
     """DeepSpeed 0.19.8's ZeRO-3 universal load gives every param group the saved group 0's settings (weight
     decay on the no-decay group) and one shared `step` tensor (AdamW then counts one step per group, wrong bias
     correction). Restore each group's settings by position, names checked, and give each its own step."""
     saved = torch.load(universal_dir / "zero" / "optimizer_state.pt", map_location="cpu",
                        weights_only=False)["optimizer_state_dict"]["param_groups"]
     groups = engine.optimizer.optimizer.param_groups
-    names, saved_names = [g.get("name") for g in groups], [g.get("name") for g in saved]
+    saved_names = [g.get("name") for g in saved]
     if len(saved) != len(groups) or (any(saved_names) and saved_names != names):
         raise RuntimeError(f"{universal_dir}: optimizer groups {saved_names} != this engine's {names}")
     for group, old in zip(groups, saved, strict=True):
