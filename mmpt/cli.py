@@ -21,6 +21,7 @@ import json
 import os
 import sys
 from pathlib import Path
+from typing import NoReturn
 
 from mmpt.config import ConfigError, import_plugins, load_config
 from mmpt.data.shards import DataError
@@ -28,8 +29,10 @@ from mmpt.data.shards import DataError
 
 def cmd_train(args) -> int:
     cfg = load_config(args.config, args.overrides)
+    from mmpt.data.tokenizer import check_model_fits
     from mmpt.train.loop import train
 
+    check_model_fits(cfg.data.tokenizer, cfg.model)  # a bad tokenizer is one line before any process group
     train(cfg)
     return 0
 
@@ -110,7 +113,7 @@ def cmd_shards_build(args) -> int:
     from mmpt.data.shards import read_manifest
 
     if bool(args.manifest) == bool(args.folder):
-        raise DataError("shards build: give exactly one of --manifest or --folder")
+        raise DataError("give exactly one of --manifest or --folder")
     rows = list(read_manifest(args.manifest)) if args.manifest else folder_rows(args.folder, args.labels_from_folders)
     base = Path(args.manifest).parent if args.manifest else Path(".")
     summary = build_shards(rows, base, args.out, args.prefix, args.shard_size, args.workers,
@@ -183,9 +186,30 @@ def cmd_plot(args) -> int:
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """A usage mistake is one line with exit code 2 too, like every other user error (argparse prints its usage
+    block first)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _count(minimum: int):
+    """An argparse type: an integer >= minimum (--workers -1 would otherwise fail deep in a DataLoader)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"invalid int value: {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"{value}: must be >= {minimum}")
+        return value
+    return parse
+
+
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="mmpt", description="Distributed multimodal pretraining.",
-                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    ap = _Parser(prog="mmpt", description="Distributed multimodal pretraining.",
+                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     ap.add_argument("--plugin", action="append", default=[], metavar="MODULE",
                     help="import a module that registers modalities (mmpt.modality.register); repeatable")
     sub = ap.add_subparsers(dest="command", required=True)
@@ -208,8 +232,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = _eval_parser(ev, "caption", "captions generated for a modality, BLEU-4 and CIDEr", cmd_eval_caption)
     p.add_argument("--modality", default="image")
     p.add_argument("--data", help="shards with captions (default: data.val)")
-    p.add_argument("--beams", type=int, default=1, help="1: greedy")
-    p.add_argument("--max-len", type=int)
+    p.add_argument("--beams", type=_count(1), default=1, help="1: greedy")
+    p.add_argument("--max-len", type=_count(2))
 
     sh = sub.add_parser("shards", help="build webdataset shards").add_subparsers(dest="shards_command", required=True)
     p = sh.add_parser("build", help="manifest (CSV/JSONL) or folder of media + captions -> tar shards + sizes.json")
@@ -218,14 +242,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--labels-from-folders", action="store_true", help="parent folder names become class labels")
     p.add_argument("--out", required=True)
     p.add_argument("--prefix", required=True)
-    p.add_argument("--shard-size", type=int, default=1000)
-    p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--shard-size", type=_count(1), default=1000)
+    p.add_argument("--workers", type=_count(0), default=1)
     p.add_argument("--seed", type=int, default=0, help="seed of the sample order shuffle")
     p.add_argument("--no-shuffle", action="store_true", help="keep the manifest order")
     p.set_defaults(func=cmd_shards_build)
     p = sh.add_parser("check", help="decode every sample; report bad ones and statistics")
     p.add_argument("spec", help="shard directory, brace pattern or glob")
-    p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--workers", type=_count(0), default=1)
     p.add_argument("--json", action="store_true")
     p.add_argument("--max-bad", type=float, default=0.0, help="bad fraction above which the exit code is 1")
     p.set_defaults(func=cmd_shards_check)
@@ -267,12 +291,23 @@ def _eval_parser(ev, name: str, summary: str, func) -> argparse.ArgumentParser:
     p = ev.add_parser(name, help=summary)
     p.add_argument("--model", "--run", dest="model", required=True,
                    help="run dir, export dir, hf-hub:ORG/NAME[@rev] or local-dir:PATH")
-    p.add_argument("--batch-size", type=int)
-    p.add_argument("--workers", type=int, help="decoding processes (default: eval.workers)")
+    p.add_argument("--batch-size", type=_count(1))
+    p.add_argument("--workers", type=_count(0), help="decoding processes (default: eval.workers)")
     p.add_argument("--out", help="write the result JSON here")
     p.add_argument("--device", default="auto", choices=["auto", "cpu"], help="auto: the GPU when there is one")
     p.set_defaults(func=func)
     return p
+
+
+# User errors: a bad config or data, or a path that is missing, unreadable or the wrong kind of file. Anything
+# else is a bug in mmpt and keeps its traceback.
+USER_ERRORS = (ConfigError, DataError, FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
+
+
+def command_name(args) -> str:
+    """`train`, `eval zeroshot`, `shards build`, ...: the words the user typed, as argparse names them too."""
+    sub = getattr(args, f"{args.command}_command", None)
+    return f"{args.command} {sub}" if sub else args.command
 
 
 def main(argv=None) -> int:
@@ -280,8 +315,9 @@ def main(argv=None) -> int:
     try:
         import_plugins(args.plugin)
         return args.func(args)
-    except (ConfigError, DataError, FileNotFoundError) as e:
-        print(f"mmpt {args.command}: error: {e}", file=sys.stderr)
+    except USER_ERRORS as e:
+        message = " ".join(line.strip() for line in str(e).splitlines() if line.strip())  # one line, always
+        print(f"mmpt {command_name(args)}: error: {message}", file=sys.stderr)
         return 2
 
 

@@ -2,9 +2,10 @@
 
     cfg = load_config("demo", ["train.steps=50", "model.width=64"])
 
-`NAME` resolves to the YAML shipped in `mmpt/configs/NAME.yaml`; anything else is a path.
-Every user mistake (unknown key, wrong type, missing file) raises `ConfigError` whose
-message names the dotted key or the file, so the CLI can print one line and exit.
+`NAME` resolves to the YAML shipped in `mmpt/configs/NAME.yaml`; anything else is a path. An override's
+number indexes a list the config has (`data.sources.0.weight=2`). Every user mistake (unknown key, wrong type,
+missing file, a value out of range: `mmpt.config_checks`) raises `ConfigError` whose message names the dotted
+key or the file, so the CLI can print one line and exit.
 """
 from __future__ import annotations
 
@@ -298,89 +299,48 @@ def resolve_path(name_or_path: str) -> Path:
 
 
 def _apply_override(data: dict, item: str) -> None:
+    """`a.b.c=value`; a number indexes a list the config already has (`data.sources.0.weight=2`)."""
     if "=" not in item:
         raise ConfigError(f"override '{item}': expected dotted.key=value")
     key, raw = item.split("=", 1)
     try:
         value = yaml.safe_load(raw) if raw else ""
     except yaml.YAMLError as e:
-        raise ConfigError(f"override '{key}': cannot parse value {raw!r}: {e}") from None
-    node = data
-    parts = key.split(".")
-    for part in parts[:-1]:
-        node = node.setdefault(part, {})
-        if not isinstance(node, dict):
-            raise ConfigError(f"override '{key}': '{part}' is not a section")
-    node[parts[-1]] = value
+        raise ConfigError(f"override '{key}': cannot parse value {raw!r}: {yaml_problem(e)}") from None
+    node: Any = data
+    parts, created = key.split("."), False
+    for i, part in enumerate(parts):
+        slot = _slot(node, part, key, ".".join(parts[:i]) or "the config", created)
+        if i == len(parts) - 1:
+            node[slot] = value
+            return
+        created = isinstance(node, dict) and node.get(slot) is None  # absent from the file (or empty there)
+        if created:
+            node[slot] = {}
+        node = node[slot]
 
 
-def validate(cfg: Config) -> Config:
-    """What a field's type cannot say (types and Literal choices are checked while loading)."""
-    m, d = cfg.model, cfg.data
-    if m.width % m.heads:
-        raise ConfigError(f"model.width={m.width} must be divisible by model.heads={m.heads}")
-    if m.image_size % m.patch_size:
-        raise ConfigError(f"model.image_size={m.image_size} must be divisible by model.patch_size={m.patch_size}")
-    for key, val in [("data.batch_size", d.batch_size), ("train.steps", cfg.train.steps), ("model.depth", m.depth),
-                     ("train.accumulate", cfg.train.accumulate), ("data.max_consecutive_bad", d.max_consecutive_bad)]:
-        if val <= 0:
-            raise ConfigError(f"{key}={val}: must be positive")
-    if cfg.loss.contrastive_group_size < -1:
-        raise ConfigError(f"loss.contrastive_group_size={cfg.loss.contrastive_group_size}: must be >= 0, "
-                          "or -1 for the ranks of one node")
-    if not 0.0 <= d.bad_sample_limit <= 1.0:
-        raise ConfigError(f"data.bad_sample_limit={d.bad_sample_limit}: must be in [0, 1]")
-    _validate_modalities(cfg)
-    _validate_moe(cfg)
-    if m.video.frames % m.video.tubelet:
-        raise ConfigError(f"model.video.frames={m.video.frames} must be divisible by "
-                          f"model.video.tubelet={m.video.tubelet}")
-    return cfg
+def _slot(node: Any, part: str, key: str, where: str, created: bool) -> int | str:
+    """Where one part of an override's key leads in the raw config: a section's key, or an index into a list
+    the config has (a number never appends, and never indexes a section or a list the file does not hold)."""
+    if isinstance(node, list):
+        if part.isdigit() and int(part) < len(node):
+            return int(part)
+        raise ConfigError(f"override '{key}': {where} is a list of {len(node)}; '{part}' is not an index "
+                          f"0..{len(node) - 1}")
+    if not isinstance(node, dict):
+        raise ConfigError(f"override '{key}': {where}={node!r} is a value, not a section or list")
+    if part.isdigit():
+        raise ConfigError(f"override '{key}': " + (f"{where} is not in the config file; set the whole list "
+                          f"({where}=[...])" if created else f"{where} is a section, not a list"))
+    return part
 
 
-def _validate_modalities(cfg: Config) -> None:
-    from mmpt.modality import MODALITIES
-
-    m, known = cfg.model, ", ".join(MODALITIES)
-    for mod in m.modalities:
-        if mod not in MODALITIES:
-            raise ConfigError(f"model.modalities: unknown modality '{mod}' (known: {known}; more come from plugins)")
-    for mod, rate in m.drop_token.items():
-        if mod not in MODALITIES or not 0.0 <= rate < 1.0:
-            raise ConfigError(f"model.drop_token.{mod}={rate}: needs a known modality and a rate in [0, 1)")
-    if not cfg.data.sources:
-        raise ConfigError("data.sources: at least one source is needed")
-    for i, src in enumerate(cfg.data.sources):
-        if len(src.modalities) != 2 or len(set(src.modalities)) != 2:
-            raise ConfigError(f"data.sources[{i}].modalities={src.modalities}: must name two different modalities")
-        missing = [x for x in src.modalities if x not in m.modalities]
-        if missing:
-            raise ConfigError(f"data.sources[{i}].modalities: {missing} not in model.modalities={m.modalities}")
-        if src.weight <= 0:
-            raise ConfigError(f"data.sources[{i}].weight={src.weight}: must be positive")
-    for i, z in enumerate(cfg.eval.zeroshot):
-        if z.modality not in m.modalities or z.modality == "text" or "text" not in m.modalities:
-            raise ConfigError(f"eval.zeroshot[{i}].modality={z.modality!r}: needs text and a non-text modality of "
-                              f"model.modalities={m.modalities}")
-    for i, r in enumerate(cfg.eval.retrieval):
-        if len(set(r.modalities)) != 2 or any(x not in m.modalities for x in r.modalities):
-            raise ConfigError(f"eval.retrieval[{i}].modalities={r.modalities}: must name two different modalities "
-                              f"of model.modalities={m.modalities}")
-
-
-def _validate_moe(cfg: Config) -> None:
-    moe = cfg.model.moe
-    if moe.backend == "deepspeed" and moe.num_experts > 1 and cfg.deepspeed.zero_stage > 2:
-        raise ConfigError("model.moe.backend=deepspeed needs deepspeed.zero_stage <= 2 (DeepSpeed refuses its MoE "
-                          "under ZeRO-3); use model.moe.backend=native")
-    if moe.backend == "deepspeed" and moe.ep_size > 1 and cfg.eval.every and (cfg.eval.zeroshot or cfg.eval.retrieval):
-        raise ConfigError("eval.every with model.moe.backend=deepspeed and ep_size > 1: expert all_to_all needs the "
-                          "same batches on every rank, eval splits differ; set eval.every=0 and evaluate the export")
-    if moe.backend == "deepspeed" and moe.router == "expert_choice":
-        raise ConfigError("model.moe.router=expert_choice is native-only; set model.moe.backend=native")
-    if moe.num_experts > 1 and (moe.num_experts % moe.ep_size or moe.top_k not in (1, 2)):
-        raise ConfigError(f"model.moe: num_experts={moe.num_experts} must be divisible by ep_size={moe.ep_size} and "
-                          f"top_k={moe.top_k} must be 1 or 2")
+def yaml_problem(error: yaml.YAMLError) -> str:
+    """PyYAML's error in one line (its str() spans several, quoting the text around the mark)."""
+    mark = getattr(error, "problem_mark", None)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    return f"{getattr(error, 'problem', None) or error}{where}"
 
 
 def import_plugins(names: list) -> None:
@@ -411,6 +371,8 @@ def upgrade_old_keys(data: dict) -> dict:
 
 
 def _from_dict(data: dict) -> Config:
+    from mmpt.config_checks import validate  # it imports ConfigError from here
+
     import_plugins(data.get("plugins") or [])
     return validate(_build(Config, data, ""))
 
@@ -420,7 +382,7 @@ def load_config(name_or_path: str, overrides: Optional[list] = None) -> Config:
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: invalid YAML: {e}") from None
+        raise ConfigError(f"{path}: invalid YAML: {yaml_problem(e)}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: top level must be a mapping")
     for item in overrides or []:

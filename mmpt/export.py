@@ -24,7 +24,7 @@ from pathlib import Path
 import yaml
 
 from mmpt import modality as registry
-from mmpt.config import Config, config_from_dict
+from mmpt.config import Config, ConfigError, config_from_dict, yaml_problem
 from mmpt.data.shards import DataError, read_json
 from mmpt.model import build_for_run
 from mmpt.train.checkpoint import checkpoint_dir, consolidated_state_dict
@@ -37,17 +37,24 @@ OPENCLIP = "openclip"
 
 
 def read_config(path: Path) -> Config:
-    """config.json of an export, else config.yaml of a run directory (or of an older export)."""
+    """config.json of an export, else config.yaml of a run directory (or of an older export); a bad one is an
+    error naming the file."""
     if (path / CONFIG).is_file():
-        try:
-            data = json.loads((path / CONFIG).read_text())
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path / CONFIG}: invalid JSON: {e}") from None
+        file, data = path / CONFIG, read_json(path / CONFIG, "model config")
     elif (path / RUN_CONFIG).is_file():
-        data = yaml.safe_load((path / RUN_CONFIG).read_text())
+        file = path / RUN_CONFIG
+        try:
+            data = yaml.safe_load(file.read_text())
+        except yaml.YAMLError as e:
+            raise DataError(f"{file}: invalid YAML: {yaml_problem(e)}") from None
     else:
         raise FileNotFoundError(f"{path}: no {CONFIG} or {RUN_CONFIG} (not an export or run directory)")
-    return config_from_dict(data)
+    if not isinstance(data, dict):
+        raise DataError(f"{file}: expected a mapping of config sections, got {type(data).__name__}")
+    try:
+        return config_from_dict(data)
+    except ConfigError as e:
+        raise ConfigError(f"{file}: {e}") from None
 
 
 def native_backend(cfg: Config) -> Config:

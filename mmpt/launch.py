@@ -108,9 +108,9 @@ def gpus_per_node(env: Mapping[str, str] = os.environ) -> int:
     readers = (("SLURM_GPUS_ON_NODE", _count_gpus), ("SLURM_GPUS_PER_NODE", _count_gpus),
                ("SLURM_JOB_GPUS", _count_devices), ("CUDA_VISIBLE_DEVICES", _count_devices))
     for name, read in readers:
-        n = read(env.get(name, ""))
-        if n:
-            return n
+        found = read(env.get(name, ""))
+        if found:
+            return found
     return 1
 
 

@@ -130,3 +130,38 @@ def test_label_only_samples_build_and_check_for_imagefolder_eval_sets(tmp_path):
     (tmp_path / "s" / "sizes.json").write_text('{"x-000000.tar": 2}')
     report = json.loads(mmpt("shards", "check", tmp_path / "s", "--json").stdout)
     assert [(b["key"], b["reason"]) for b in report["bad_samples"]] == [("bare", "fewer_than_two_modalities")]
+
+
+def test_unreadable_sidecar_json_is_refused_naming_the_file(tmp_path):
+    from mmpt.data.build import build_shards, folder_rows
+
+    for i in range(3):
+        (tmp_path / "src" / f"{i}.png").parent.mkdir(exist_ok=True)
+        (tmp_path / "src" / f"{i}.png").write_bytes(png_bytes(value=10 * i))
+        (tmp_path / "src" / f"{i}.txt").write_text(f"square {i}")
+    (tmp_path / "src" / "1.json").write_text('{"source": ')
+    (tmp_path / "src" / "2.json").write_text('["not", "an", "object"]')
+    summary = build_shards(folder_rows(tmp_path / "src", False), ".", tmp_path / "out", "f", shuffle_seed=None)
+    assert summary["written"] == 1 and summary["refused"] == {"bad_json": 2}
+    assert summary["refused_examples"]["bad_json"].startswith(f"{tmp_path / 'src' / '1.json'}: invalid JSON")
+
+
+def test_check_counts_labels_that_are_no_index_and_warns_of_unlisted_shards(tmp_path):
+    import webdataset as wds
+
+    (tmp_path / "s").mkdir()
+    with wds.TarWriter(str(tmp_path / "s" / "x-000000.tar")) as w:
+        w.write({"__key__": "named", "png": png_bytes(), "txt": "a cat", "json": {"label": "cat"}})
+        w.write({"__key__": "blank", "png": png_bytes(), "txt": "a dog", "json": {"label": ""}})  # no label
+    (tmp_path / "s" / "sizes.json").write_text('{"x-000000.tar": 2}')
+    for i in range(7):  # copied in by hand, never listed: no reader would see them
+        (tmp_path / "s" / f"y-{i:06d}.tar").write_bytes((tmp_path / "s" / "x-000000.tar").read_bytes())
+    proc = mmpt("shards", "check", tmp_path / "s", "--json", "--max-bad", "0.5")
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout)
+    assert report["samples"] == 2 and report["bad_by_reason"] == {"bad_label": 1}
+    assert report["unlisted_shards"] == [f"y-{i:06d}.tar" for i in range(7)]
+    assert proc.stderr.splitlines() == [
+        f"shard dir {tmp_path / 's'}: 7 .tar file(s) not listed in its sizes.json are ignored: y-000000.tar, "
+        "y-000001.tar, y-000002.tar, y-000003.tar, y-000004.tar, ... (2 more) (add them to sizes.json, or rebuild "
+        "with `mmpt shards build`)"]

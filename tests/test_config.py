@@ -1,3 +1,4 @@
+import re
 import subprocess
 import sys
 
@@ -30,17 +31,49 @@ def test_shipped_demo_config_loads_with_overrides():
     ("deepspeed.zero_stage=true", "must be one of 0, 1, 2, 3"),
     ("model.moe.router=topk", "model.moe.router='topk': must be one of token_choice, expert_choice"),
     ("optim.betas=[0.9, fast]", "optim.betas[1]: expected float"),
+    ("model.heads=0", "model.heads=0: must be positive"),
+    ("model.moe.num_experts=-2", "model.moe.num_experts=-2: must be >= 0"),
+    ("optim.betas=[0.9, 1.0]", "optim.betas=[0.9, 1.0]: needs two values in [0, 1)"),
+    ("model.dropout=1", "model.dropout=1.0: must be in [0, 1)"),
+    ("loss.contrastive_chunk=0", "loss.contrastive_chunk=0: must be positive"),
+    ("data.audio.seconds=0.02", "data.audio.seconds=0.02: shorter than one 25 ms fbank window"),
+    ("model.audio.patch=99", "model.audio.patch=99: larger than data.audio's fbank (128 mel bins x 98 frames)"),
+    ("model.width=[1", "override 'model.width': cannot parse value '[1': expected ',' or ']'"),
+    # a number in a key indexes a list the config file holds, nothing else
+    ("data.sources.4.weight=1", "override 'data.sources.4.weight': data.sources is a list of 4; '4' is not an index"),
+    ("data.sources.first.weight=1", "data.sources is a list of 4; 'first' is not an index 0..3"),
+    ("data.val.0=x", "override 'data.val.0': data.val='data/demo/val' is a value, not a section or list"),
+    ("model.0.width=3", "override 'model.0.width': model is a section, not a list"),
+    ("eval.top_k.0=3", "eval.top_k is not in the config file; set the whole list (eval.top_k=[...])"),
+    ("data.sources.0.weight=-1", "data.sources[0].weight=-1.0: must be positive"),
 ])
 def test_bad_overrides_name_the_key(override, message):
-    with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("(", r"\(")):
+    with pytest.raises(ConfigError, match=re.escape(message)):
         load_config("demo", [override])
+
+
+def test_indexed_overrides_reach_into_lists():
+    cfg = load_config("demo", ["data.sources.0.weight=2", "eval.zeroshot.0.modality=audio",
+                               "data.sources.2.modalities.0=image", "optim.betas=[0.8, 0.9]", "optim.betas.1=0.95",
+                               "data.sources.1={name: s, shards: x, modalities: [audio, text]}"])
+    assert cfg.data.sources[0].weight == 2.0 and cfg.eval.zeroshot[0].modality == "audio"
+    assert cfg.data.sources[2].modalities == ["image", "text"] and cfg.optim.betas == [0.8, 0.95]
+    assert (cfg.data.sources[1].name, cfg.data.sources[1].weight) == ("s", 1.0)  # a replaced entry: defaults
+
+
+def test_every_shipped_config_passes_the_checks():
+    from mmpt.config import CONFIG_DIR
+
+    for path in sorted(CONFIG_DIR.glob("*.yaml")):
+        load_config(path.stem)
 
 
 def test_yaml_file_errors(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("model:\n  width: [1\n")
-    with pytest.raises(ConfigError, match="invalid YAML"):
+    with pytest.raises(ConfigError, match="invalid YAML: expected ',' or ']', but got '<stream end>' at line 3") as e:
         load_config(str(bad))
+    assert "\n" not in str(e.value)  # PyYAML's own message spans lines
     nested = tmp_path / "nested.yaml"
     nested.write_text("model: 3\n")
     with pytest.raises(ConfigError, match="model: expected a mapping"):

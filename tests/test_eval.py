@@ -238,6 +238,23 @@ def test_bad_input_is_one_line_naming_the_problem(data, tmp_path):
         run_zeroshot(model, cfg, "image", data=str(tmp_path / "bad.csv"), classes=data["classes"])
 
 
+def test_unusable_labels_and_metadata_are_skipped_and_counted_not_raised(data, tmp_path):
+    model, cfg = load_pretrained(data["model"])
+    named = ({"__key__": f"n{i}", "png": noise_png(i), "json": {"label": "cat" if i == 0 else i}} for i in range(4))
+    write_shards(named, tmp_path / "named", "n", 2)
+    result = run_zeroshot(model, cfg, "image", data=str(tmp_path / "named"), classes=data["classes"], workers=0)
+    assert (result["num_samples"], result["skipped"]) == (3, 1)
+    folder = tmp_path / "folder" / "class0"
+    folder.mkdir(parents=True)
+    for i in range(2):
+        (folder / f"{i}.png").write_bytes(noise_png(i))
+    (folder / "1.json").write_text("{oops")  # a sidecar `shards build` would refuse
+    result = run_zeroshot(model, cfg, "image", data=str(tmp_path / "folder"), classes=data["classes"], workers=0)
+    assert (result["num_samples"], result["skipped"]) == (1, 1)
+    cfg.eval.top_k = [1, 10]  # more than the 5 classes: k is clipped, every class is in the top 10 (README)
+    assert run_zeroshot(model, cfg, "image", data=data["shards"], classes=data["classes"])["top10"] == 1.0
+
+
 def test_template_sets_and_their_precedence(data, tmp_path):
     for name, prompts in TEMPLATE_SETS.items():
         assert 8 <= len(prompts) <= 20 and all("{}" in p for p in prompts), name

@@ -1,5 +1,9 @@
+import json
+
+import pytest
 import torch
 
+from mmpt.config import ConfigError
 from mmpt.data.tokenizer import Tokenizer, decode
 from mmpt.model.stems import valid_mask
 
@@ -39,6 +43,35 @@ def test_local_huggingface_tokenizer(tmp_path):
         raise AssertionError("expected a mismatch error")
     cfg.sot_id, cfg.eot_id = 1, 2
     check_model_fits(str(tmp_path), cfg)
+
+
+def gpt2_style_tokenizer(out) -> None:
+    """A byte-level BPE tokenizer as GPT-2 ships it: one <|endoftext|> token is bos, eos and unk."""
+    from transformers import GPT2TokenizerFast
+
+    out.mkdir()
+    (out / "vocab.json").write_text(json.dumps({"<|endoftext|>": 0, "a": 1, "b": 2, "Ġa": 3}))
+    (out / "merges.txt").write_text("#version: 0.2\n")
+    GPT2TokenizerFast(vocab_file=str(out / "vocab.json"), merges_file=str(out / "merges.txt")).save_pretrained(out)
+
+
+def test_tokenizers_that_would_empty_captions_are_refused(tmp_path):
+    """GPT-2 style (one <|endoftext|> for bos and eos): the text mask would end at the begin token. Without any
+    begin/end token, or without tokenizer files, there is nothing to build captions with."""
+    from tokenizers import Tokenizer as RawTokenizer
+    from tokenizers.models import WordLevel
+    from transformers import PreTrainedTokenizerFast
+
+    gpt2_style_tokenizer(tmp_path / "gpt2")
+    with pytest.raises(ConfigError, match="begin and end tokens share id 0 \\(GPT-2 style bos == eos\\)"):
+        Tokenizer(str(tmp_path / "gpt2"), 8)
+    raw = RawTokenizer(WordLevel({"[UNK]": 0, "a": 1}, unk_token="[UNK]"))
+    PreTrainedTokenizerFast(tokenizer_object=raw, unk_token="[UNK]").save_pretrained(tmp_path / "plain")
+    with pytest.raises(ConfigError, match="needs begin and end tokens .* it has begin=None, end=None"):
+        Tokenizer(str(tmp_path / "plain"), 8)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ConfigError, match="empty': not a loadable HuggingFace tokenizer directory"):
+        Tokenizer(str(tmp_path / "empty"), 8)
 
 
 def test_unknown_tokenizer_is_a_clear_error(tmp_path):

@@ -9,7 +9,8 @@ path without extension: `cats/001.jpg` + `cats/001.txt` (+ `cats/001.json`) make
 --labels-from-folders the parent folder names become class labels (sorted, numbered from 0), and a lone media
 file (no caption) makes a label-only sample, as an ImageFolder-style eval set needs. A row needs two
 modalities, or one and a label. Each media file is probed with the same real decoders training uses, so a
-file that would fail in training is refused here, not three days in.
+file that would fail in training is refused here, not three days in; so is a sample whose sidecar json is not
+a readable JSON object (`bad_json`).
 """
 from __future__ import annotations
 
@@ -27,6 +28,18 @@ from mmpt.data.shards import DataError, WriteReport, write_shards
 
 MAX_FILE_BYTES = 2 << 30
 PROBE_REFUSALS = {"zero_length": "empty_file", "oversize": "oversize"}  # any other probe failure: unreadable
+BAD_JSON = "__bad_json__"  # a folder row whose sidecar json is unreadable: refused (build) or skipped (eval)
+
+
+def read_sidecar(path: Path) -> dict:
+    """A folder sample's metadata json: an object, else ValueError saying why."""
+    try:
+        meta = json.loads(path.read_text())
+    except ValueError as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise ValueError(f"{path}: invalid JSON: {e}") from None
+    if not isinstance(meta, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(meta).__name__}")
+    return meta
 
 
 def folder_rows(root: str | os.PathLike, labels_from_folders: bool) -> list:
@@ -39,7 +52,11 @@ def folder_rows(root: str | os.PathLike, labels_from_folders: bool) -> list:
         row = groups.setdefault(path.with_suffix(""), {})
         name = modality.modality_of_extension(ext)
         if ext == "json":  # metadata, and a caption if it has one; file paths come from the files themselves
-            meta = json.loads(path.read_text())
+            try:
+                meta = read_sidecar(path)
+            except ValueError as e:  # refused like an unreadable media file, not the whole build
+                row[BAD_JSON] = str(e)
+                continue
             row.update({k: v for k, v in meta.items() if k not in modality.MODALITIES or modality.MODALITIES[k].inline})
         elif name is not None and modality.MODALITIES[name].inline:  # a caption file: its content goes in
             row[name] = path.read_text(errors="replace")
@@ -79,6 +96,8 @@ def encode_row(job: tuple) -> tuple:
     sample = {"__key__": f"{index:09d}"}
     if "unknown" in row:
         return "refused", "unknown_extension", row["unknown"]
+    if BAD_JSON in row:
+        return "refused", "bad_json", row[BAD_JSON]
     files = {m: row[m] for m, spec in modality.MODALITIES.items() if not spec.inline and row.get(m)}
     for name, value in files.items():
         status, key, data = _file_entry(name, str(value), base)

@@ -7,6 +7,7 @@ Exit code 1 when the bad fraction exceeds --max-bad (default 0: any bad sample f
 """
 from __future__ import annotations
 
+import os
 import statistics
 from collections import Counter, defaultdict
 from multiprocessing import Pool
@@ -16,7 +17,7 @@ import webdataset as wds
 from mmpt import modality
 from mmpt.data.decode import sample_label
 from mmpt.data.media import BadSample
-from mmpt.data.shards import list_shards
+from mmpt.data.shards import list_shards, read_sizes, some_names, unlisted_shards
 
 MAX_LISTED = 100
 
@@ -94,8 +95,9 @@ def check_shards(spec: str, workers: int = 1) -> dict:
         for key, values in part["stats"].items():
             merged[key] += values
     samples = sum(p["samples"] for p in parts)
+    unlisted = unlisted_shards(spec, read_sizes(spec)) if os.path.isdir(spec) else []
     return {
-        "spec": spec, "shards": len(urls), "samples": samples, "bad": len(bad),
+        "spec": spec, "shards": len(urls), "unlisted_shards": unlisted, "samples": samples, "bad": len(bad),
         "bad_fraction": len(bad) / samples if samples else 0.0,
         "bad_by_reason": dict(Counter(b["reason"] for b in bad)),
         "bad_by_shard": dict(Counter(b["shard"] for b in bad).most_common()),
@@ -109,6 +111,8 @@ def format_report(report: dict) -> str:
     lines = [f"{report['spec']}: {report['shards']} shards, {report['samples']} samples, "
              f"{report['bad']} bad ({100 * report['bad_fraction']:.2f}%)",
              "per modality: " + ", ".join(f"{m}={n}" for m, n in sorted(report["samples_per_modality"].items()))]
+    if report["unlisted_shards"]:  # not checked, and training would not read them either
+        lines.append(f"not in sizes.json (not checked, never read): {some_names(report['unlisted_shards'])}")
     for key, s in report["stats"].items():
         line = f"  {key:22s} min {s['min']:.4g}  median {s['median']:.4g}  mean {s['mean']:.4g}  max {s['max']:.4g}"
         counts = ", ".join(f"{value} x{n}" for value, n in s.get("counts", {}).items())

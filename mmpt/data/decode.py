@@ -6,6 +6,7 @@ modality (e.g. `undecodable_video`), which the stream counts and reports (see `m
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import random
 
@@ -14,13 +15,29 @@ from mmpt.data.media import BadSample, DecodeSpec
 
 
 def sample_label(sample: dict) -> int:
+    """The class index in json["label"] (or a `cls` file), -1 when there is none; a label that is no integer
+    is a BadSample ("bad_label"), skipped and counted as any other bad input is."""
     if "json" not in sample:
-        return int(sample["cls"]) if "cls" in sample else -1
+        return _class_index(sample["cls"], "cls") if "cls" in sample else -1
     try:
         meta = json.loads(sample["json"])
     except (ValueError, UnicodeDecodeError) as e:
         raise BadSample("bad_json", str(e)) from None
-    return int(meta.get("label", -1)) if isinstance(meta, dict) else -1
+    return _class_index(meta.get("label") if isinstance(meta, dict) else None, "json label")
+
+
+def _class_index(value, where: str) -> int:
+    """An int, or text / an integral float holding one; None and "" (a manifest's empty label cell) are none."""
+    if isinstance(value, bytes):
+        value = value.decode("utf-8", errors="replace")
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return -1
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, (int, str)) and not isinstance(value, bool):
+        with contextlib.suppress(ValueError):  # "cat": falls through to the BadSample
+            return int(value)
+    raise BadSample("bad_label", f"{where} {value!r} is not a class index")
 
 
 def missing(sample: dict, name: str) -> BadSample:

@@ -44,7 +44,7 @@ class DecodeSpec:
     audio: AudioConfig = field(default_factory=AudioConfig)
 
     @classmethod
-    def from_config(cls, cfg) -> "DecodeSpec":
+    def from_config(cls, cfg) -> DecodeSpec:
         """Run Config -> decode spec (sizes follow the model, so data and stems can't disagree)."""
         return cls(cfg.model.image_size, cfg.model.context_length, cfg.data.tokenizer, cfg.data.video, cfg.data.audio)
 

@@ -9,15 +9,19 @@ from __future__ import annotations
 import csv
 import glob
 import json
+import logging
 import os
 from collections import Counter
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Iterator
 
 import webdataset as wds
 
 SIZES_FILE = "sizes.json"
+MAX_NAMED = 5  # unlisted shards named in the warning
+log = logging.getLogger("mmpt.data")
+_warned: set = set()  # shard dirs this process has warned about
 
 
 class DataError(ValueError):
@@ -73,13 +77,42 @@ def read_json(path: str | os.PathLike, what: str, missing_hint: str = "no such f
         return json.loads(path.read_text())
     except FileNotFoundError:
         raise DataError(f"{what} {path}: {missing_hint}") from None
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise DataError(f"{what} {path}: invalid JSON: {e}") from None
+    except OSError as e:  # a directory, no permission, ...
+        raise DataError(f"{what} {path}: cannot read it ({e.strerror or e})") from None
 
 
 def read_sizes(shard_dir: str | os.PathLike) -> dict:
-    hint = "missing (a shard directory needs sizes.json; build it with `mmpt shards build`)"
-    return read_json(Path(shard_dir) / SIZES_FILE, "shard sizes", hint)
+    """{shard file name: sample count} of a shard directory."""
+    path = Path(shard_dir) / SIZES_FILE
+    sizes = read_json(path, "shard sizes", "missing (a shard directory needs sizes.json; build it with "
+                                            "`mmpt shards build`)")
+    if not isinstance(sizes, dict) or not all(isinstance(n, int) and not isinstance(n, bool) for n in sizes.values()):
+        raise DataError(f"shard sizes {path}: expected an object {{shard file name: sample count}}")
+    return sizes
+
+
+def unlisted_shards(shard_dir: str | os.PathLike, sizes: dict) -> list[str]:
+    """.tar files in the directory that sizes.json does not list: readers never see them."""
+    return sorted(p.name for p in Path(shard_dir).glob("*.tar") if p.name not in sizes)
+
+
+def some_names(names: list) -> str:
+    """The first MAX_NAMED names, and how many more there are."""
+    more = f", ... ({len(names) - MAX_NAMED} more)" if len(names) > MAX_NAMED else ""
+    return ", ".join(names[:MAX_NAMED]) + more
+
+
+def _warn_unlisted(shard_dir: str, sizes: dict) -> None:
+    """A shard copied in by hand (or a build that stopped before writing sizes.json) would be silently left
+    out of training and checks: say so once per process, on rank 0."""
+    unlisted = unlisted_shards(shard_dir, sizes)
+    if not unlisted or shard_dir in _warned or os.environ.get("RANK", "0") != "0":
+        return
+    _warned.add(shard_dir)
+    log.warning("shard dir %s: %d .tar file(s) not listed in its %s are ignored: %s (add them to %s, or rebuild "
+                "with `mmpt shards build`)", shard_dir, len(unlisted), SIZES_FILE, some_names(unlisted), SIZES_FILE)
 
 
 def list_shards(spec: str) -> list[str]:
@@ -93,6 +126,7 @@ def list_shards(spec: str) -> list[str]:
     if os.path.isdir(spec):
         sizes = read_sizes(spec)
         urls = [os.path.join(spec, name) for name in sizes]
+        _warn_unlisted(spec, sizes)
     elif any(ch in spec for ch in "*?[") and "://" not in spec:
         urls = sorted(glob.glob(spec))
     else:
@@ -112,13 +146,19 @@ def read_manifest(path: str | os.PathLike) -> Iterator[dict]:
     if not p.is_file():
         raise DataError(f"manifest {p}: no such file")
     if p.suffix == ".csv":
-        with p.open(newline="") as f:
-            yield from csv.DictReader(f)
+        try:
+            with p.open(newline="") as f:
+                yield from csv.DictReader(f)
+        except (UnicodeDecodeError, csv.Error) as e:
+            raise DataError(f"manifest {p}: unreadable CSV: {e}") from None
         return
     with p.open() as f:
         for lineno, line in enumerate(f, 1):
             if line.strip():
                 try:
-                    yield json.loads(line)
+                    row = json.loads(line)
                 except json.JSONDecodeError as e:
                     raise DataError(f"manifest {p}:{lineno}: invalid JSON: {e}") from None
+                if not isinstance(row, dict):
+                    raise DataError(f"manifest {p}:{lineno}: expected a JSON object per line, got {type(row).__name__}")
+                yield row

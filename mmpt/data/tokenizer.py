@@ -7,6 +7,8 @@ import os
 
 import torch
 
+from mmpt.config import ConfigError
+
 
 @functools.lru_cache(maxsize=4)
 def _openclip(context_length: int):
@@ -27,12 +29,11 @@ class Tokenizer:
         else:
             if not os.path.isdir(name):
                 raise FileNotFoundError(f"tokenizer '{name}': not 'openclip' and not a local tokenizer directory")
-            from transformers import AutoTokenizer
-
-            self._hf = AutoTokenizer.from_pretrained(name, local_files_only=True)
+            self._hf = _load_hf(name)
             self.sot_id = self._hf.bos_token_id if self._hf.bos_token_id is not None else self._hf.cls_token_id
             self.eot_id = self._hf.eos_token_id if self._hf.eos_token_id is not None else self._hf.sep_token_id
             self.vocab_size = len(self._hf)
+            _check_special_ids(name, self.sot_id, self.eot_id)
 
     def batch(self, texts: list) -> torch.Tensor:
         if self._hf is None:
@@ -46,6 +47,29 @@ class Tokenizer:
 
     def encode(self, text: str) -> torch.Tensor:
         return self.batch([text])[0]
+
+
+def _load_hf(name: str):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(name, local_files_only=True)
+    except (OSError, ValueError, TypeError) as e:  # no or unreadable tokenizer files in the directory
+        why = (str(e).strip() or type(e).__name__).splitlines()[0]
+        if len(why) > 100:  # transformers' messages go on to list every converter it has
+            why = why[:100].rsplit(" ", 1)[0] + " ..."
+        raise ConfigError(f"data.tokenizer '{name}': not a loadable HuggingFace tokenizer directory ({why})") from None
+
+
+def _check_special_ids(name: str, sot, eot) -> None:
+    """Captions are SOT ... EOT and the text mask ends at the first EOT (`mmpt.model.stems.valid_mask`): a
+    tokenizer without both tokens, or with one id for both (GPT-2's bos == eos), would leave every caption empty."""
+    if sot is None or eot is None:
+        raise ConfigError(f"data.tokenizer '{name}': needs begin and end tokens (bos/cls and eos/sep); it has "
+                          f"begin={sot}, end={eot}")
+    if sot == eot:
+        raise ConfigError(f"data.tokenizer '{name}': begin and end tokens share id {sot} (GPT-2 style bos == eos), "
+                          "which would empty every caption; use a tokenizer with distinct ones (e.g. BERT's CLS/SEP)")
 
 
 @functools.lru_cache(maxsize=8)
@@ -68,11 +92,10 @@ def decode(ids: list, context_length: int) -> str:
 
 def check_model_fits(name: str, model_cfg) -> None:
     """The model's vocab and special ids must match the tokenizer the data uses (ConfigError naming fields)."""
-    from mmpt.config import ConfigError
-
-    tok = Tokenizer(name, model_cfg.context_length)
+    tok = get_tokenizer(name, model_cfg.context_length)
+    ids = (("sot_id", tok.sot_id), ("eot_id", tok.eot_id))
     problems = [f"model.{field}={getattr(model_cfg, field)} but tokenizer has {value}"
-                for field, value in (("sot_id", tok.sot_id), ("eot_id", tok.eot_id)) if getattr(model_cfg, field) != value]
+                for field, value in ids if getattr(model_cfg, field) != value]
     if model_cfg.vocab_size < tok.vocab_size:
         problems.append(f"model.vocab_size={model_cfg.vocab_size} < tokenizer vocab {tok.vocab_size}")
     if problems:

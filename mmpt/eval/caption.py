@@ -25,7 +25,6 @@ import re
 
 import torch
 import webdataset as wds
-from tqdm import tqdm
 
 from mmpt import modality as registry
 from mmpt.data.media import DecodeSpec
@@ -33,6 +32,7 @@ from mmpt.data.shards import DataError, list_shards
 from mmpt.data.stream import eval_loader
 from mmpt.data.tokenizer import decode
 from mmpt.distributed import gather_objects
+from mmpt.eval.data import progress
 
 _PUNCT = re.compile(r"[^\w\s]")
 NUM_EXAMPLES = 5
@@ -84,7 +84,7 @@ def generate_captions(model, loader, modality: str, num_beams: int, max_len: int
     """[(key, hypothesis, caption decoded from the batch's token ids)] and the number of skipped samples."""
     records, skipped = [], 0
     param = next(model.parameters())
-    for batch in tqdm(loader, desc="caption", leave=False):
+    for batch in progress(loader, "caption"):
         skipped += sum(batch["_skipped"]["reasons"].values())
         if not batch["__key__"]:  # only bad samples in this batch
             continue

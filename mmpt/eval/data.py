@@ -25,9 +25,10 @@ from pathlib import Path
 
 import torch
 from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
 
 from mmpt import modality as registry
-from mmpt.data.build import folder_rows
+from mmpt.data.build import BAD_JSON, folder_rows
 from mmpt.data.media import BadSample, DecodeSpec
 from mmpt.data.resumable import collate
 from mmpt.data.shards import DataError, read_manifest
@@ -101,6 +102,8 @@ class FileEvalSet(Dataset):
 
     def __getitem__(self, i: int) -> dict:
         key, row = self.rows[i]
+        if BAD_JSON in row:  # unreadable metadata (maybe the caption): skipped, as `shards build` refuses it
+            return {"__key__": key, "_bad": "bad_json", "_detail": row[BAD_JSON]}
         out = {"__key__": key, "label": row["label"]}
         try:
             for name in self.modalities:
@@ -137,6 +140,12 @@ def eval_batches(data: str, modalities: list, cfg, batch_size: int, workers: int
     dataset = FileEvalSet(rows, base, list(modalities), spec)
     return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers,
                       collate_fn=partial(collate_eval, modalities=list(modalities)))
+
+
+def progress(batches, desc: str):
+    """A progress bar on rank 0 when stderr is a terminal (tqdm's disable=None): piped or logged stderr keeps
+    whole lines, where the bar's carriage returns would glue it to the next message (an error line too)."""
+    return tqdm(batches, desc=desc, leave=False, disable=True if dist_info()[0] != 0 else None)
 
 
 def skipped_count(batch: dict) -> int:

@@ -26,12 +26,11 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from tqdm import tqdm
 
 from mmpt import modality as registry
 from mmpt.data.shards import DataError
-from mmpt.distributed import collective_device, dist_info, gather_objects
-from mmpt.eval.data import check_model, eval_batches, model_inputs, skipped_count
+from mmpt.distributed import collective_device, gather_objects
+from mmpt.eval.data import check_model, eval_batches, model_inputs, progress, skipped_count
 
 KS = (1, 5, 10)
 TIE = 1e-6  # cosine similarities this close to the positive's count as ties (won by the query)
@@ -74,7 +73,7 @@ def embedding_ranks(queries: torch.Tensor, candidates: torch.Tensor, block: int 
 def embed_pairs(model, batches, a: str, b: str) -> tuple[list, torch.Tensor, torch.Tensor, int]:
     """This rank's keys and unit embeddings of both sides (float32, CPU), and the samples skipped."""
     keys, emb_a, emb_b, skipped = [], [], [], 0
-    for batch in tqdm(batches, desc=f"retrieval {a}-{b}", leave=False, disable=dist_info()[0] != 0):
+    for batch in progress(batches, f"retrieval {a}-{b}"):
         skipped += skipped_count(batch)
         if not batch["__key__"]:
             continue

@@ -18,13 +18,12 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from tqdm import tqdm
 
 from mmpt import modality as registry
 from mmpt.data.shards import DataError, read_json
 from mmpt.data.tokenizer import tokenize
 from mmpt.distributed import collective_device, dist_info
-from mmpt.eval.data import check_model, eval_batches, model_inputs, skipped_count
+from mmpt.eval.data import check_model, eval_batches, model_inputs, progress, skipped_count
 from mmpt.eval.templates import template_set
 
 
@@ -101,7 +100,7 @@ class Counts:
 def zeroshot_counts(model, classifier: torch.Tensor, batches, modality: str, top_k: tuple) -> Counts:
     """This rank's counts over its batches (scores on the model's device, counting on the CPU)."""
     counts = Counts(classifier.size(0), top_k)
-    for batch in tqdm(batches, desc=f"zero-shot {modality}", leave=False, disable=dist_info()[0] != 0):
+    for batch in progress(batches, f"zero-shot {modality}"):
         counts.tallies[0] += skipped_count(batch)
         if not batch["__key__"]:
             continue

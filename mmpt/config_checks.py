@@ -1,0 +1,117 @@
+"""What a config field's type cannot say: ranges, sizes that must divide, modalities and MoE settings that must
+agree. `validate(cfg)` runs on every loaded config (`mmpt.config.load_config`, `config_from_dict`) and raises
+`ConfigError` naming the key, so `mmpt train` stops with one line before any process group starts.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+from mmpt.config import Config, ConfigError
+
+# Sizes, counts and rates; checked first, so no later check (or the model) divides by zero. None (unset) passes.
+_POSITIVE = """data.batch_size data.shuffle_slots data.prefetch data.max_consecutive_bad data.video.num_frames
+    data.video.fps data.video.window_seconds data.audio.sample_rate data.audio.seconds data.audio.num_mel_bins
+    data.audio.norm_std model.width model.depth model.heads model.mlp_ratio model.patch_size model.image_size
+    model.vocab_size model.embed_dim model.video.frames model.video.tubelet model.audio.frames model.audio.mel
+    model.audio.patch model.moe.top_k model.moe.ep_size model.moe.capacity_factor model.moe.eval_capacity_factor
+    loss.init_temperature loss.max_logit_scale loss.contrastive_chunk optim.lr optim.eps train.steps
+    train.log_every train.ckpt_every train.accumulate eval.batch_size""".split()
+_NON_NEGATIVE = """data.num_workers data.shuffle_buffer data.bad_sample_limit model.decoder_layers
+    model.decoder_cross_layers model.dropout model.moe.num_experts model.moe.every model.moe.last
+    model.moe.balance_weight model.moe.z_loss_weight model.moe.local_entropy_weight model.moe.global_entropy_weight
+    model.moe.global_entropy_threshold loss.contrastive_weight loss.caption_weight optim.weight_decay
+    optim.warmup_steps optim.grad_clip train.keep_checkpoints eval.workers eval.every""".split()
+
+
+def _signs(cfg: Config) -> None:
+    for key in _POSITIVE + _NON_NEGATIVE:
+        value: Any = functools.reduce(getattr, key.split("."), cfg)
+        positive = key in _POSITIVE
+        if value is not None and (value <= 0 if positive else value < 0):
+            raise ConfigError(f"{key}={value}: must be {'positive' if positive else '>= 0'}")
+
+
+def _rules(cfg: Config) -> list[tuple[str, object, bool, str]]:
+    """(key, value, holds, what it needs); built after `_signs`, so nothing here divides by zero."""
+    d, m, o, e = cfg.data, cfg.model, cfg.optim, cfg.eval
+    video, audio = "video" in m.modalities, "audio" in m.modalities
+    fbank = min(d.audio.num_mel_bins, d.audio.num_frames)
+    return [
+        ("data.bad_sample_limit", d.bad_sample_limit, d.bad_sample_limit <= 1, "must be in [0, 1]"),
+        ("model.dropout", m.dropout, m.dropout < 1, "must be in [0, 1)"),
+        ("optim.betas", o.betas, len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas),
+         "needs two values in [0, 1), e.g. [0.9, 0.98]"),
+        ("eval.top_k", e.top_k, bool(e.top_k) and min(e.top_k) > 0, "needs one or more positive k"),
+        ("model.context_length", m.context_length, m.context_length >= 2, "must be >= 2 (begin and end tokens)"),
+        ("model.width", m.width, m.width % m.heads == 0, f"must be divisible by model.heads={m.heads}"),
+        ("model.image_size", m.image_size, m.image_size % m.patch_size == 0,
+         f"must be divisible by model.patch_size={m.patch_size}"),
+        ("model.video.frames", m.video.frames, m.video.frames % m.video.tubelet == 0,
+         f"must be divisible by model.video.tubelet={m.video.tubelet}"),
+        ("loss.contrastive_group_size", cfg.loss.contrastive_group_size, cfg.loss.contrastive_group_size >= -1,
+         "must be >= 0, or -1 for the ranks of one node"),
+        # A stem's patch larger than what the decoders give it fails at the first batch, not here.
+        ("data.audio.seconds", d.audio.seconds, d.audio.num_frames >= 1, "shorter than one 25 ms fbank window"),
+        ("data.video.num_frames", d.video.num_frames, not video or d.video.num_frames >= m.video.tubelet,
+         f"fewer than model.video.tubelet={m.video.tubelet} frames"),
+        ("model.audio.patch", m.audio.patch, not audio or m.audio.patch <= fbank,
+         f"larger than data.audio's fbank ({d.audio.num_mel_bins} mel bins x {d.audio.num_frames} frames)"),
+    ]
+
+
+def validate(cfg: Config) -> Config:
+    """Raise ConfigError naming the first key that breaks a rule (types and Literal choices are checked while
+    loading)."""
+    _signs(cfg)
+    for key, value, holds, need in _rules(cfg):
+        if not holds:
+            raise ConfigError(f"{key}={value}: {need}")
+    _validate_modalities(cfg)
+    _validate_moe(cfg)
+    return cfg
+
+
+def _validate_modalities(cfg: Config) -> None:
+    from mmpt.modality import MODALITIES
+
+    m, known = cfg.model, ", ".join(MODALITIES)
+    for mod in m.modalities:
+        if mod not in MODALITIES:
+            raise ConfigError(f"model.modalities: unknown modality '{mod}' (known: {known}; more come from plugins)")
+    for mod, rate in m.drop_token.items():
+        if mod not in MODALITIES or not 0.0 <= rate < 1.0:
+            raise ConfigError(f"model.drop_token.{mod}={rate}: needs a known modality and a rate in [0, 1)")
+    if not cfg.data.sources:
+        raise ConfigError("data.sources: at least one source is needed")
+    for i, src in enumerate(cfg.data.sources):
+        if len(src.modalities) != 2 or len(set(src.modalities)) != 2:
+            raise ConfigError(f"data.sources[{i}].modalities={src.modalities}: must name two different modalities")
+        missing = [x for x in src.modalities if x not in m.modalities]
+        if missing:
+            raise ConfigError(f"data.sources[{i}].modalities: {missing} not in model.modalities={m.modalities}")
+        if src.weight <= 0:
+            raise ConfigError(f"data.sources[{i}].weight={src.weight}: must be positive")
+    for i, z in enumerate(cfg.eval.zeroshot):
+        if z.modality not in m.modalities or z.modality == "text" or "text" not in m.modalities:
+            raise ConfigError(f"eval.zeroshot[{i}].modality={z.modality!r}: needs text and a non-text modality of "
+                              f"model.modalities={m.modalities}")
+    for i, r in enumerate(cfg.eval.retrieval):
+        if len(set(r.modalities)) != 2 or any(x not in m.modalities for x in r.modalities):
+            raise ConfigError(f"eval.retrieval[{i}].modalities={r.modalities}: must name two different modalities "
+                              f"of model.modalities={m.modalities}")
+
+
+def _validate_moe(cfg: Config) -> None:
+    moe = cfg.model.moe
+    if moe.backend == "deepspeed" and moe.num_experts > 1 and cfg.deepspeed.zero_stage > 2:
+        raise ConfigError("model.moe.backend=deepspeed needs deepspeed.zero_stage <= 2 (DeepSpeed refuses its MoE "
+                          "under ZeRO-3); use model.moe.backend=native")
+    if moe.backend == "deepspeed" and moe.ep_size > 1 and cfg.eval.every and (cfg.eval.zeroshot or cfg.eval.retrieval):
+        raise ConfigError("eval.every with model.moe.backend=deepspeed and ep_size > 1: expert all_to_all needs the "
+                          "same batches on every rank, eval splits differ; set eval.every=0 and evaluate the export")
+    if moe.backend == "deepspeed" and moe.router == "expert_choice":
+        raise ConfigError("model.moe.router=expert_choice is native-only; set model.moe.backend=native")
+    if moe.num_experts > 1 and (moe.num_experts % moe.ep_size or moe.top_k not in (1, 2)):
+        raise ConfigError(f"model.moe: num_experts={moe.num_experts} must be divisible by ep_size={moe.ep_size} and "
+                          f"top_k={moe.top_k} must be 1 or 2")
