@@ -74,6 +74,8 @@ def surrogate(out: dict, cached: dict, loss_cfg) -> dict:
 def accumulated_step(engine, batches: list, loss_cfg, group=None) -> dict:
     """Backward and step for every micro-batch (DeepSpeed steps the optimizer at the last one, its
     gradient_accumulation_steps being len(batches)); returns the step's metrics as detached tensors."""
+    from mmpt.train.engine import clear_grad_partitions  # engine.py imports this module
+
     rng, embs, pair_values, tokens = _encode_all(engine, batches)
     emb_grad, pair_grad, losses = _cached_grads(embs, pair_values, loss_cfg, group)
     sizes = [next(iter(b.values())).size(0) for b in batches]
@@ -92,6 +94,7 @@ def accumulated_step(engine, batches: list, loss_cfg, group=None) -> dict:
         engine.step()
         parts.append({k: v.detach() for k, v in out.items() if k != "loss"})
         start += n
+    clear_grad_partitions(engine)
     return _step_metrics(losses, parts, tokens, loss_cfg)
 
 

@@ -33,6 +33,24 @@ class TrainModule(nn.Module):
         return objective(self.model(batch), self.loss_cfg, self.group)
 
 
+def clear_grad_partitions(engine) -> None:
+    """After an optimizer step (engine.step() at the accumulation boundary). ZeRO-3 (DeepSpeed 0.19) keeps each
+    parameter's reduced gradient in a persistent flat buffer, overwritten only for parameters that receive one,
+    and steps on the whole buffer: a parameter without a gradient this step (another task's stem or head, an
+    expert no token reached) would be stepped again with its last gradient, which also enters the clipping
+    norm. A fresh engine starts from zeros, so resumed runs differed from straight ones. Zero it, and the
+    persistent fp32 gradient partitions of optimizer offload, which behave the same way."""
+    opt = getattr(engine, "optimizer", None)
+    buffer = getattr(opt, "grad_partitions_flat_buffer", None)
+    if buffer is None:  # ZeRO 0-2: gradients of unused parameters are zeros already
+        return
+    buffer.zero_()
+    if getattr(opt, "offload_optimizer", False):
+        for flat in opt.fp32_partitioned_groups_flat:
+            if flat.grad is not None:
+                flat.grad.zero_()
+
+
 def to_engine(batch: dict, engine) -> dict:
     """A loader batch (CPU) -> the engine's device; float media in the dtype the engine computes in
     (DeepSpeed's bf16/fp16 modes cast the module itself, not its inputs). Token ids stay integers."""

@@ -30,7 +30,7 @@ from mmpt.losses.contrastive import rank_groups
 from mmpt.model import build_for_run
 from mmpt.train import checkpoint, faults, preempt, reshard
 from mmpt.train.accumulate import accumulated_step
-from mmpt.train.engine import TrainModule, build_engine, to_engine
+from mmpt.train.engine import TrainModule, build_engine, clear_grad_partitions, to_engine
 from mmpt.train.evaluate import BestTracker, run_evals
 from mmpt.train.resume import check_same_run, choose_tag, seed_rank
 from mmpt.train.runlog import RunLogger
@@ -221,6 +221,7 @@ def _step(engine, loader, task: str, batches: list, cfg: Config, group) -> dict:
     losses = engine(inputs[0])
     engine.backward(losses["loss"])
     engine.step()
+    clear_grad_partitions(engine)
     return losses
 
 

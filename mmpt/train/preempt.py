@@ -22,7 +22,7 @@ MARKER = "preempted"
 class Preemption:
     """Installs the handlers (main thread only) and tells, identically on every rank, whether to stop now."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         self.received: int | None = None
         self._old: dict = {}
 
