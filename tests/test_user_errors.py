@@ -68,6 +68,11 @@ ROWS = [
      "results file {tmp}/notjson.json: invalid JSON"),
     ("results_shape", ["export", "--run", "{model}", "--out", "{tmp}/x", "--results", "{tmp}/numbers.json"],
      "numbers.json: expected an eval result object"),
+    # training that would fail hours in: eval data checked at start
+    ("eval_data", ["train", "--config", "demo",
+                   "data.sources=[{{name: d, shards: {data}/train, modalities: [image, text]}}]",
+                   "model.modalities=[image, text]", "eval.every=5", "data.val={tmp}/nope",
+                   "data.classes={data}/classes.json"], "shard spec '{tmp}/nope': no such directory or file"),
     # shards
     ("sizes_shape", ["shards", "check", "{tmp}/badsizes"], "badsizes/sizes.json: expected an object"),
     ("manifest_line", ["shards", "build", "--manifest", "{tmp}/rows.jsonl", "--out", "{tmp}/s", "--prefix", "s"],
@@ -76,7 +81,7 @@ ROWS = [
 
 
 @pytest.fixture(scope="module")
-def inputs(tmp_path_factory) -> dict:
+def inputs(tmp_path_factory, demo_data) -> dict:
     tmp = tmp_path_factory.mktemp("mistakes")
     export_model(tmp / "model", IMAGE_ONLY)
     (tmp / "badrun").mkdir()
@@ -90,7 +95,7 @@ def inputs(tmp_path_factory) -> dict:
     (tmp / "badsizes" / "sizes.json").write_text('["a-000000.tar"]\n')
     (tmp / "rows.jsonl").write_text('{"image": "a.png", "text": "a cat"}\n["b.png", "a dog"]\n')
     gpt2_style_tokenizer(tmp / "gpt2")
-    return {"model": str(tmp / "model"), "tmp": str(tmp)}
+    return {"model": str(tmp / "model"), "tmp": str(tmp), "data": str(demo_data)}
 
 
 @pytest.fixture(scope="module")

@@ -30,6 +30,25 @@ def flatten(prefix: str, result: dict) -> dict:
     return out
 
 
+def check_eval_inputs(cfg) -> None:
+    """At start, not at the first eval hours later: every eval's data and classes file must be there (DataError
+    naming the file)."""
+    if not (cfg.eval.every > 0 and (cfg.eval.zeroshot or cfg.eval.retrieval)):
+        return
+    from mmpt.data.shards import list_shards
+    from mmpt.eval.data import data_kind
+    from mmpt.eval.zeroshot import load_classes
+
+    for z in cfg.eval.zeroshot:
+        load_classes(z.classes or cfg.data.classes, z.modality, z.templates)
+    specs = [z.data or cfg.data.val for z in cfg.eval.zeroshot] + [r.data or cfg.data.val for r in cfg.eval.retrieval]
+    for data in specs:
+        if data_kind(data) == "shards":
+            list_shards(data)
+        elif not Path(data).exists():
+            raise FileNotFoundError(f"eval data {data}: no such file or directory")
+
+
 def _gathered(model, zero_stage: int):
     """ZeRO-3 partitions parameters; eval calls model.encode outside the engine's forward, so gather them."""
     if zero_stage < 3:

@@ -31,7 +31,7 @@ from mmpt.model import build_for_run
 from mmpt.train import checkpoint, faults, preempt, reshard
 from mmpt.train.accumulate import accumulated_step
 from mmpt.train.engine import TrainModule, build_engine, clear_grad_partitions, to_engine
-from mmpt.train.evaluate import BestTracker, run_evals
+from mmpt.train.evaluate import BestTracker, check_eval_inputs, run_evals
 from mmpt.train.resume import check_same_run, choose_tag, seed_rank
 from mmpt.train.runlog import RunLogger
 
@@ -98,6 +98,9 @@ def contrastive_summary(cfg: Config, world: int) -> str:
 
 
 def train(cfg: Config) -> dict:
+    # User mistakes fail here, one line each, before any process group or engine exists.
+    tasks_from_config(cfg)  # a shard spec matching nothing
+    check_eval_inputs(cfg)  # eval data and classes, not first found at the first eval
     check_resumable(cfg)
     rank, world = init_distributed()
     warn_accelerate_disagreements(cfg, rank)
@@ -123,7 +126,6 @@ def check_resumable(cfg: Config) -> None:
 def _start(cfg: Config, rank: int, world: int):
     """Model, engine and the resumed state; config.yaml is (re)written only after the checkpoint has loaded."""
     out_dir = Path(cfg.train.out_dir)
-    tasks_from_config(cfg)  # a shard spec matching nothing fails here, before the engine is built
     check_model_fits(cfg.data.tokenizer, cfg.model)
     torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank
     model = build_for_run(cfg)
