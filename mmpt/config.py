@@ -74,6 +74,7 @@ class DataConfig:
     audio: AudioConfig = field(default_factory=AudioConfig)
     bad_sample_limit: float = 0.01  # fraction of skipped samples that stops the run
     max_consecutive_bad: int = 1000  # a source yielding this many bad samples in a row stops the run
+    worker_timeout: float = 600.0  # seconds without a batch from a loader worker that stop the run (0: wait forever)
 
 
 @dataclass

@@ -17,7 +17,7 @@ _POSITIVE = """data.batch_size data.shuffle_slots data.prefetch data.max_consecu
     model.audio.patch model.moe.top_k model.moe.ep_size model.moe.capacity_factor model.moe.eval_capacity_factor
     loss.init_temperature loss.max_logit_scale loss.contrastive_chunk optim.lr optim.eps train.steps
     train.log_every train.ckpt_every train.accumulate eval.batch_size""".split()
-_NON_NEGATIVE = """data.num_workers data.shuffle_buffer data.bad_sample_limit model.decoder_layers
+_NON_NEGATIVE = """data.num_workers data.worker_timeout data.shuffle_buffer data.bad_sample_limit model.decoder_layers
     model.decoder_cross_layers model.dropout model.moe.num_experts model.moe.every model.moe.last
     model.moe.balance_weight model.moe.z_loss_weight model.moe.local_entropy_weight model.moe.global_entropy_weight
     model.moe.global_entropy_threshold loss.contrastive_weight loss.caption_weight optim.weight_decay

@@ -125,3 +125,18 @@ def test_multitask_sampler_is_seeded_and_resumable(tmp_path):
     other = MultiTaskLoader({"t1": task_loader(src, 0), "t3": task_loader(src, 0)}, {"t1": 1.0, "t3": 1.0}, seed=3)
     with pytest.raises(DataError, match=r"checkpoint's tasks \['t1', 't2'\] differ from this config's \['t1', 't3'\]"):
         other.load_state_dict(again.state_dict())
+
+
+def test_a_worker_that_delivers_nothing_is_an_error_not_a_hang(tmp_path):
+    """A shard on storage that never answers (a FIFO nobody writes): data.worker_timeout ends it in one line."""
+    import os
+
+    from mmpt.config import Config
+
+    fifo = tmp_path / "hang-000000.tar"
+    os.mkfifo(fifo)
+    task = TaskConfig("image-text", ["image", "text"], [Source("hang", [str(fifo)], ["image", "text"])], 2)
+    loader = TaskLoader(task, DecodeSpec.from_config(Config()), seed=0, num_workers=1, timeout=2)
+    with pytest.raises(DataError, match=r"task 'image-text': no batch from its loader worker in 2 s"):
+        next(loader)
+    loader._it._shutdown_workers()  # the worker is still blocked opening the FIFO

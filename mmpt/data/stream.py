@@ -68,21 +68,32 @@ class TaskLoader:
     """An infinite DataLoader for one task with `state_dict()` / `load_state_dict()` for exact resume."""
 
     def __init__(self, task: TaskConfig, spec: DecodeSpec, seed: int, num_workers: int = 1, slots: int = 4,
-                 buffer: int = 256, pin_memory: bool = False, prefetch: int = 2, max_bad: int = 1000):
-        self.task, self.num_workers = task, num_workers
+                 buffer: int = 256, pin_memory: bool = False, prefetch: int = 2, max_bad: int = 1000,
+                 timeout: float = 0.0):
+        self.task, self.num_workers, self.timeout = task, num_workers, timeout if num_workers > 0 else 0.0
         self.dataset = TaskStream(task, spec, seed, slots, buffer, max_bad)
         # Our own generator for DataLoader's base seed: drawn from the global one, it would shift the model's
         # RNG (dropout, DropToken) by when each task's loader starts, which differs after a resume.
         self.kw = dict(batch_size=None, num_workers=num_workers, pin_memory=pin_memory,
                        persistent_workers=num_workers > 0, prefetch_factor=prefetch if num_workers > 0 else None,
-                       generator=torch.Generator().manual_seed(0))
+                       generator=torch.Generator().manual_seed(0), timeout=self.timeout)
         self.consumed, self.states, self._it = 0, {}, None
         warn_few_shards(sum(len(s.urls) for s in task.sources), task.name, num_workers)
 
-    def __next__(self) -> dict:
+    def start(self) -> None:
+        """Start the worker processes (forked now, not whenever the task first comes up mid-training)."""
         if self._it is None:
             self._it = iter(DataLoader(self.dataset, **self.kw))
-        batch = next(self._it)
+
+    def __next__(self) -> dict:
+        self.start()
+        try:
+            batch = next(self._it)
+        except RuntimeError as e:
+            if "timed out" not in str(e):
+                raise
+            raise DataError(f"task '{self.task.name}': no batch from its loader worker in {self.timeout:.0f} s "
+                            "(data.worker_timeout): a hung decoder or storage, or a deadlocked worker") from None
         if "_error" in batch:
             raise DataError(f"task '{self.task.name}': {batch['_error']}")
         self.states[batch.pop("_worker")] = batch.pop("_state")
@@ -141,6 +152,10 @@ class MultiTaskLoader:
 
     def state_dict(self) -> dict:
         return {"step": self.step, "tasks": {n: loader.state_dict() for n, loader in self.loaders.items()}}
+
+    def start(self) -> None:
+        for loader in self.loaders.values():
+            loader.start()
 
     def restart_at(self, step: int) -> None:
         """Continue the task sequence at `step` with fresh sample streams (another world size or worker count,
@@ -213,5 +228,5 @@ def train_loader(cfg, seed: int) -> MultiTaskLoader:
     tasks, weights = tasks_from_config(cfg)
     spec = DecodeSpec.from_config(cfg)
     loaders = {name: TaskLoader(task, spec, seed, d.num_workers, d.shuffle_slots, d.shuffle_buffer, d.pin_memory,
-                                d.prefetch, d.max_consecutive_bad) for name, task in tasks.items()}
+                                d.prefetch, d.max_consecutive_bad, d.worker_timeout) for name, task in tasks.items()}
     return MultiTaskLoader(loaders, weights, seed)

@@ -143,6 +143,7 @@ def _start(cfg: Config, rank: int, world: int):
         print(contrastive_summary(cfg, world), flush=True)
     loader = train_loader(cfg, cfg.train.seed)
     _resume_data(loader, state, cfg, world, say)
+    loader.start()  # every task's workers forked at one quiet point, before tqdm's and tensorboard's threads
     return model, engine, group, state, loader
 
 
