@@ -178,8 +178,7 @@ def _train(cfg: Config, rank: int, world: int) -> dict:
     if rank == 0:
         preempt.clear(out_dir)
     if state and state["world"] != world:  # save in this world size's layout now: a crash won't convert again
-        checkpoint.save(engine, out_dir, start, {"skipped": {k: dict(v) for k, v in skipped.items()}, "samples": used},
-                        cfg.train.keep_checkpoints, loader.state_dict())
+        _save(engine, cfg, start, skipped, used, loader)
     with preempt.Preemption() as signals:
         while step < cfg.train.steps and not stopped:
             task, batches = loader.take(cfg.train.accumulate)
@@ -205,15 +204,18 @@ def _train(cfg: Config, rank: int, world: int) -> dict:
                 _evaluate(engine, model, cfg, step, logger, best, rank)
             if step % cfg.train.ckpt_every == 0 or step == cfg.train.steps or stopped:
                 logger.flush()
-                checkpoint.save(engine, out_dir, step, {"skipped": {k: dict(v) for k, v in skipped.items()},
-                                                        "samples": used}, cfg.train.keep_checkpoints,
-                                loader.state_dict())
+                _save(engine, cfg, step, skipped, used, loader)
     bar.close()
     logger.close()
     summary = {"steps": step, "samples": used, "skipped": dict(skipped["reasons"]), **last}
     if rank == 0:
         _report_end(out_dir, step, used, skipped, stopped)
     return {**summary, "preempted": stopped}
+
+
+def _save(engine, cfg: Config, step: int, skipped: dict, used: int, loader) -> None:
+    checkpoint.save(engine, cfg.train.out_dir, step, {"skipped": {k: dict(v) for k, v in skipped.items()},
+                                                      "samples": used}, cfg.train.keep_checkpoints, loader.state_dict())
 
 
 def _step(engine, loader, task: str, batches: list, cfg: Config, group) -> dict:
