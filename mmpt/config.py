@@ -32,6 +32,9 @@ class SourceConfig:
     shards: str = "data/demo/train"  # shard dir (with sizes.json), brace pattern, glob, or pipe:/http URLs
     modalities: list[str] = field(default_factory=lambda: ["image", "text"])  # the pair this source feeds
     weight: float = 1.0  # share of its task's samples (sources feeding one pair form a task)
+    # This source's changes to data.augment, merged field by field ({audio: {noise_snr_db: [5, 30]}}), or
+    # false / "none": no augmentation (AugmentConfig.off()). None: data.augment as it is.
+    augment: Any = None
 
 
 @dataclass
@@ -58,6 +61,84 @@ class AudioConfig:
         return 1 + (n - win) // hop
 
 
+OFF_WORDS = (False, "none", "off")  # a section set to one of these is switched off: its class's off()
+
+
+@dataclass
+class ImageAugment:
+    """Training augmentation of images (data.augment.image); eval decoding never augments. See mmpt.data.augment."""
+    # resized: RandomResizedCrop(scale, ratio); mild: the crop mmpt had before (a square of the shorter side x
+    # sqrt(U(0.8, 1)) at a random place, scale/ratio unused); center: the eval crop, no random crop at all.
+    crop: Literal["resized", "mild", "center"] = "resized"
+    scale: list[float] = field(default_factory=lambda: [0.6, 1.0])  # crop area / image area
+    ratio: list[float] = field(default_factory=lambda: [0.75, 1.3333])  # crop width / height
+    flip_p: float = 0.0  # horizontal flip probability: off, digits and text are not mirror symmetric
+    jitter_p: float = 0.8  # probability of colour jitter (SimCLR's RandomApply)
+    brightness: float = 0.3  # factors drawn from [1 - b, 1 + b]
+    contrast: float = 0.3
+    saturation: float = 0.3
+    hue: float = 0.0  # shift drawn from [-hue, hue] (<= 0.5); RGB<->HSV costs ~2.6 ms per 224 px image
+    randaugment_ops: int = 0  # RandAugment ops per image (0: off; 2 is the paper's ImageNet setting)
+    randaugment_magnitude: int = 9  # 0..30 (torchvision's 31 bins)
+
+    @classmethod
+    def off(cls):
+        """No augmentation: the training crop mmpt had before augmentation was configurable."""
+        return cls(crop="mild", flip_p=0.0, jitter_p=0.0, randaugment_ops=0)
+
+
+@dataclass
+class VideoAugment(ImageAugment):
+    """Training augmentation of video (data.augment.video): one draw of the image settings applied to every
+    frame of a clip, plus temporal jitter. crop "mild" is the random size x size window video had before."""
+    # Temporal jitter: the stride between sampled frames x U(lo, hi) at a random start. Frames spread over
+    # the clip (data.video.fps unset): they span lo..hi of it (capped at 1); at data.video.fps: a slower or
+    # faster stride. [1, 1]: the frames of before.
+    stride_scale: list[float] = field(default_factory=lambda: [0.8, 1.0])
+
+    @classmethod
+    def off(cls):
+        aug = super().off()
+        aug.stride_scale = [1.0, 1.0]
+        return aug
+
+
+@dataclass
+class AudioAugment:
+    """Training augmentation of audio (data.augment.audio): waveform (speed, noise, gain), then fbank (pitch
+    warp, SpecAugment masks). Each is off at its neutral value, noted on the right. See mmpt.data.augment."""
+    speed: list[float] = field(default_factory=lambda: [0.9, 1.1])  # factor, resampled in 0.01 steps; [1, 1]
+    noise_p: float = 0.5  # probability of mixing background noise; 0
+    noise_snr_db: list[float] = field(default_factory=lambda: [10.0, 40.0])  # signal-to-noise ratio drawn
+    noise_colors: list[Literal["white", "pink", "brown"]] = field(default_factory=lambda: ["white", "pink", "brown"])
+    noise_files: Optional[str] = None  # real noise too: a folder of audio files, or a shard spec of audio
+    gain_db: list[float] = field(default_factory=lambda: [-6.0, 6.0])  # [0, 0]
+    pitch_semitones: list[float] = field(default_factory=lambda: [-1.0, 1.0])  # fbank frequency warp; [0, 0]
+    freq_masks: int = 1  # SpecAugment: masks of U{0..width} mel bins; 0
+    freq_mask_width: int = 24
+    time_masks: int = 2  # ... and of U{0..width} frames (10 ms each); 0
+    time_mask_width: int = 20
+
+    @classmethod
+    def off(cls):
+        """No augmentation: the random window of before only."""
+        return cls(speed=[1.0, 1.0], noise_p=0.0, gain_db=[0.0, 0.0], pitch_semitones=[0.0, 0.0], freq_masks=0,
+                   time_masks=0)
+
+
+@dataclass
+class AugmentConfig:
+    """data.augment: every source's training augmentation, per modality (a source may change it: its own
+    `augment`). `data.augment: false` (or one section: `data.augment.audio: false`) switches it off."""
+    image: ImageAugment = field(default_factory=ImageAugment)
+    video: VideoAugment = field(default_factory=VideoAugment)
+    audio: AudioAugment = field(default_factory=AudioAugment)
+
+    @classmethod
+    def off(cls):
+        return cls(ImageAugment.off(), VideoAugment.off(), AudioAugment.off())
+
+
 @dataclass
 class DataConfig:
     sources: list[SourceConfig] = field(default_factory=lambda: [SourceConfig()])
@@ -72,6 +153,7 @@ class DataConfig:
     tokenizer: str = "openclip"  # or a local HuggingFace tokenizer directory
     video: VideoConfig = field(default_factory=VideoConfig)
     audio: AudioConfig = field(default_factory=AudioConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)  # training only; sources may override it
     bad_sample_limit: float = 0.01  # fraction of skipped samples that stops the run
     max_consecutive_bad: int = 1000  # a source yielding this many bad samples in a row stops the run
     worker_timeout: float = 600.0  # seconds without a batch from a loader worker that stop the run (0: wait forever)
@@ -280,11 +362,39 @@ def _build(cls: type, data: dict, prefix: str) -> Any:
     kwargs = {}
     for key, value in data.items():
         tp = hints[key]
-        if isinstance(tp, type) and dataclasses.is_dataclass(tp):
+        if isinstance(tp, type) and dataclasses.is_dataclass(tp) and hasattr(tp, "off") and _is_off(value):
+            kwargs[key] = tp.off()
+        elif isinstance(tp, type) and dataclasses.is_dataclass(tp):
             kwargs[key] = _build(tp, value, f"{prefix}{key}.")
         else:
             kwargs[key] = _check_value(value, tp, f"{prefix}{key}")
     return cls(**kwargs)
+
+
+def _is_off(value: Any) -> bool:
+    return any(value is word if isinstance(word, bool) else value == word for word in OFF_WORDS)
+
+
+def resolve_augment(default: AugmentConfig, override: Any, key: str) -> AugmentConfig:
+    """A source's augmentation: data.augment with the source's `augment` merged into it field by field
+    (`{audio: {noise_p: 0}}` changes one field), switched off by false / "none", unchanged by None or true.
+    Errors name `key` (data.sources[i].augment) and the field."""
+    if override is None or override is True:
+        return default
+    if _is_off(override):
+        return AugmentConfig.off()
+    if not isinstance(override, dict):
+        raise ConfigError(f"{key}={override!r}: expected per-modality changes ({{audio: {{noise_p: 0}}}}) or false")
+    merged: dict = dataclasses.asdict(default)
+    for section, fields in override.items():
+        base = merged.get(section)
+        merged[section] = {**base, **fields} if isinstance(base, dict) and isinstance(fields, dict) else fields
+    return _build(AugmentConfig, merged, f"{key}.")
+
+
+def source_augment(cfg: Config, index: int) -> AugmentConfig:
+    """The resolved training augmentation of data.sources[index]."""
+    return resolve_augment(cfg.data.augment, cfg.data.sources[index].augment, f"data.sources[{index}].augment")
 
 
 def resolve_path(name_or_path: str) -> Path:

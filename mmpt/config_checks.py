@@ -7,7 +7,7 @@ from __future__ import annotations
 import functools
 from typing import Any
 
-from mmpt.config import Config, ConfigError
+from mmpt.config import AudioAugment, AugmentConfig, Config, ConfigError, ImageAugment, source_augment
 
 # Sizes, counts and rates; checked first, so no later check (or the model) divides by zero. None (unset) passes.
 _POSITIVE = """data.batch_size data.shuffle_slots data.prefetch data.max_consecutive_bad data.video.num_frames
@@ -60,11 +60,61 @@ def _rules(cfg: Config) -> list[tuple[str, object, bool, str]]:
     ]
 
 
+def _interval(key: str, value: list, lo: float, hi: float, what: str = "") -> tuple[str, object, bool, str]:
+    """[a, b] with lo <= a <= b <= hi; lo = 0.0 means 0 < a (a positive lower end)."""
+    holds = len(value) == 2 and (value[0] > 0 if lo == 0.0 else value[0] >= lo) and value[0] <= value[1] <= hi
+    low = "0 < min" if lo == 0.0 else f"{lo:g} <= min"
+    high = "" if hi == float("inf") else f" <= {hi:g}"
+    return key, value, holds, f"needs [min, max] with {low} <= max{high}{what}"
+
+
+def _pixel_rules(p: str, a: ImageAugment) -> list[tuple[str, object, bool, str]]:
+    """Image and video augmentation (video adds its stride_scale)."""
+    rules = [_interval(f"{p}.scale", a.scale, 0.0, 1.0, " (fractions of the image area)"),
+             _interval(f"{p}.ratio", a.ratio, 0.0, float("inf"), " (width / height)"),
+             (f"{p}.hue", a.hue, 0 <= a.hue <= 0.5, "must be in [0, 0.5]"),
+             (f"{p}.randaugment_magnitude", a.randaugment_magnitude, 0 <= a.randaugment_magnitude <= 30,
+              "must be in [0, 30] (31 bins)")]
+    rules += [(f"{p}.{k}", getattr(a, k), 0 <= getattr(a, k) <= 1, "must be a probability in [0, 1]")
+              for k in ("flip_p", "jitter_p")]
+    rules += [(f"{p}.{k}", getattr(a, k), getattr(a, k) >= 0, "must be >= 0")
+              for k in ("brightness", "contrast", "saturation", "randaugment_ops")]
+    if hasattr(a, "stride_scale"):
+        rules.append(_interval(f"{p}.stride_scale", a.stride_scale, 0.0, 4.0))
+    return rules
+
+
+def _audio_rules(p: str, a: AudioAugment) -> list[tuple[str, object, bool, str]]:
+    rules = [_interval(f"{p}.speed", a.speed, 0.5, 2.0),
+             _interval(f"{p}.pitch_semitones", a.pitch_semitones, -6.0, 6.0),
+             _interval(f"{p}.gain_db", a.gain_db, -60.0, 60.0),
+             _interval(f"{p}.noise_snr_db", a.noise_snr_db, -30.0, 100.0),
+             (f"{p}.noise_p", a.noise_p, 0 <= a.noise_p <= 1, "must be a probability in [0, 1]"),
+             (f"{p}.noise_colors", a.noise_colors, not a.noise_p or bool(a.noise_colors or a.noise_files),
+              "is empty and noise_files unset: no noise to mix at noise_p > 0")]
+    return rules + [(f"{p}.{k}", getattr(a, k), getattr(a, k) >= 0, "must be >= 0")
+                    for k in ("freq_masks", "freq_mask_width", "time_masks", "time_mask_width")]
+
+
+def augment_rules(prefix: str, aug: AugmentConfig) -> list[tuple[str, object, bool, str]]:
+    """The rules of one resolved augmentation (data.augment, or a source's: data.sources[i].augment)."""
+    return (_pixel_rules(f"{prefix}.image", aug.image) + _pixel_rules(f"{prefix}.video", aug.video)
+            + _audio_rules(f"{prefix}.audio", aug.audio))
+
+
+def _augment_rules(cfg: Config) -> list[tuple[str, object, bool, str]]:
+    rules = augment_rules("data.augment", cfg.data.augment)
+    for i, src in enumerate(cfg.data.sources):
+        if src.augment is not None:  # resolving names a bad key or type of the override
+            rules += augment_rules(f"data.sources[{i}].augment", source_augment(cfg, i))
+    return rules
+
+
 def validate(cfg: Config) -> Config:
     """Raise ConfigError naming the first key that breaks a rule (types and Literal choices are checked while
     loading)."""
     _signs(cfg)
-    for key, value, holds, need in _rules(cfg):
+    for key, value, holds, need in _rules(cfg) + _augment_rules(cfg):
         if not holds:
             raise ConfigError(f"{key}={value}: {need}")
     _validate_modalities(cfg)

@@ -111,10 +111,11 @@ def preprocessing(cfg: Config, tokenizer: str) -> dict:
 
     A DecodeSpec field named after a modality (data.video, data.audio) is that modality's own section, so it
     is listed under it alone; the others (image_size, context_length, tokenizer) under every modality.
-    `tokenizer` is "openclip" or a directory relative to the export."""
+    `tokenizer` is "openclip" or a directory relative to the export. Training augmentation is left out."""
     from mmpt.data.media import MEAN, STD, DecodeSpec
 
     spec = {**dataclasses.asdict(DecodeSpec.from_config(cfg)), "tokenizer": tokenizer}
+    del spec["augment"]
     entries = {}
     for name in registry.ordered(cfg.model.modalities):
         entry = registry.get(name)

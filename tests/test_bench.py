@@ -17,6 +17,11 @@ def test_bench_data_prints_one_json_object_with_peers():
     assert result["vs_open_clip"] == image["ours"]["samples_per_s"] / image["open_clip"]["samples_per_s"]
     assert result["video-text"]["decord_raw"]["same_frames_per_s"] > 0
     assert result["audio-text"]["samples_per_s"] > 0
+    for pair in ("image-text", "video-text", "audio-text"):  # with the default augmentation and without
+        aug = result["augment"][pair]
+        assert aug["on"] > 0 and aug["off"] > 0 and aug["on_over_off"] == aug["on"] / aug["off"]
+    assert result["audio-text"]["augment_off"]["samples_per_s"] == result["augment"]["audio-text"]["off"]
+    assert result["augment_settings"]["image"]["crop"] == "resized"
 
 
 def test_bench_moe_prints_one_json_object_with_both_backends_and_dense():

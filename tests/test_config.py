@@ -46,6 +46,9 @@ def test_shipped_demo_config_loads_with_overrides():
     ("model.0.width=3", "override 'model.0.width': model is a section, not a list"),
     ("eval.top_k.0=3", "eval.top_k is not in the config file; set the whole list (eval.top_k=[...])"),
     ("data.sources.0.weight=-1", "data.sources[0].weight=-1.0: must be positive"),
+    ("data.augment.audio.speed=[1.2, 0.9]", "data.augment.audio.speed=[1.2, 0.9]: needs [min, max] with 0.5 <= min"),
+    ("data.augment.video.crop=zoom", "data.augment.video.crop='zoom': must be one of resized, mild, center"),
+    ("data.sources.0.augment=3", "data.sources[0].augment=3: expected per-modality changes"),
 ])
 def test_bad_overrides_name_the_key(override, message):
     with pytest.raises(ConfigError, match=re.escape(message)):

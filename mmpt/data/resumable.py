@@ -12,6 +12,7 @@ import random
 import zlib
 from collections import Counter
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import webdataset as wds
@@ -26,6 +27,7 @@ class Source:
     urls: list
     modalities: list
     weight: float = 1.0
+    augment: Any = None  # this source's AugmentConfig (mmpt.config.source_augment); None: the loader's spec's
 
 
 def rng_for(*parts) -> random.Random:

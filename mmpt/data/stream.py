@@ -9,6 +9,7 @@ Each training batch carries `_skipped` ({"reasons": {...}, "shards": {...}}) sin
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass
 
@@ -16,6 +17,7 @@ import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from mmpt.config import source_augment
 from mmpt.data.decode import SampleDecoder
 from mmpt.data.media import BadSample, DecodeSpec
 from mmpt.data.resumable import SkipCounter, Source, WorkerStream, batches, collate, rng_for
@@ -60,8 +62,12 @@ class TaskStream(IterableDataset):
         seed = self.seed if not self.restart else f"{self.seed}:restart:{self.restart}"
         stream = WorkerStream(self.task.sources, seed, rank, worker, self.slots, self.buffer, counter,
                               self.resume_states.get(worker))
-        decoders = [SampleDecoder(s.modalities, self.spec, train=True) for s in self.task.sources]
+        decoders = [SampleDecoder(s.modalities, self.source_spec(s), train=True) for s in self.task.sources]
         return batches(stream, decoders, self.task.batch_size, self.task.modalities, counter, worker, self.max_bad)
+
+    def source_spec(self, source: Source) -> DecodeSpec:
+        """The decode spec of one source: the task's, with the source's own augmentation if it has one."""
+        return self.spec if source.augment is None else dataclasses.replace(self.spec, augment=source.augment)
 
 
 class TaskLoader:
@@ -206,16 +212,25 @@ def eval_loader(spec_str: str, modalities: list, spec: DecodeSpec, batch_size: i
     return wds.WebLoader(pipeline, batch_size=None, num_workers=num_workers)
 
 
-def make_sources(entries: list) -> list:
-    """Config source entries -> Source objects with expanded, checked shard lists (errors name the spec)."""
-    return [Source(e.name, list_shards(e.shards), list(e.modalities), e.weight) for e in entries]
+def make_sources(cfg) -> list:
+    """data.sources -> Source objects with expanded, checked shard lists (errors name the spec) and each
+    source's resolved augmentation; noise folders or shards it names are listed now (errors name the key)."""
+    from mmpt.data.noise import noise_bank
+
+    sources = []
+    for i, e in enumerate(cfg.data.sources):
+        aug = source_augment(cfg, i)
+        if aug.audio.noise_files and aug.audio.noise_p and "audio" in e.modalities:
+            noise_bank(aug.audio.noise_files)
+        sources.append(Source(e.name, list_shards(e.shards), list(e.modalities), e.weight, aug))
+    return sources
 
 
 def tasks_from_config(cfg) -> tuple[dict, dict]:
     """Sources feeding the same modality pair form one task, named by the pair ("image-text"); its weight is
     their sum."""
     tasks, weights = {}, {}
-    for src in make_sources(cfg.data.sources):
+    for src in make_sources(cfg):
         name = pair_name(*src.modalities)
         task = tasks.setdefault(name, TaskConfig(name, ordered(src.modalities), [], cfg.data.batch_size))
         task.sources.append(src)
