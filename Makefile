@@ -11,8 +11,9 @@ BIN := $(abspath $(VENV))/bin
 STAMP := $(VENV)/.installed
 NPROC ?= 2
 RUN ?= runs/demo
-# Debian packages: espeak-ng speaks the demo's audio; ffmpeg's libraries back torchcodec (torchaudio's decoder).
-APT_PACKAGES := espeak-ng ffmpeg
+# Debian packages: espeak-ng and flite speak the demo's audio (two synthesisers: held-out voices are another's);
+# ffmpeg's libraries back torchcodec (torchaudio's decoder).
+APT_PACKAGES := espeak-ng flite ffmpeg
 
 .PHONY: demo test lint install clean
 
@@ -37,6 +38,8 @@ demo: $(STAMP)
 	$(BIN)/mmpt eval zeroshot --model $(RUN) --out $(RUN)/zeroshot.json
 	$(BIN)/mmpt eval zeroshot --model $(RUN) --modality audio --data data/demo/speech-val \
 	  --classes data/demo/speech-classes.json --out $(RUN)/zeroshot_audio.json
+	$(BIN)/mmpt eval zeroshot --model $(RUN) --modality audio --data data/demo/speech-val-seen \
+	  --classes data/demo/speech-classes.json --out $(RUN)/zeroshot_audio_seen.json
 	$(BIN)/mmpt eval zeroshot --model $(RUN) --modality video --data data/demo/motion-val \
 	  --classes data/demo/motion-classes.json --out $(RUN)/zeroshot_video.json
 	$(BIN)/mmpt eval retrieval --model $(RUN) --pair image-text --data data/demo/val --out $(RUN)/retrieval_image-text.json
@@ -46,6 +49,7 @@ demo: $(STAMP)
 	  --out $(RUN)/retrieval_video-text.json
 	$(BIN)/mmpt eval retrieval --model $(RUN) --pair video-audio --data data/demo/motion-val \
 	  --out $(RUN)/retrieval_video-audio.json
+	$(BIN)/python data_pipelines/demo_report.py $(RUN)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q tests

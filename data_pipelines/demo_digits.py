@@ -39,19 +39,24 @@ CAPTIONS = [
     "a blurry picture of the number {word}",
     "handwriting: {num}",
 ]
-# Zero-shot prompts: some share the training captions' style, some are new phrasings.
-PROMPTS = ["a handwritten digit {}", "the number {} written by hand", "a photo of the digit {}",
-           "a drawing of the number {}", "an image of a {}"]
+# Zero-shot prompts: the first of each list reuse a training caption's phrasing; the rest are phrasings no
+# training caption uses (NOVEL_PROMPTS; the README's demo section lists both).
+PROMPTS = ["a handwritten digit {}", "a photo of the digit {}",
+           "a drawing of the number {}", "an image of a {}", "a black and white picture of {}"]
 NUM_VAL = 297
 PIXELS = 64
 SPEECH_CAPTIONS = ["the spoken word {word}", "someone saying {word}", "a voice says the number {word}",
                    "a recording of the word {word}"]
-SPEECH_PROMPTS = ["the spoken word {}", "someone saying {}", "a voice says {}"]
+SPEECH_PROMPTS = ["the spoken word {}", "someone saying {}",
+                  "a person pronouncing {}", "the word {} said out loud", "an utterance of {}"]
 MOTION_CAPTIONS = ["the digit {word} moving {direction}", "a handwritten {num} sliding {direction}",
                    "a video of the number {word} moving to the {direction}"]
-MOTION_PROMPTS = ["a video of the digit {}", "the digit {} moving", "a handwritten {} sliding"]
-MEDIA_COUNTS = {"speech": (400, 100), "motion": (600, 100)}  # (train, val)
+MOTION_PROMPTS = ["the digit {} moving", "a handwritten {} sliding",
+                  "a clip of the number {}", "a {} in motion", "footage of a drawn {}"]
+# speech-val: voices never heard in training; speech-val-seen: the training voices, new utterances.
+MEDIA_COUNTS = {"speech-train": 1000, "speech-val": 200, "speech-val-seen": 200, "motion-train": 600, "motion-val": 100}
 VIDEO_FRAMES, VIDEO_FPS = 16, 8
+GLYPH_PIXELS = 32  # the moving digit's side in the 64-pixel frame
 
 
 def digit_png(pixels8x8: np.ndarray) -> bytes:
@@ -72,37 +77,42 @@ def samples(images: np.ndarray, labels: np.ndarray, index: list, seed: int):
                "json": {"label": label, "source_index": int(i), "class": WORDS[label]}}
 
 
-PARTS = ("train", "val", "speech-train", "speech-val", "motion-train", "motion-val")
+PARTS = ("train", "val", "speech-train", "speech-val", "speech-val-seen", "motion-train", "motion-val")
 CLASS_FILES = {"classes.json": PROMPTS, "speech-classes.json": SPEECH_PROMPTS, "motion-classes.json": MOTION_PROMPTS}
+# ... and with only the phrasings no training caption uses: zero-shot that owes nothing to caption recall.
+CLASS_FILES.update({name.replace(".json", "-novel.json"): prompts[2:] for name, prompts in list(CLASS_FILES.items())})
 
 
 def is_complete(out: Path) -> bool:
     return all((out / part / SIZES_FILE).is_file() for part in PARTS) and all((out / f).is_file() for f in CLASS_FILES)
 
 
-def speech_samples(labels: np.ndarray, index: list, count: int, seed: int):
+def speech_samples(count: int, voices: str, seed: int):
+    """`count` utterances of the ten words, in turn, by random voices of `voices` ("train" or "heldout")."""
     from demo_media import flac_bytes, speak
 
     rng = random.Random(seed)
     for n in range(count):
-        label = int(labels[index[n % len(index)]])
-        yield {"__key__": f"speech{n:05d}", "flac": flac_bytes(speak(WORDS[label], rng)),
+        label = n % len(WORDS)
+        wav, voice = speak(WORDS[label], rng, voices)
+        yield {"__key__": f"speech{n:05d}", "flac": flac_bytes(wav),
                "txt": rng.choice(SPEECH_CAPTIONS).format(word=WORDS[label]),
-               "json": {"label": label, "class": WORDS[label]}}
+               "json": {"label": label, "class": WORDS[label], "voice": voice}}
 
 
-def motion_samples(images: np.ndarray, labels: np.ndarray, index: list, count: int, seed: int):
+def motion_samples(images: np.ndarray, labels: np.ndarray, index: list, count: int, voices: str, seed: int):
     from demo_media import DIRECTIONS, motion_frames, mp4_bytes, speak
 
     rng = random.Random(seed)
     for n in range(count):
         i = index[rng.randrange(len(index))]
         label, direction = int(labels[i]), rng.choice(sorted(DIRECTIONS))
-        frames = motion_frames(images[i], direction, VIDEO_FRAMES, PIXELS, rng)
+        frames = motion_frames(images[i], direction, VIDEO_FRAMES, PIXELS, GLYPH_PIXELS, rng)
         caption = rng.choice(MOTION_CAPTIONS).format(word=WORDS[label], num=label, direction=direction)
-        yield {"__key__": f"motion{n:05d}", "mp4": mp4_bytes(frames, VIDEO_FPS, speak(WORDS[label], rng)),
+        wav, voice = speak(WORDS[label], rng, voices)
+        yield {"__key__": f"motion{n:05d}", "mp4": mp4_bytes(frames, VIDEO_FPS, wav),
                "txt": caption, "json": {"label": label, "class": WORDS[label], "direction": direction,
-                                        "source_index": int(i)}}
+                                        "source_index": int(i), "voice": voice}}
 
 
 def build(out: Path, shard_size: int = 200, seed: int = 0, force: bool = False) -> dict:
@@ -115,11 +125,11 @@ def build(out: Path, shard_size: int = 200, seed: int = 0, force: bool = False) 
     split = {"train": order[NUM_VAL:], "val": sorted(order[:NUM_VAL])}
     jobs = {part: samples(digits.images, digits.target, idx, seed) for part, idx in split.items()}
     for part, idx in split.items():
-        train_n, val_n = MEDIA_COUNTS["speech"]
-        jobs[f"speech-{part}"] = speech_samples(digits.target, idx, train_n if part == "train" else val_n, seed + 1)
-        train_n, val_n = MEDIA_COUNTS["motion"]
-        jobs[f"motion-{part}"] = motion_samples(digits.images, digits.target, idx,
-                                                train_n if part == "train" else val_n, seed + 2)
+        n, voices = MEDIA_COUNTS[f"speech-{part}"], "train" if part == "train" else "heldout"
+        jobs[f"speech-{part}"] = speech_samples(n, voices, seed + 1 + (part != "train"))
+        jobs[f"motion-{part}"] = motion_samples(digits.images, digits.target, idx, MEDIA_COUNTS[f"motion-{part}"],
+                                                voices, seed + 3)
+    jobs["speech-val-seen"] = speech_samples(MEDIA_COUNTS["speech-val-seen"], "train", seed + 4)
     report = {}
     for part in PARTS:
         name = f"digits-{part}"

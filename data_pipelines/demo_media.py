@@ -1,7 +1,8 @@
-"""Media for the embedded demo: spoken digit words (espeak-ng) and short videos of a digit moving in a named
+"""Media for the embedded demo: spoken digit words (espeak-ng and flite) and short videos of a digit moving in a named
 direction with the spoken word as their audio track (encoded by PyAV: H.264 + AAC in MP4).
 
-Used by demo_digits.py; needs the `espeak-ng` program (Debian package espeak-ng; `make` installs it as root).
+Used by demo_digits.py; needs the `espeak-ng` program and, for a second synthesiser, `flite` (Debian packages of
+the same names; `make` installs them as root; without flite all voices are espeak-ng's).
 """
 from __future__ import annotations
 
@@ -14,29 +15,63 @@ import tempfile
 import numpy as np
 import soundfile as sf
 
-VOICES = ["en-us", "en-gb", "en-gb-scotland", "en-gb-x-rp", "en-029", "en-us-nyc", "en-gb-x-gbclan", "en-gb-x-gbcwmd"]
-VARIANTS = ["", "+f1", "+f2", "+m3", "+f4"]
+# Voices are split so that zero-shot on speech-val measures the word, not the voice: training speech uses the
+# "train" voices only, held-out speech uses voices never heard in training: other espeak-ng accents with other
+# voice variants, and other flite voices (a second, unrelated synthesiser: diphone/clustergen, not formants).
+ESPEAK_ACCENTS = {"train": ["en-us", "en-gb", "en-gb-scotland", "en-029", "en-gb-x-gbclan"],
+                  "heldout": ["en-gb-x-rp", "en-us-nyc", "en-gb-x-gbcwmd"]}
+ESPEAK_VARIANTS = {"train": ["", "m1", "m2", "m3", "m4", "f1", "f2", "f3", "klatt", "klatt3", "croak", "grandma"],
+                   "heldout": ["m5", "m6", "m7", "f4", "f5", "klatt2", "klatt4", "grandpa"]}
+FLITE_VOICES = {"train": ["kal", "rms"], "heldout": ["slt", "awb"]}
+FLITE_SHARE = 0.3  # of the utterances in each split, when flite is installed
 DIRECTIONS = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}
 SPEECH_RATE = 16000
 
 
-def require_espeak() -> str:
-    exe = shutil.which("espeak-ng")
+def require(program: str, package: str) -> str:
+    exe = shutil.which(program)
     if exe is None:
-        raise SystemExit("demo: the espeak-ng program is missing (Debian: apt-get install espeak-ng; `make demo` "
+        raise SystemExit(f"demo: the {program} program is missing (Debian: apt-get install {package}; `make demo` "
                          "installs it when run as root)")
     return exe
 
 
-def speak(word: str, rng: random.Random) -> np.ndarray:
-    """One spoken rendition of `word` with a random voice, speed and pitch, as float32 mono at 16 kHz."""
-    voice = rng.choice(VOICES) + rng.choice(VARIANTS)
+def require_espeak() -> str:
+    return require("espeak-ng", "espeak-ng")
+
+
+def have_flite() -> bool:
+    return shutil.which("flite") is not None
+
+
+def voice_for(split: str, rng: random.Random) -> tuple[str, str]:
+    """(synthesiser, voice) drawn from the split's voices: "train" or "heldout"."""
+    if have_flite() and rng.random() < FLITE_SHARE:
+        return "flite", rng.choice(FLITE_VOICES[split])
+    variant = rng.choice(ESPEAK_VARIANTS[split])
+    return "espeak-ng", rng.choice(ESPEAK_ACCENTS[split]) + (f"+{variant}" if variant else "")
+
+
+def _synthesise(word: str, synth: str, voice: str, rng: random.Random, path: str) -> None:
+    if synth == "flite":  # speed and pitch through flite's duration stretch and F0 target
+        cmd = [require("flite", "flite"), "-voice", voice, "--setf", f"duration_stretch={rng.uniform(0.8, 1.25):.2f}",
+               "--setf", f"int_f0_target_mean={rng.randint(90, 180)}", "-t", word, "-o", path]
+    else:
+        cmd = [require_espeak(), "-v", voice, "-s", str(rng.randint(120, 200)), "-p", str(rng.randint(25, 75)),
+               "-w", path, word]
+    subprocess.run(cmd, check=True, capture_output=True)
+
+
+def speak(word: str, rng: random.Random, split: str = "train") -> tuple[np.ndarray, str]:
+    """One spoken rendition of `word` by a random voice of `split`, with random speed and pitch: float32 mono
+    at 16 kHz, and the voice's name ("espeak-ng:en-us+m3", "flite:slt")."""
+    synth, voice = voice_for(split, rng)
     with tempfile.NamedTemporaryFile(suffix=".wav") as f:
-        subprocess.run([require_espeak(), "-v", voice, "-s", str(rng.randint(120, 200)), "-p", str(rng.randint(25, 75)),
-                        "-w", f.name, word], check=True, capture_output=True)
+        _synthesise(word, synth, voice, rng, f.name)
         wav, sr = sf.read(f.name, dtype="float32")
-    n = int(len(wav) * SPEECH_RATE / sr)  # espeak-ng speaks at 22,050 Hz; linear resampling is fine for a demo
-    return np.interp(np.linspace(0, len(wav) - 1, n), np.arange(len(wav)), wav).astype(np.float32)
+    n = int(len(wav) * SPEECH_RATE / sr)  # espeak-ng speaks at 22,050 Hz, flite at 8 or 16 kHz; linear is fine here
+    wav = np.interp(np.linspace(0, len(wav) - 1, n), np.arange(len(wav)), wav).astype(np.float32)
+    return wav, f"{synth}:{voice}"
 
 
 def flac_bytes(wav: np.ndarray) -> bytes:
@@ -45,11 +80,13 @@ def flac_bytes(wav: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def motion_frames(digit: np.ndarray, direction: str, frames: int, size: int, rng: random.Random) -> np.ndarray:
-    """(T, size, size, 3) uint8: the digit (white on black) sliding across the frame in `direction`."""
+def motion_frames(digit: np.ndarray, direction: str, frames: int, size: int, glyph_size: int,
+                  rng: random.Random) -> np.ndarray:
+    """(T, size, size, 3) uint8: the digit (white on black, glyph_size pixels) sliding across the frame in
+    `direction`."""
     from PIL import Image
 
-    glyph = np.asarray(Image.fromarray((digit * (255.0 / 16.0)).astype(np.uint8)).resize((size // 2, size // 2),
+    glyph = np.asarray(Image.fromarray((digit * (255.0 / 16.0)).astype(np.uint8)).resize((glyph_size, glyph_size),
                                                                                           Image.BICUBIC))
     dx, dy = DIRECTIONS[direction]
     g, travel = glyph.shape[0], size - glyph.shape[0]

@@ -228,7 +228,8 @@ def test_every_frame_of_a_clip_gets_the_same_augmentation():
 
 
 def test_config_merges_a_sources_augment_field_by_field():
-    cfg = load_config("demo", ["data.augment.audio.gain_db=[-3, 3]",
+    cfg = load_config("demo", ["data.augment={}",  # the demo ships with augmentation off; {}: the defaults
+                               "data.augment.audio.gain_db=[-3, 3]",
                                "data.sources.1.augment={audio: {noise_snr_db: [5, 30]}, image: false}",
                                "data.sources.0.augment=none"])
     speech = source_augment(cfg, 1)
