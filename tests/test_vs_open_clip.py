@@ -1,0 +1,65 @@
+"""data_pipelines/vs_open_clip.py: both trainers run on tiny shards and the JSON contract holds."""
+from __future__ import annotations
+
+import io
+import json
+import math
+import sys
+
+from PIL import Image
+
+from mmpt.data.shards import write_shards
+from tests.conftest import run
+
+WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
+
+
+def digit_samples(start: int, count: int):
+    from sklearn.datasets import load_digits  # ships its data: no download
+
+    digits = load_digits()
+    for i in range(start, start + count):
+        img = Image.fromarray((digits.images[i] * 15).astype("uint8"), mode="L").resize((32, 32))
+        buf = io.BytesIO()
+        img.save(buf, format="PNG")
+        label = int(digits.target[i])
+        yield {"__key__": f"d{i:05d}", "png": buf.getvalue(), "txt": f"the number {WORDS[label]} written by hand",
+               "json": {"label": label}}
+
+
+def test_vs_open_clip_contract(tmp_path):
+    write_shards(digit_samples(0, 48), tmp_path / "train", "train", shard_size=16)
+    write_shards(digit_samples(100, 20), tmp_path / "val", "val", shard_size=10)
+    (tmp_path / "classes.json").write_text(json.dumps({"classnames": WORDS, "templates": ["a handwritten {}"]}))
+    out = tmp_path / "result.json"
+    proc = run([sys.executable, "data_pipelines/vs_open_clip.py", "--train", str(tmp_path / "train"),
+                "--val", str(tmp_path / "val"), "--classes", str(tmp_path / "classes.json"), "--steps", "4",
+                "--batch", "8", "--warmup", "1", "--lr", "1e-3", "--threads", "1", "--workers", "0",
+                "--workdir", str(tmp_path / "work"), "--out", str(out)],
+               timeout=300, env={"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    printed = json.loads(proc.stdout)  # stdout is the one JSON object
+    assert printed == json.loads(out.read_text())
+
+    for side in ("open_clip", "mmpt"):
+        r = printed[side]
+        assert r["steps"] == 4
+        losses = r["losses"]
+        for name in ("loss", "caption_loss"):
+            assert losses[name]["finite"] and losses[name]["first"] != losses[name]["last"], (side, name)
+        assert 0.0 <= r["zeroshot"]["top1"] <= 1.0 and r["zeroshot"]["num_samples"] == 20
+        assert r["timing"]["s_per_step"] > 0 and r["timing"]["cpu_s_per_step"] > 0 and r["wall_s"] > 0
+        assert r["params"]["total"] > 0 and r["flops_per_sample"]["train_forward"] > 0
+        assert "BPE" in r["tokenizer"]
+    assert printed["open_clip"]["losses"]["contrastive_loss"]["finite"]
+    assert printed["mmpt"]["losses"]["contrastive_loss/image-text"]["finite"]
+
+    s = printed["summary"]
+    theirs, ours = printed["open_clip"]["zeroshot"]["top1"], printed["mmpt"]["zeroshot"]["top1"]
+    assert s["top1_ratio"] is None if theirs == 0 else math.isclose(s["top1_ratio"], ours / theirs)
+    assert s["time_per_step_ratio"] > 0 and isinstance(s["meets_target"], bool)
+    # the same settings reached both trainers
+    argv = printed["open_clip"]["argv"]
+    assert argv[argv.index("--batch-size") + 1] == "8" and argv[argv.index("--lr") + 1] == "0.001"
+    assert "data.batch_size=8" in printed["mmpt"]["overrides"] and "optim.lr=0.001" in printed["mmpt"]["overrides"]
+    assert printed["settings"]["shape"]["width"] == printed["open_clip"]["model_config"]["vision_cfg"]["width"]
