@@ -91,7 +91,7 @@ def load_pretrained(path: str | Path, tag: str | None = None):
 
 def write_tokenizer(cfg: Config, out: Path) -> dict:
     """tokenizer.json (+ tokenizer/ for a HuggingFace tokenizer directory); returns what tokenizer.json says."""
-    from mmpt.data.tokenizer import Tokenizer
+    from mmpt.data.tokenizer import Tokenizer, resolve
 
     tok = Tokenizer(cfg.data.tokenizer, cfg.model.context_length)
     info = {"kind": OPENCLIP, "context_length": cfg.model.context_length, "sot_id": tok.sot_id,
@@ -99,7 +99,7 @@ def write_tokenizer(cfg: Config, out: Path) -> dict:
     if cfg.data.tokenizer != OPENCLIP:
         from transformers import AutoTokenizer
 
-        AutoTokenizer.from_pretrained(cfg.data.tokenizer, local_files_only=True).save_pretrained(
+        AutoTokenizer.from_pretrained(resolve(cfg.data.tokenizer), local_files_only=True).save_pretrained(
             str(out / HF_TOKENIZER_DIR))
         info.update(kind="huggingface", path=HF_TOKENIZER_DIR)
     (out / TOKENIZER).write_text(json.dumps(info, indent=1) + "\n")

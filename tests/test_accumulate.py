@@ -6,6 +6,8 @@ import torch
 
 from tests.distributed import run_distributed
 
+TOK = "clip-bpe-8k"  # the demo config's tokenizer
+
 TINY = ["model.width=32", "model.depth=2", "model.heads=2", "model.embed_dim=16", "model.moe.num_experts=0",
         "model.modalities=[image, text]", "data.sources=[{name: d, shards: d, modalities: [image, text]}]",
         "model.image_size=16", "optim.grad_clip=0"]
@@ -29,7 +31,8 @@ def _step_grads(rank: int, world: int, accumulate: int, zero_stage: int, loss: l
     torch.manual_seed(0)
     engine = build_engine(TrainModule(build_for_run(cfg), cfg.loss), cfg, world)
     gen = torch.Generator().manual_seed(rank)
-    batch = {"image": torch.randn(8, 3, 16, 16, generator=gen), "text": tokenize(CAPTIONS[rank:] + CAPTIONS[:rank], 16)}
+    batch = {"image": torch.randn(8, 3, 16, 16, generator=gen),
+             "text": tokenize(CAPTIONS[rank:] + CAPTIONS[:rank], 16, TOK)}
     grads = []
     hook = register_optimizer_step_pre_hook(
         lambda opt, args, kwargs: grads.append([p.grad.clone() for g in opt.param_groups for p in g["params"]
@@ -92,7 +95,8 @@ def _bf16_step(rank: int, world: int, bf16: bool):
     torch.manual_seed(0)
     engine = build_engine(TrainModule(build_for_run(cfg), cfg.loss), cfg, world)
     gen = torch.Generator().manual_seed(rank)
-    batch = to_engine({"image": torch.randn(8, 3, 16, 16, generator=gen), "text": tokenize(CAPTIONS, 16)}, engine)
+    batch = to_engine({"image": torch.randn(8, 3, 16, 16, generator=gen), "text": tokenize(CAPTIONS, 16, TOK)},
+                      engine)
     losses = engine(batch)
     engine.backward(losses["loss"])
     engine.step()

@@ -18,6 +18,8 @@ from mmpt.train.checkpoint import checkpoint_dir, consolidated_state_dict, nativ
 from tests.distributed import run_distributed
 from tests.test_e2e import train
 
+TOK = "clip-bpe-8k"  # the demo config's tokenizer
+
 CAPTIONS = ["a digit", "the number seven written by hand", "three", "a handwritten zero on white paper"]
 
 
@@ -32,7 +34,8 @@ def _inputs(seed: int) -> dict:
     so padding masks take part in routing."""
     g = torch.Generator().manual_seed(seed)
     return {"image": torch.randn(2, 3, 32, 32, generator=g), "video": torch.randn(2, 8, 3, 32, 32, generator=g),
-            "audio": torch.randn(2, 1, 98, 128, generator=g), "text": tokenize(CAPTIONS[2 * seed:2 * seed + 2], 16)}
+            "audio": torch.randn(2, 1, 98, 128, generator=g),
+            "text": tokenize(CAPTIONS[2 * seed:2 * seed + 2], 16, TOK)}
 
 
 def _reference_rank(rank: int, world: int, run_dir: Path):

@@ -97,13 +97,14 @@ def test_export_writes_weights_config_tokenizer_preprocessing(exported):
     assert EXPORT_FILES <= {p.name for p in out.iterdir()}
     assert json.loads((out / "config.json").read_text()) == yaml.safe_load((run_dir / "config.yaml").read_text())
     assert json.loads((out / "tokenizer.json").read_text()) == {
-        "kind": "openclip", "context_length": 16, "sot_id": 49406, "eot_id": 49407, "vocab_size": 49408}
+        "kind": "huggingface", "path": "tokenizer", "context_length": 16, "sot_id": 8512, "eot_id": 8513,
+        "vocab_size": 8514}  # the demo's clip-bpe-8k, copied into the export
     prep = json.loads((out / "preprocessing.json").read_text())
     assert list(prep["modalities"]) == ["image", "video", "audio", "text"]
     assert prep["modalities"]["video"]["spec"]["video"]["num_frames"] == 8
     assert prep["modalities"]["audio"]["spec"]["audio"]["seconds"] == 1.0 and prep["pixel_std"][0] == 0.26862954
     image = prep["modalities"]["image"]["spec"]
-    assert "video" not in image and image["image_size"] == 32 and image["tokenizer"] == "openclip"
+    assert "video" not in image and image["image_size"] == 32 and image["tokenizer"] == "tokenizer"
     with safe_open(str(out / "model.safetensors"), "pt") as f:
         assert f.metadata()["format"] == "pt"
     assert load_file(str(out / "model.safetensors")).keys() == load_file(str(run_dir / "model.safetensors")).keys()
@@ -169,7 +170,7 @@ def test_openclip_wrapper_plugs_into_open_clip_zero_shot_classifier(exported, me
     classnames, templates = ["zero", "three", "seven"], list(registry.get("image").templates)
     theirs = open_clip.build_zero_shot_classifier(model, pretrained.tokenizer, classnames, templates,
                                                   num_classes_per_batch=2)
-    ours = class_embeddings(pretrained.model, classnames, templates, 16)
+    ours = class_embeddings(pretrained.model, classnames, templates, 16, pretrained.cfg.data.tokenizer)
     torch.testing.assert_close(theirs, ours.T)
     image = pretrained.preprocess["image"](media["image"].read_bytes())[None]
     with torch.no_grad():

@@ -6,6 +6,8 @@ from mmpt.data.tokenizer import tokenize
 from mmpt.losses import objective
 from mmpt.model import build_model
 
+TOK = "clip-bpe-8k"  # the demo config's tokenizer
+
 IMAGE_TEXT = "data.sources=[{name: d, shards: d, modalities: [image, text]}]"
 
 
@@ -17,7 +19,7 @@ def cfg():
 
 def batch(size: int = 32, n: int = 4):
     captions = ["a handwritten digit seven", "the number 3 written by hand", "four", "a photo of the digit one"]
-    return {"image": torch.randn(n, 3, size, size), "text": tokenize(captions[:n], 16)}
+    return {"image": torch.randn(n, 3, size, size), "text": tokenize(captions[:n], 16, TOK)}
 
 
 def test_forward_shapes_and_unit_embeddings(cfg):
@@ -44,7 +46,7 @@ def test_image_stem_serves_two_resolutions(cfg, size):
 
 def test_padding_does_not_change_text_embedding(cfg):
     model = build_model(cfg.model).eval()
-    short = tokenize(["a digit"], 16)
+    short = tokenize(["a digit"], 16, TOK)
     emb_a = model.encode("text", short)["emb"]
     noisy = short.clone()
     noisy[0, 5:] = 1234  # garbage after EOT must be masked out

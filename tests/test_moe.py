@@ -14,13 +14,16 @@ from mmpt.model.moe import NativeMoE
 from mmpt.model.routing import expert_choice_routing, top_k_routing
 from tests.distributed import run_distributed
 
+TOK = "clip-bpe-8k"  # the demo config's tokenizer
+
 FOUR = ["model.modalities=[image, video, audio, text]", "model.width=32", "model.heads=2", "model.depth=2",
         "model.embed_dim=16", "model.moe.num_experts=4", "model.moe.last=1"]
 
 
 def batch(size=32, frames=8, audio_frames=98, n=2):
     return {"image": torch.randn(n, 3, size, size), "video": torch.randn(n, frames, 3, size, size),
-            "audio": torch.randn(n, 1, audio_frames, 128), "text": tokenize(["a digit", "the number seven"][:n], 16)}
+            "audio": torch.randn(n, 1, audio_frames, 128),
+            "text": tokenize(["a digit", "the number seven"][:n], 16, TOK)}
 
 
 @pytest.mark.parametrize("size, frames, audio_frames", [(32, 8, 98), (48, 4, 198)])

@@ -38,7 +38,7 @@ def test_local_huggingface_tokenizer(tmp_path):
     try:
         check_model_fits(str(tmp_path), cfg)
     except ConfigError as e:
-        assert "model.sot_id=49406 but tokenizer has 1" in str(e) and "model.eot_id=49407" in str(e)
+        assert "model.sot_id=8512 but tokenizer has 1" in str(e) and "model.eot_id=8513" in str(e)
     else:
         raise AssertionError("expected a mismatch error")
     cfg.sot_id, cfg.eot_id = 1, 2
@@ -78,7 +78,7 @@ def test_unknown_tokenizer_is_a_clear_error(tmp_path):
     try:
         Tokenizer(str(tmp_path / "nope"), 8)
     except FileNotFoundError as e:
-        assert "not 'openclip' and not a local tokenizer directory" in str(e)
+        assert "not 'openclip', not a local tokenizer directory and not one shipped with mmpt (clip-bpe-8k" in str(e)
     else:
         raise AssertionError("expected FileNotFoundError")
 
@@ -86,3 +86,25 @@ def test_unknown_tokenizer_is_a_clear_error(tmp_path):
 def test_valid_mask_without_eot_covers_everything():
     ids = torch.tensor([[5, 6, 7]])
     assert valid_mask(ids, 99).all()
+
+
+def test_packaged_clip_bpe_8k_is_open_clips_bpe_cut_to_8000_merges():
+    small, full = Tokenizer("clip-bpe-8k", 16), Tokenizer("openclip", 16)
+    assert (small.vocab_size, small.sot_id, small.eot_id) == (8514, 8512, 8513)
+    # words within the first 8,000 merges get open_clip's own ids; only start/end move
+    text = "a video of the number seven moving to the left"
+    a, b = small.encode(text), full.encode(text)
+    assert a[0] == 8512 and b[0] == 49406 and torch.equal(a[1:11], b[1:11]) and a[11] == 8513
+    rare = small.encode("footage of a drawn eight")  # "footage" and "drawn" split into smaller pieces
+    assert int((rare > 0).sum()) > int((full.encode("footage of a drawn eight") > 0).sum())
+    assert small.decode(rare.tolist()) == "footage of a drawn eight"
+    assert bool((small.batch(["x" * 200]) < small.vocab_size).all())
+
+
+def test_packaged_tokenizer_files_match_their_build_script():
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "data_pipelines/clip_bpe_tokenizer.py", "--check"], capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr

@@ -1,13 +1,32 @@
-"""Text tokenizers: open_clip's BPE by default (its vocab ships in the wheel, so it works offline), or a
-HuggingFace tokenizer loaded from a local directory (`data.tokenizer: /path/to/tokenizer`)."""
+"""Text tokenizers: open_clip's BPE by default (its vocab ships in the wheel, so it works offline), a
+HuggingFace tokenizer loaded from a local directory (`data.tokenizer: /path/to/tokenizer`), or one shipped in
+the package by name (`data.tokenizer: digits`, mmpt/configs/tokenizers/digits: the demo's byte-level BPE)."""
 from __future__ import annotations
 
 import functools
 import os
+from pathlib import Path
 
 import torch
 
 from mmpt.config import ConfigError
+
+OPENCLIP = "openclip"
+PACKAGED = Path(__file__).resolve().parent.parent / "configs" / "tokenizers"
+
+
+def packaged() -> list:
+    return sorted(p.name for p in PACKAGED.iterdir() if p.is_dir()) if PACKAGED.is_dir() else []
+
+
+def resolve(name: str) -> str:
+    """"openclip", or the directory of a HuggingFace tokenizer: `name` itself, else the packaged one so named."""
+    if name == OPENCLIP or os.path.isdir(name):
+        return name
+    if name in packaged():
+        return str(PACKAGED / name)
+    raise FileNotFoundError(f"tokenizer '{name}': not 'openclip', not a local tokenizer directory and not one "
+                            f"shipped with mmpt ({', '.join(packaged()) or 'none'})")
 
 
 @functools.lru_cache(maxsize=4)
@@ -20,16 +39,14 @@ def _openclip(context_length: int):
 class Tokenizer:
     """`encode(text) -> (L,) int64`: SOT ... EOT then padding (0), truncated with EOT kept."""
 
-    def __init__(self, name: str = "openclip", context_length: int = 16):
+    def __init__(self, name: str = OPENCLIP, context_length: int = 16):
         self.name, self.context_length = name, context_length
-        if name == "openclip":
+        if name == OPENCLIP:
             tok = _openclip(context_length)
             self.sot_id, self.eot_id, self.vocab_size = tok.sot_token_id, tok.eot_token_id, tok.vocab_size
             self._hf = None
         else:
-            if not os.path.isdir(name):
-                raise FileNotFoundError(f"tokenizer '{name}': not 'openclip' and not a local tokenizer directory")
-            self._hf = _load_hf(name)
+            self._hf = _load_hf(resolve(name))
             self.sot_id = self._hf.bos_token_id if self._hf.bos_token_id is not None else self._hf.cls_token_id
             self.eot_id = self._hf.eos_token_id if self._hf.eos_token_id is not None else self._hf.sep_token_id
             self.vocab_size = len(self._hf)
@@ -47,6 +64,15 @@ class Tokenizer:
 
     def encode(self, text: str) -> torch.Tensor:
         return self.batch([text])[0]
+
+    def decode(self, ids: list) -> str:
+        """Token ids (with or without <start>, up to <end> or the end) -> text."""
+        ids = [i for i in ids if i != self.sot_id]
+        if self.eot_id in ids:
+            ids = ids[: ids.index(self.eot_id)]
+        if self._hf is None:
+            return _openclip(self.context_length).decode(ids).strip()
+        return self._hf.decode(ids, skip_special_tokens=True).strip()
 
 
 def _load_hf(name: str):
@@ -78,16 +104,12 @@ def get_tokenizer(name: str, context_length: int) -> Tokenizer:
     return Tokenizer(name, context_length)
 
 
-def tokenize(texts: list, context_length: int, name: str = "openclip") -> torch.Tensor:
+def tokenize(texts: list, context_length: int, name: str = OPENCLIP) -> torch.Tensor:
     return get_tokenizer(name, context_length).batch(texts)
 
 
-def decode(ids: list, context_length: int) -> str:
-    tok = _openclip(context_length)
-    ids = [i for i in ids if i != tok.sot_token_id]
-    if tok.eot_token_id in ids:
-        ids = ids[: ids.index(tok.eot_token_id)]
-    return tok.decode(ids).strip()
+def decode(ids: list, context_length: int, name: str = OPENCLIP) -> str:
+    return get_tokenizer(name, context_length).decode(ids)
 
 
 def check_model_fits(name: str, model_cfg) -> None:
