@@ -27,9 +27,12 @@ $(STAMP): pyproject.toml constraints.txt
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; \
 	  else echo "WARNING: missing system packages ($$missing); install them (e.g. sudo apt-get install $$missing)"; fi; \
 	fi
+	@free=$$(df -Pk . | awk 'NR==2 {print $$4}'); if [ "$$free" -lt 7000000 ]; then \
+	  echo "WARNING: $$((free / 1024)) MiB free in $$(pwd); the venv needs about 6 GiB (torch's CUDA build)"; fi
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	# One pip call under the constraints file: torch/torchvision/torchaudio/torchcodec come out matched.
-	$(BIN)/pip install -q --disable-pip-version-check -c constraints.txt -e '.[test]'
+	# No pip cache: it would hold a second copy of every downloaded wheel on the same disk.
+	$(BIN)/pip install -q --disable-pip-version-check --no-cache-dir -c constraints.txt -e '.[test]'
 	touch $@
 
 demo: $(STAMP)
