@@ -386,10 +386,8 @@ def run_mmpt(s: dict) -> dict:
 
 def mmpt_augment(cfg):
     """The image augmentation mmpt's training stream applies to the source."""
-    try:
-        from mmpt.config import source_augment
-    except ImportError:  # an mmpt without data.augment: the one crop it had
-        return "mild crop: a square of the shorter side x sqrt(U(0.8, 1)) at a random place, bilinear"
+    from mmpt.config import source_augment
+
     return dataclasses.asdict(source_augment(cfg, 0).image)
 
 

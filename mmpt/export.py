@@ -26,6 +26,7 @@ import yaml
 from mmpt import modality as registry
 from mmpt.config import Config, ConfigError, config_from_dict, yaml_problem
 from mmpt.data.shards import DataError, read_json
+from mmpt.data.tokenizer import OPENCLIP
 from mmpt.model import build_for_run
 from mmpt.train.checkpoint import checkpoint_dir, consolidated_state_dict
 
@@ -33,7 +34,6 @@ WEIGHTS, CONFIG, TOKENIZER, PREPROCESSING, CARD = (
     "model.safetensors", "config.json", "tokenizer.json", "preprocessing.json", "README.md")
 HF_TOKENIZER_DIR = "tokenizer"
 RUN_CONFIG = "config.yaml"  # a run directory's resolved config (and older exports')
-OPENCLIP = "openclip"
 
 
 def read_config(path: Path) -> Config:

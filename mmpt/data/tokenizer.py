@@ -1,6 +1,7 @@
 """Text tokenizers: open_clip's BPE by default (its vocab ships in the wheel, so it works offline), a
 HuggingFace tokenizer loaded from a local directory (`data.tokenizer: /path/to/tokenizer`), or one shipped in
-the package by name (`data.tokenizer: digits`, mmpt/configs/tokenizers/digits: the demo's byte-level BPE)."""
+the package by name (`data.tokenizer: clip-bpe-8k`, mmpt/configs/tokenizers/clip-bpe-8k: open_clip's BPE cut
+to its first 8,000 merges, the demo's)."""
 from __future__ import annotations
 
 import functools

@@ -30,7 +30,7 @@ from mmpt import modality as registry
 from mmpt.data.media import DecodeSpec
 from mmpt.data.shards import DataError, list_shards
 from mmpt.data.stream import eval_loader
-from mmpt.data.tokenizer import decode
+from mmpt.data.tokenizer import OPENCLIP, decode
 from mmpt.distributed import gather_objects
 from mmpt.eval.data import progress
 
@@ -80,7 +80,7 @@ def read_references(data: str) -> dict:
 
 @torch.no_grad()
 def generate_captions(model, loader, modality: str, num_beams: int, max_len: int | None,
-                      context_length: int, tokenizer: str = "openclip") -> tuple[list, int]:
+                      context_length: int, tokenizer: str = OPENCLIP) -> tuple[list, int]:
     """[(key, hypothesis, caption decoded from the batch's token ids)] and the number of skipped samples."""
     records, skipped = [], 0
     param = next(model.parameters())
