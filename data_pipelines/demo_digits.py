@@ -56,7 +56,7 @@ MOTION_PROMPTS = ["the digit {} moving", "a handwritten {} sliding",
 # speech-val: voices never heard in training; speech-val-seen: the training voices, new utterances.
 MEDIA_COUNTS = {"speech-train": 1000, "speech-val": 200, "speech-val-seen": 200, "motion-train": 600, "motion-val": 100}
 VIDEO_FRAMES, VIDEO_FPS = 16, 8
-GLYPH_PIXELS = 32  # the moving digit's side in the 64-pixel frame
+GLYPH_PIXELS = 48  # the moving digit's side in the 64-pixel frame
 
 
 def digit_png(pixels8x8: np.ndarray) -> bytes:
@@ -83,8 +83,21 @@ CLASS_FILES = {"classes.json": PROMPTS, "speech-classes.json": SPEECH_PROMPTS, "
 CLASS_FILES.update({name.replace(".json", "-novel.json"): prompts[2:] for name, prompts in list(CLASS_FILES.items())})
 
 
-def is_complete(out: Path) -> bool:
-    return all((out / part / SIZES_FILE).is_file() for part in PARTS) and all((out / f).is_file() for f in CLASS_FILES)
+# What the data depends on, written beside it: a directory built with other settings is built again.
+RECIPE = {"pixels": PIXELS, "glyph_pixels": GLYPH_PIXELS, "video_frames": VIDEO_FRAMES, "fps": VIDEO_FPS,
+          "media_counts": MEDIA_COUNTS, "num_val": NUM_VAL}
+RECIPE_FILE = "recipe.json"
+
+
+def recipe(seed: int, shard_size: int) -> dict:
+    return {**RECIPE, "seed": seed, "shard_size": shard_size}
+
+
+def is_complete(out: Path, seed: int = 0, shard_size: int = 200) -> bool:
+    written = out / RECIPE_FILE
+    return (all((out / part / SIZES_FILE).is_file() for part in PARTS)
+            and all((out / f).is_file() for f in CLASS_FILES)
+            and written.is_file() and json.loads(written.read_text()) == recipe(seed, shard_size))
 
 
 def speech_samples(count: int, voices: str, seed: int):
@@ -116,7 +129,7 @@ def motion_samples(images: np.ndarray, labels: np.ndarray, index: list, count: i
 
 
 def build(out: Path, shard_size: int = 200, seed: int = 0, force: bool = False) -> dict:
-    if is_complete(out) and not force:
+    if is_complete(out, seed, shard_size) and not force:
         return {"skipped": True, "out": str(out)}
     from sklearn.datasets import load_digits  # ships its data: no download
 
@@ -137,6 +150,7 @@ def build(out: Path, shard_size: int = 200, seed: int = 0, force: bool = False) 
         report[part] = write_shards(jobs[part], out / part, name, size).summary()
     for name, prompts in CLASS_FILES.items():
         (out / name).write_text(json.dumps({"classnames": WORDS, "templates": prompts}, indent=1) + "\n")
+    (out / RECIPE_FILE).write_text(json.dumps(recipe(seed, shard_size), indent=1) + "\n")
     return report
 
 

@@ -215,6 +215,7 @@ class ModelConfig:
     audio: AudioStemConfig = field(default_factory=AudioStemConfig)
     drop_token: dict[str, float] = field(default_factory=dict)  # modality -> fraction of tokens dropped in training
     image_as_video: bool = False  # images go through the video stem as repeated frames (IMP)
+    stem: Literal["linear", "conv"] = "linear"  # patch projection of image/video/audio: one linear layer, or convs
     moe: MoEConfig = field(default_factory=MoEConfig)
 
 

@@ -153,14 +153,14 @@ def _repeat_frames(x: torch.Tensor, frames: int) -> torch.Tensor:
 register(Modality(
     "image", ("jpg", "jpeg", "png", "webp"), _media("decode_image"), _media("probe_image"),
     stem=lambda c: _stem("PatchStem", c.width, 3, (1, c.patch_size, c.patch_size), (1, _grid(c), _grid(c)),
-                         _drop(c, "image")),
+                         _drop(c, "image"), c.stem),
     tokens=lambda c: _grid(c) ** 2, stem_input=_repeat_frames, inputs_per_token=lambda c: 3 * c.patch_size ** 2,
     templates=("a photo of a {}.", "a blurry photo of a {}.", "a photo of the {}.", "a close-up photo of a {}."),
     shard_keys={"jpeg": "jpg"}))
 register(Modality(
     "video", ("mp4", "webm", "mkv", "avi", "mov"), _media("decode_video"), _media("probe_video"),
     stem=lambda c: _stem("PatchStem", c.width, 3, (c.video.tubelet, c.patch_size, c.patch_size),
-                             (c.video.frames // c.video.tubelet, _grid(c), _grid(c)), _drop(c, "video")),
+                             (c.video.frames // c.video.tubelet, _grid(c), _grid(c)), _drop(c, "video"), c.stem),
     tokens=lambda c: _grid(c) ** 2 * (c.video.frames // c.video.tubelet),
     stem_input=lambda x, frames: x.permute(0, 2, 1, 3, 4),  # (B, T, 3, H, W) -> (B, 3, T, H, W)
     inputs_per_token=lambda c: 3 * c.video.tubelet * c.patch_size ** 2,
@@ -168,7 +168,8 @@ register(Modality(
 register(Modality(
     "audio", ("flac", "wav", "mp3", "ogg", "m4a"), _media("decode_audio"), _media("probe_audio"),
     stem=lambda c: _stem("PatchStem", c.width, 1, (1, c.audio.patch, c.audio.patch),
-                             (1, c.audio.frames // c.audio.patch, c.audio.mel // c.audio.patch), _drop(c, "audio")),
+                             (1, c.audio.frames // c.audio.patch, c.audio.mel // c.audio.patch), _drop(c, "audio"),
+                             c.stem),
     tokens=lambda c: (c.audio.frames // c.audio.patch) * (c.audio.mel // c.audio.patch),
     stem_input=lambda x, frames: x.unsqueeze(2),  # (B, 1, F, M) spectrogram -> one-frame volume
     inputs_per_token=lambda c: c.audio.patch ** 2,

@@ -4,7 +4,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
+from mmpt import modality as registry
 from mmpt.config import load_config
 from mmpt.data.tokenizer import tokenize
 from mmpt.losses import objective
@@ -42,8 +44,29 @@ def test_every_modality_at_two_resolutions_and_durations(size, frames, audio_fra
 def test_image_as_video_uses_the_video_stem():
     cfg = load_config("demo", FOUR + ["model.image_as_video=true"])
     model = build_model(cfg.model)
-    assert "image" not in model.stems
+    assert "image" not in model.stems and "image" not in model.heads and "image" not in model.modality
     assert model.encode("image", torch.randn(2, 3, 32, 32))["hidden"].shape == (2, 16, 32)  # one tubelet deep
+    # ... and is the video encoder: a still video is encoded as its image is
+    still = torch.randn(2, 3, 32, 32)
+    as_video = still.unsqueeze(1).expand(-1, cfg.model.video.tubelet, -1, -1, -1)
+    torch.testing.assert_close(model.encode("image", still)["emb"], model.encode("video", as_video)["emb"])
+
+
+@pytest.mark.parametrize("modality", ["image", "video", "audio"])
+def test_conv_stem_keeps_the_token_grid(modality):
+    linear, conv = (build_model(load_config("demo", FOUR + [f"model.stem={k}", "model.image_as_video=false"]).model)
+                    for k in ("linear", "conv"))
+    x = batch()[modality]
+    assert conv.encode(modality, x)["hidden"].shape == linear.encode(modality, x)["hidden"].shape
+    assert any(isinstance(m, torch.nn.GroupNorm) for m in conv.stems[modality].modules())
+    # model info's stem FLOPs agree with torch's own count of the projection's convolutions
+    stem_input = registry.get(modality).stem_input(x, 1)
+    stem_input = stem_input[..., : stem_input.size(-2) // 16 * 16, :]  # whole audio patches
+    for model in (linear, conv):
+        stem = model.stems[modality]
+        with FlopCounterMode(display=False) as counter:
+            tokens = stem.proj(stem_input).flatten(2).size(-1)
+        assert stem.flops_per_token() * tokens * x.size(0) == counter.get_total_flops()
 
 
 def test_drop_token_only_in_training():

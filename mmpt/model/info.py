@@ -16,12 +16,14 @@ def experts_per_token(moe) -> float:
     return moe.capacity_factor if moe.router == "expert_choice" else float(moe.top_k)
 
 
-def encoder_flops(cfg, modality: str) -> int:
-    """Forward FLOPs (2 x multiply-adds) of stem + trunk + pooling head for one sample; attention included."""
+def encoder_flops(cfg, modality: str, stem=None) -> int:
+    """Forward FLOPs (2 x multiply-adds) of stem + trunk + pooling head for one sample; attention included.
+    `stem`: the built stem module, when it counts its own FLOPs per token (convolutional stems)."""
     spec = registry.get(modality)
     n, d = spec.tokens(cfg), cfg.width
     hidden = int(d * cfg.mlp_ratio)
-    flops = 2 * n * spec.inputs_per_token(cfg) * d
+    per_token = getattr(stem, "flops_per_token", None)
+    flops = n * per_token() if per_token is not None else 2 * n * spec.inputs_per_token(cfg) * d
     for layer in range(cfg.depth):
         moe_layer = is_moe_layer(cfg.moe, layer, cfg.depth)
         k = experts_per_token(cfg.moe) if moe_layer else 1.0
@@ -29,6 +31,11 @@ def encoder_flops(cfg, modality: str) -> int:
         flops += 2 * n * 4 * d * d + 2 * 2 * n * n * d + int(k * 2 * n * 2 * d * hidden) + router
     flops += 2 * (n * 2 * d * d + 2 * n * d + 2 * d * d) + 2 * d * cfg.embed_dim  # attentional pooling + projection
     return flops
+
+
+def stem_of(model, modality: str):
+    stem = model.plan[modality][0]
+    return model.stems[stem] if stem in model.stems else None
 
 
 def model_info(cfg) -> dict:
@@ -53,5 +60,5 @@ def model_info(cfg) -> dict:
         "moe_layers": [i for i in range(model_cfg.depth) if is_moe_layer(model_cfg.moe, i, model_cfg.depth)],
         "experts": model_cfg.moe.num_experts,
         "tokens_per_sample": {m: registry.get(m).tokens(model_cfg) for m in model_cfg.modalities},
-        "gflops_per_sample": {m: encoder_flops(model_cfg, m) / 1e9 for m in model_cfg.modalities},
+        "gflops_per_sample": {m: encoder_flops(model_cfg, m, stem_of(model, m)) / 1e9 for m in model_cfg.modalities},
     }

@@ -27,10 +27,13 @@ class MultimodalModel(nn.Module):
         self.max_log_scale = math.log(max_logit_scale)
         self.plan = registry.stem_plan(cfg)
         self.stems = build_stems(cfg)
-        self.modality = nn.ParameterDict({m: nn.Parameter(torch.zeros(1, 1, cfg.width)) for m in cfg.modalities})
+        # A modality that borrows another's stem (image_as_video) borrows its whole encoder path: modality
+        # embedding and pooling head too, so what image-text teaches is the video encoder (IMP).
+        own = [m for m in cfg.modalities if self.plan[m][0] == m]
+        self.modality = nn.ParameterDict({m: nn.Parameter(torch.zeros(1, 1, cfg.width)) for m in own})
         self.trunk = Trunk(cfg.width, cfg.depth, cfg.heads, lambda i: make_ffn(cfg, i), cfg.dropout,
                            cfg.grad_checkpointing)
-        self.heads = nn.ModuleDict({m: EmbeddingHead(cfg.width, cfg.heads, cfg.embed_dim) for m in cfg.modalities})
+        self.heads = nn.ModuleDict({m: EmbeddingHead(cfg.width, cfg.heads, cfg.embed_dim) for m in own})
         pairs = [registry.pair_name(a, b) for a, b in registry.pairs(cfg.modalities)]
         # One learnable temperature per modality pair (log scale, clamped in forward). Shape (1,), not a
         # scalar: DeepSpeed's parameter broadcast cannot view 0-dim tensors as bytes.
@@ -46,8 +49,8 @@ class MultimodalModel(nn.Module):
     def encode(self, modality: str, x: torch.Tensor) -> dict:
         stem, frames = self.plan[modality]
         tokens, mask = self.stems[stem](registry.get(modality).stem_input(x, frames))
-        trunk = self.trunk(tokens + self.modality[modality], mask)
-        return {"emb": self.heads[modality](trunk["hidden"], mask), "hidden": trunk["hidden"], "mask": mask,
+        trunk = self.trunk(tokens + self.modality[stem], mask)
+        return {"emb": self.heads[stem](trunk["hidden"], mask), "hidden": trunk["hidden"], "mask": mask,
                 "aux": trunk["aux"]}
 
     def logit_scale(self, pair: str) -> torch.Tensor:

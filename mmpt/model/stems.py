@@ -10,6 +10,8 @@ The model holds the stems in a ModuleDict keyed by modality and adds the modalit
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -24,13 +26,43 @@ def valid_mask(tokens: torch.Tensor, eot: int) -> torch.Tensor:
     return torch.arange(tokens.size(1), device=tokens.device).unsqueeze(0) <= first
 
 
+def conv_patchify(channels: int, width: int, patch: tuple) -> nn.Sequential:
+    """Early convolutions (Xiao et al. 2021, "Early convolutions help transformers see better"): 3x3 stride-2
+    convolutions halve the frame log2(p) times while the channels double up to width/2, then a t x 1 x 1
+    convolution joins the tubelet's frames. Same token grid as the linear t x p x p patch."""
+    t, ph, pw = patch
+    if ph != pw or ph < 2 or ph & (ph - 1):
+        raise ValueError(f"conv stem: patch {ph}x{pw} must be square and a power of two")
+    stages = ph.bit_length() - 1
+    layers: list[nn.Module] = []
+    cin = channels
+    for i in range(stages):
+        cout = max(8, width >> (stages - i))
+        layers += [nn.Conv3d(cin, cout, (1, 3, 3), stride=(1, 2, 2), padding=(0, 1, 1), bias=False),
+                   nn.GroupNorm(1, cout), nn.GELU()]
+        cin = cout
+    layers.append(nn.Conv3d(cin, width, (t, 1, 1), stride=(t, 1, 1)))
+    return nn.Sequential(*layers)
+
+
 class PatchStem(nn.Module):
-    def __init__(self, width: int, channels: int, patch: tuple, grid: tuple, drop_token: float = 0.0):
+    def __init__(self, width: int, channels: int, patch: tuple, grid: tuple, drop_token: float = 0.0,
+                 kind: str = "linear"):
         super().__init__()
         self.patch, self.drop_token = tuple(patch), drop_token
-        self.proj = nn.Conv3d(channels, width, kernel_size=self.patch, stride=self.patch)
+        self.proj = (nn.Conv3d(channels, width, kernel_size=self.patch, stride=self.patch) if kind == "linear"
+                     else conv_patchify(channels, width, self.patch))
         self.pos_time = nn.Parameter(torch.randn(1, width, grid[0]) * 0.02)
         self.pos_space = nn.Parameter(torch.randn(1, width, grid[1], grid[2]) * 0.02)
+
+    def flops_per_token(self) -> int:
+        """Forward FLOPs of the projection per token (each convolution's multiply-adds x 2; norms left out)."""
+        flops, stride = 0, (1, 1, 1)
+        for conv in (m for m in self.proj.modules() if isinstance(m, nn.Conv3d)):
+            stride = tuple(a * b for a, b in zip(stride, conv.stride, strict=True))
+            positions = math.prod(p // s for p, s in zip(self.patch, stride, strict=True))
+            flops += 2 * positions * conv.weight.numel()
+        return flops
 
     def position(self, t: int, h: int, w: int) -> torch.Tensor:
         space = self.pos_space
@@ -43,7 +75,8 @@ class PatchStem(nn.Module):
 
     def forward(self, volume: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """volume (B, C, T, H, W); T, H, W at least one patch each (a shorter remainder is cut off)."""
-        x = self.proj(volume)
+        t, h, w = (size - size % p for size, p in zip(volume.shape[2:], self.patch, strict=True))
+        x = self.proj(volume[:, :, :t, :h, :w])  # whole patches only, as the linear patch's stride does
         x = (x + self.position(*x.shape[2:])).flatten(2).transpose(1, 2)  # (B, N, D)
         if self.training and self.drop_token > 0:
             keep = max(1, round(x.size(1) * (1 - self.drop_token)))
