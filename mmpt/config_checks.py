@@ -57,7 +57,15 @@ def _rules(cfg: Config) -> list[tuple[str, object, bool, str]]:
          f"fewer than model.video.tubelet={m.video.tubelet} frames"),
         ("model.audio.patch", m.audio.patch, not audio or m.audio.patch <= fbank,
          f"larger than data.audio's fbank ({d.audio.num_mel_bins} mel bins x {d.audio.num_frames} frames)"),
+        ("model.patch_size", m.patch_size, m.stem != "conv" or _power_of_two(m.patch_size),
+         "must be a power of two >= 2 with model.stem=conv (one stride-2 convolution per halving)"),
+        ("model.audio.patch", m.audio.patch, m.stem != "conv" or not audio or _power_of_two(m.audio.patch),
+         "must be a power of two >= 2 with model.stem=conv (one stride-2 convolution per halving)"),
     ]
+
+
+def _power_of_two(n: int) -> bool:
+    return n >= 2 and n & (n - 1) == 0
 
 
 def _interval(key: str, value: list, lo: float, hi: float, what: str = "") -> tuple[str, object, bool, str]:

@@ -25,6 +25,8 @@ ROWS = [
     ("heads", ["train", "--config", "demo", "model.heads=0"], "model.heads=0: must be positive"),
     ("patch", ["train", "--config", "demo", "model.patch_size=0"], "model.patch_size=0: must be positive"),
     ("tubelet", ["train", "--config", "demo", "model.video.tubelet=0"], "model.video.tubelet=0: must be positive"),
+    ("conv_patch", ["train", "--config", "demo", "model.patch_size=12", "model.image_size=36"],
+     "model.patch_size=12: must be a power of two >= 2 with model.stem=conv"),
     ("ep_size", ["train", "--config", "demo", "model.moe.ep_size=0"], "model.moe.ep_size=0: must be positive"),
     ("log_every", ["train", "--config", "demo", "train.log_every=0"], "train.log_every=0: must be positive"),
     ("ckpt_every", ["train", "--config", "demo", "train.ckpt_every=0"], "train.ckpt_every=0: must be positive"),

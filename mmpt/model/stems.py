@@ -3,7 +3,9 @@
 One patch stem class serves image, video and audio — modality is configuration, not a class: it takes a
 (B, C, T, H, W) volume, and the modality registry (`mmpt.modality`) says how each batch tensor becomes one
 (an image is a one-frame volume, or, with `model.image_as_video`, repeated frames for the video stem as IMP
-does; a video is cut into t x p x p tubelets; a log-mel spectrogram is a one-channel image F x M).
+does; a video is cut into t x p x p tubelets; a log-mel spectrogram is a one-channel image F x M). The
+projection to tokens is one linear layer per patch (ViT; `model.stem: linear`) or early convolutions with the
+same token grid (`model.stem: conv`).
 Position embeddings are factorised (time x space) and interpolated, so one model serves several resolutions,
 frame counts and clip durations. DropToken (VATT/IMP) keeps a random subset of patch tokens at train time.
 The model holds the stems in a ModuleDict keyed by modality and adds the modality embeddings.
