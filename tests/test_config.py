@@ -40,8 +40,8 @@ def test_shipped_demo_config_loads_with_overrides():
     ("model.audio.patch=99", "model.audio.patch=99: larger than data.audio's fbank (128 mel bins x 98 frames)"),
     ("model.width=[1", "override 'model.width': cannot parse value '[1': expected ',' or ']'"),
     # a number in a key indexes a list the config file holds, nothing else
-    ("data.sources.4.weight=1", "override 'data.sources.4.weight': data.sources is a list of 4; '4' is not an index"),
-    ("data.sources.first.weight=1", "data.sources is a list of 4; 'first' is not an index 0..3"),
+    ("data.sources.4.weight=1", "override 'data.sources.4.weight': data.sources is a list of 3; '4' is not an index"),
+    ("data.sources.first.weight=1", "data.sources is a list of 3; 'first' is not an index 0..2"),
     ("data.val.0=x", "override 'data.val.0': data.val='data/demo/val' is a value, not a section or list"),
     ("model.0.width=3", "override 'model.0.width': model is a section, not a list"),
     ("eval.top_k.0=3", "eval.top_k is not in the config file; set the whole list (eval.top_k=[...])"),

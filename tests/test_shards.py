@@ -48,6 +48,10 @@ def test_write_then_read_round_trip(tmp_path):
     assert labels == [i % 3 for i in range(10)]
     assert texts == [f"caption number {i}" for i in range(10)]
     assert skipped == {}
+    (tmp_path / "other-000000.tar").write_bytes(b"")  # another set's shard in the same folder stays
+    write_shards(samples, tmp_path, "rt", shard_size=8)  # a rewrite as fewer shards drops the old tail
+    assert sorted(p.name for p in tmp_path.glob("*.tar")) == ["other-000000.tar", "rt-000000.tar", "rt-000001.tar"]
+    assert read_sizes(tmp_path) == {"rt-000000.tar": 8, "rt-000001.tar": 2}
 
 
 def test_bad_samples_are_skipped_and_counted(tmp_path):
@@ -90,6 +94,6 @@ def test_demo_builder_is_complete_and_idempotent(demo_data):
     assert sum(train.values()) == 1500 and sum(val.values()) == 297
     classes = json.loads((demo_data / "classes.json").read_text())
     assert len(classes["classnames"]) == 10 and all("{}" in t for t in classes["templates"])
-    proc = subprocess.run([sys.executable, "data_pipelines/demo_digits.py", "--out", str(demo_data)],
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run([sys.executable, "data_pipelines/demo_digits.py", "--out", str(demo_data),
+                           "--shard-size", "100"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and "skipping" in proc.stdout

@@ -66,6 +66,9 @@ def write_shards(samples: Iterable[dict], out_dir: str | os.PathLike, prefix: st
         report.written += 1
     if writer is not None:
         writer.close()
+    # A rewrite with fewer or larger shards must not leave the old set's tail behind, unlisted.
+    for stale in set(out.glob(f"{prefix}-[0-9]*.tar")) - {out / name for name in report.shards}:
+        stale.unlink()
     (out / SIZES_FILE).write_text(json.dumps(sizes, indent=1) + "\n")
     return report
 
