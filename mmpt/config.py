@@ -53,6 +53,10 @@ class AudioConfig:
     num_mel_bins: int = 128
     norm_mean: float = -4.27  # AST/ImageBind AudioSet statistics of the log-mel fbank
     norm_std: float = 4.57
+    # dataset: (fbank - norm_mean) / (2 norm_std), AST's. utterance: each mel bin's mean over the clip is
+    # removed first (cepstral mean normalisation), which takes out a voice's or a channel's fixed spectral
+    # envelope, then the same scale.
+    norm: Literal["dataset", "utterance"] = "dataset"
 
     @property
     def num_frames(self) -> int:

@@ -104,6 +104,15 @@ def test_audio_fbank_matches_kaldi_reference(tmp_path):
     torch.testing.assert_close(decode_audio(data, spec, False, RNG)[0], expected)
 
 
+def test_audio_utterance_norm_removes_each_bins_mean(tmp_path):
+    """data.audio.norm=utterance: a fixed spectral envelope (a voice's, a channel's) is gone from every bin."""
+    data = spoken(tmp_path / "seven.wav")
+    plain = decode_audio(data, audio(seconds=2.0), False, RNG)[0]
+    cmn = decode_audio(data, audio(seconds=2.0, norm="utterance"), False, RNG)[0]
+    torch.testing.assert_close(cmn.mean(0), torch.zeros(128), atol=1e-5, rtol=0)
+    torch.testing.assert_close(cmn, plain - plain.mean(0, keepdim=True), atol=1e-5, rtol=0)
+
+
 def test_audio_crop_is_random_in_training(tmp_path):
     data = make_audio(tmp_path / "long.flac", seconds=4.0)
     crops = {decode_audio(data, audio(seconds=0.5), True, random.Random(s)).sum().item() for s in range(5)}

@@ -252,7 +252,8 @@ def decode_audio(data: bytes, spec: DecodeSpec, train: bool, rng: random.Random)
         wav - wav.mean(), htk_compat=True, sample_frequency=spec.sample_rate, use_energy=False,
         window_type="hanning", num_mel_bins=spec.num_mel_bins, dither=0.0, frame_shift=10,
         vtln_warp=augment.pitch_warp(aug, rng) if train else 1.0)
-    fbank = (fbank - spec.norm_mean) / (2 * spec.norm_std)
+    centre = fbank.mean(0, keepdim=True) if spec.norm == "utterance" else spec.norm_mean
+    fbank = (fbank - centre) / (2 * spec.norm_std)
     fbank = fbank[: spec.num_frames]
     return (augment.spec_augment(fbank, aug, rng) if train else fbank)[None]
 
