@@ -139,7 +139,7 @@ def cmd_bench(args) -> int:
 
     module = importlib.import_module(f"mmpt.bench.{args.what}")
     accepted = inspect.signature(module.run).parameters
-    given = {k: getattr(args, k) for k in ("samples", "size") if getattr(args, k) is not None}
+    given = {k: getattr(args, k) for k in ("samples", "size", "shape", "steps") if getattr(args, k) is not None}
     unknown = sorted(set(given) - set(accepted))
     if unknown:
         raise ConfigError(f"bench {args.what}: {', '.join('--' + k for k in unknown)} not supported by this bench")
@@ -150,9 +150,9 @@ def cmd_bench(args) -> int:
 
 
 def cmd_model_info(args) -> int:
-    from mmpt.model.info import model_info
+    from mmpt.model.info import run_info
 
-    info = model_info(load_config(args.config))
+    info = run_info(load_config(args.config))
     if args.json:
         print(json.dumps(info))
         return 0
@@ -161,6 +161,13 @@ def cmd_model_info(args) -> int:
     print(f"MoE layers {info['moe_layers'] or 'none'} with {info['experts']} experts")
     for m, g in info["gflops_per_sample"].items():
         print(f"  {m:6s} {info['tokens_per_sample'][m]:5d} tokens  {g:8.2f} GFLOPs/sample (encoder forward)")
+    mem = info["loader_memory"]
+    print(f"loader shared memory per rank: {mem['in_flight_bytes_per_rank'] / 2**20:,.1f} MiB in flight "
+          f"({mem['batches_in_flight_per_task']} batches per task; float32 media: "
+          f"{mem['float32_in_flight_bytes_per_rank'] / 2**20:,.1f} MiB)")
+    for name, t in mem["tasks"].items():
+        print(f"  {name:12s} batch {t['batch_size']:4d}  {t['batch_bytes'] / 2**20:9,.1f} MiB per batch "
+              f"(float32 media {t['float32_batch_bytes'] / 2**20:,.1f} MiB)")
     return 0
 
 
@@ -255,10 +262,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_shards_check)
 
     p = sub.add_parser("bench", help="benchmarks; each prints one JSON object with its peer measured in the same run")
-    p.add_argument("what", choices=["data", "moe", "loss", "accumulate"])
+    p.add_argument("what", choices=["data", "moe", "loss", "accumulate", "step"])
     p.add_argument("--json", action="store_true", help="one line of JSON (default: indented)")
     p.add_argument("--samples", type=int)
     p.add_argument("--size", type=int)
+    p.add_argument("--shape", help="step: the model shape both sides share (demo, b16)")
+    p.add_argument("--steps", type=int, help="step: timed steps per side")
     p.set_defaults(func=cmd_bench)
 
     md = sub.add_parser("model", help="model accounting").add_subparsers(dest="model_command", required=True)

@@ -144,6 +144,18 @@ class AugmentConfig:
 
 
 @dataclass
+class TaskTerms:
+    """data.tasks.<pair>, e.g. data.tasks.video-text: one task's own terms (IMP trains each task at its own batch
+    and resolution); a field left unset takes the run's. Position embeddings interpolate to each resolution."""
+    batch_size: Optional[int] = None  # per rank; None: data.batch_size
+    loss_weight: float = 1.0  # multiplies the task's whole loss before backward
+    image_size: Optional[int] = None  # images and video frames (a multiple of model.patch_size); None: model.image_size
+    num_frames: Optional[int] = None  # video frames; None: data.video.num_frames
+    audio_seconds: Optional[float] = None  # None: data.audio.seconds
+    drop_token: Optional[dict[str, float]] = None  # modality -> DropToken rate; None: model.drop_token
+
+
+@dataclass
 class DataConfig:
     sources: list[SourceConfig] = field(default_factory=lambda: [SourceConfig()])
     val: str = "data/demo/val"
@@ -161,6 +173,7 @@ class DataConfig:
     bad_sample_limit: float = 0.01  # fraction of skipped samples that stops the run
     max_consecutive_bad: int = 1000  # a source yielding this many bad samples in a row stops the run
     worker_timeout: float = 600.0  # seconds without a batch from a loader worker that stop the run (0: wait forever)
+    tasks: dict[str, TaskTerms] = field(default_factory=dict)  # pair name -> that task's own terms
 
 
 @dataclass
@@ -267,6 +280,9 @@ class TrainConfig:
     seed: int = 0
     # Micro-batches per optimizer step; >1 computes the contrastive loss over all of them (GradCache).
     accumulate: int = 1
+    # The device's peak FLOP/s in TFLOP/s for the MFU metric (e.g. 989 for an H100 SXM in bf16); None: measured
+    # once by a matmul probe (mmpt.train.throughput).
+    peak_tflops: Optional[float] = None
 
 
 @dataclass
@@ -333,6 +349,8 @@ def _check_value(value: Any, tp: Any, key: str) -> Any:
     elif origin is dict or tp is dict:
         if isinstance(value, dict):
             item = args[1] if args else Any
+            if dataclasses.is_dataclass(item):
+                return {k: _build(item, v, f"{key}.{k}.") for k, v in value.items()}
             return {k: _check_value(v, item, f"{key}.{k}") for k, v in value.items()}
     elif _scalar_ok(value, tp):
         return float(value) if tp is float else value

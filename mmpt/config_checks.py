@@ -126,8 +126,36 @@ def validate(cfg: Config) -> Config:
         if not holds:
             raise ConfigError(f"{key}={value}: {need}")
     _validate_modalities(cfg)
+    _validate_tasks(cfg)
     _validate_moe(cfg)
     return cfg
+
+
+def _validate_tasks(cfg: Config) -> None:
+    """data.tasks: keys are the pairs data.sources feed, spelled as mmpt.modality spells them; values in range."""
+    from mmpt.modality import pair_name
+
+    fed = {pair_name(*s.modalities) for s in cfg.data.sources}
+    for key, t in cfg.data.tasks.items():
+        names = key.split("-")
+        spelled = pair_name(*names) if len(names) == 2 and all(n in cfg.model.modalities for n in names) else None
+        if key not in fed:
+            hint = f"; it is spelled '{spelled}'" if spelled and spelled != key else ""
+            raise ConfigError(f"data.tasks.{key}: no source feeds this pair (tasks: {', '.join(sorted(fed))}){hint}")
+        rules = [("batch_size", t.batch_size, t.batch_size is None or t.batch_size > 0, "must be positive"),
+                 ("loss_weight", t.loss_weight, t.loss_weight > 0, "must be positive"),
+                 ("image_size", t.image_size, t.image_size is None or (t.image_size >= cfg.model.patch_size and
+                  t.image_size % cfg.model.patch_size == 0), f"a multiple of model.patch_size={cfg.model.patch_size}"),
+                 ("num_frames", t.num_frames, t.num_frames is None or t.num_frames >= cfg.model.video.tubelet,
+                  f"at least model.video.tubelet={cfg.model.video.tubelet}"),
+                 ("audio_seconds", t.audio_seconds, t.audio_seconds is None or t.audio_seconds > 0, "must be positive")]
+        for field_name, value, holds, need in rules:
+            if not holds:
+                raise ConfigError(f"data.tasks.{key}.{field_name}={value}: {need}")
+        for mod, rate in (t.drop_token or {}).items():
+            if mod not in names or not 0.0 <= rate < 1.0:
+                raise ConfigError(f"data.tasks.{key}.drop_token.{mod}={rate}: needs a modality of the pair and a "
+                                  "rate in [0, 1)")
 
 
 def _validate_modalities(cfg: Config) -> None:

@@ -28,6 +28,7 @@ from typing import Optional
 import torch
 from torch import nn
 
+CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
 TEXT = "text"  # the modality the caption decoder writes and zero-shot prompts are made of
 BUILTIN_ORDER = ("image", "video", "audio")  # then extensions by name, then text
 METADATA_KEYS = ("json", "cls")  # sample keys that are no modality
@@ -42,6 +43,13 @@ class Modality:
     stem: Callable[..., nn.Module]  # ModelConfig -> module: stem input -> (tokens (B, N, D), key mask (B, N))
     tokens: Callable[..., int]  # ModelConfig -> encoder tokens of one sample at the config's nominal size
     stem_input: Callable = lambda x, frames: x  # (batch tensor, frames to repeat an image to) -> stem input
+    # (batch tensor as the loader sends it, the stem's dtype) -> the stem's values, on the device: loaders send
+    # compact media (uint8 pixels, float16 fbank) and the model normalises and casts them in its own dtype
+    to_float: Callable = lambda x, dtype: x.to(dtype) if x.is_floating_point() else x
+    # DecodeSpec -> the shape of one decoded sample and its dtype as the loader sends it (shared-memory
+    # accounting, mmpt.data.budget); None: not accounted
+    sample_shape: Optional[Callable] = None
+    sample_dtype: torch.dtype = torch.float32
     inputs_per_token: Callable[..., int] = lambda cfg: 0  # values one token's projection reads (stem FLOPs)
     templates: tuple[str, ...] = ()  # default zero-shot prompts, "{}" = the class name
     carried_by: Optional[str] = None  # a modality whose files may carry this one (audio: a video's sound)
@@ -145,6 +153,16 @@ def _drop(cfg, name: str) -> float:
     return cfg.drop_token.get(name, 0.0)
 
 
+def pixels_to_float(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """(..., 3, H, W) uint8 pixels -> CLIP-normalised values in `dtype` (computed in float32 first, so every dtype
+    sees the same rounding of one formula). Float input is taken as normalised already (open_clip's preprocess)."""
+    if x.is_floating_point():
+        return x.to(dtype)
+    mean = torch.tensor(CLIP_MEAN, device=x.device).view(3, 1, 1)
+    std = torch.tensor(CLIP_STD, device=x.device).view(3, 1, 1)
+    return ((x.float().div_(255) - mean) / std).to(dtype)
+
+
 def _repeat_frames(x: torch.Tensor, frames: int) -> torch.Tensor:
     """(B, C, H, W) -> (B, C, frames, H, W) without copying."""
     return x.unsqueeze(2).expand(-1, -1, frames, -1, -1)
@@ -154,7 +172,9 @@ register(Modality(
     "image", ("jpg", "jpeg", "png", "webp"), _media("decode_image"), _media("probe_image"),
     stem=lambda c: _stem("PatchStem", c.width, 3, (1, c.patch_size, c.patch_size), (1, _grid(c), _grid(c)),
                          _drop(c, "image"), c.stem),
-    tokens=lambda c: _grid(c) ** 2, stem_input=_repeat_frames, inputs_per_token=lambda c: 3 * c.patch_size ** 2,
+    tokens=lambda c: _grid(c) ** 2, stem_input=_repeat_frames, to_float=pixels_to_float,
+    sample_shape=lambda d: (3, d.image_size, d.image_size), sample_dtype=torch.uint8,
+    inputs_per_token=lambda c: 3 * c.patch_size ** 2,
     templates=("a photo of a {}.", "a blurry photo of a {}.", "a photo of the {}.", "a close-up photo of a {}."),
     shard_keys={"jpeg": "jpg"}))
 register(Modality(
@@ -163,6 +183,8 @@ register(Modality(
                              (c.video.frames // c.video.tubelet, _grid(c), _grid(c)), _drop(c, "video"), c.stem),
     tokens=lambda c: _grid(c) ** 2 * (c.video.frames // c.video.tubelet),
     stem_input=lambda x, frames: x.permute(0, 2, 1, 3, 4),  # (B, T, 3, H, W) -> (B, 3, T, H, W)
+    to_float=pixels_to_float,
+    sample_shape=lambda d: (d.video.num_frames, 3, d.image_size, d.image_size), sample_dtype=torch.uint8,
     inputs_per_token=lambda c: 3 * c.video.tubelet * c.patch_size ** 2,
     templates=("a video of {}.", "a video of a person {}.", "a clip of {}.")))
 register(Modality(
@@ -172,10 +194,12 @@ register(Modality(
                              c.stem),
     tokens=lambda c: (c.audio.frames // c.audio.patch) * (c.audio.mel // c.audio.patch),
     stem_input=lambda x, frames: x.unsqueeze(2),  # (B, 1, F, M) spectrogram -> one-frame volume
+    sample_shape=lambda d: (1, d.audio.num_frames, d.audio.num_mel_bins), sample_dtype=torch.float16,
     inputs_per_token=lambda c: c.audio.patch ** 2,
     templates=("the sound of {}.", "a sound of a {}.", "a recording of {}."),
     carried_by="video"))
 register(Modality(
     TEXT, ("txt",), _media("decode_text"), _media("probe_text"),
     stem=lambda c: _stem("TextStem", c.width, c.vocab_size, c.context_length, c.eot_id),
-    tokens=lambda c: c.context_length, inline=True))
+    tokens=lambda c: c.context_length, inline=True,
+    sample_shape=lambda d: (d.context_length,), sample_dtype=torch.int64))

@@ -26,14 +26,32 @@ from mmpt.config import (
     source_augment,
 )
 from mmpt.data import augment
-from mmpt.data.media import MEAN, STD, DecodeSpec, decode_audio, decode_image, decode_video
+from mmpt.data import media as _media
+from mmpt.data.media import MEAN, STD, DecodeSpec
 from mmpt.data.noise import noise_bank
 from mmpt.data.shards import write_shards
 from mmpt.data.stream import tasks_from_config, train_loader
 from mmpt.data.tokenizer import get_tokenizer
+from mmpt.modality import pixels_to_float
 from tests.media_files import make_video
 
 SR = 16000
+
+
+# The loaders' compact media (uint8 pixels, float16 fbank) as the model sees them after its on-device
+# normalisation, so the checks below read in normalised units.
+def decode_image(*args):
+    return pixels_to_float(_media.decode_image(*args), torch.float32)
+
+
+def decode_video(*args):
+    return pixels_to_float(_media.decode_video(*args), torch.float32)
+
+
+def decode_audio(*args):
+    return _media.decode_audio(*args).float()
+
+
 DECODE = {"image": decode_image, "video": decode_video, "audio": decode_audio}
 PLAIN = {"image": ImageAugment(crop="center", jitter_p=0.0), "audio": AudioAugment.off(),
          "video": VideoAugment(crop="center", jitter_p=0.0, stride_scale=[1.0, 1.0])}  # no random step at all

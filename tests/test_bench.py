@@ -64,3 +64,20 @@ def test_bench_accumulate_matches_one_pass_with_less_memory():
     result = run(batch=64, micro=(4,))
     assert result["k4"]["max_grad_diff"] < 1e-4
     assert result["k4"]["peak_mb"] < result["one_pass"]["peak_mb"]
+
+
+def test_bench_step_times_mmpt_and_open_clips_own_train_one_epoch():
+    proc = subprocess.run([sys.executable, "-m", "mmpt.cli", "bench", "step", "--json", "--size", "8", "--steps", "2"],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = proc.stdout.strip().splitlines()
+    assert len(lines) == 1
+    result = json.loads(lines[0])
+    assert result["batch"] == 8 and result["timed_steps"] == 2 and result["width"] == 128 and result["depth"] == 4
+    for side in ("mmpt_moe", "mmpt_dense", "open_clip"):
+        r = result[side]
+        assert r["steps"] == 2 and r["samples_per_s"] > 0 and r["peak_step_mb"] > 0
+        assert r["forward_flops_per_sample"] > 0 and r["parameters"] > 0
+    assert "train_one_epoch" in result["open_clip"]["how"] and "train_step" in result["mmpt_moe"]["how"]
+    assert result["vs_open_clip"] == result["mmpt_moe"]["samples_per_s"] / result["open_clip"]["samples_per_s"]
+    assert result["moe_over_dense"] == result["mmpt_moe"]["s_per_step"] / result["mmpt_dense"]["s_per_step"]

@@ -21,12 +21,13 @@ from PIL import Image, ImageOps
 from mmpt.config import AudioConfig, AugmentConfig, ImageAugment, VideoAugment, VideoConfig
 from mmpt.data import augment
 from mmpt.data.tokenizer import get_tokenizer
+from mmpt.modality import CLIP_MEAN, CLIP_STD
 
 MAX_IMAGE_PIXELS = 64_000_000  # decompression-bomb guard: refuse, don't allocate
 MAX_VIDEO_FRAMES = 100_000
 MAX_AUDIO_SECONDS = 3600.0
 PROBE_FRAMES = 4  # frames a video probe decodes, spread over the clip (a truncated file fails here)
-MEAN, STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)  # CLIP's
+MEAN, STD = CLIP_MEAN, CLIP_STD
 
 
 class BadSample(Exception):
@@ -83,7 +84,8 @@ def open_image(data: bytes, target: Optional[int] = None) -> Image.Image:
 def image_to_tensor(img: Image.Image, size: int, train: bool, rng: random.Random,
                     aug: Optional[ImageAugment] = None) -> torch.Tensor:
     """Eval: the centre square of the shorter side. Train: the crop `aug` draws (None: the mild crop of
-    ImageAugment.off()), then its flip / RandAugment / colour jitter. Resized to `size` once, CLIP-normalised."""
+    ImageAugment.off()), then its flip / RandAugment / colour jitter. Resized to `size` once: (3, size, size)
+    uint8 (the model normalises on the device: mmpt.modality.pixels_to_float)."""
     w, h = img.size
     if train:
         aug = aug or ImageAugment.off()
@@ -93,9 +95,7 @@ def image_to_tensor(img: Image.Image, size: int, train: bool, rng: random.Random
         left, top, cw, ch = (w - side) // 2, (h - side) // 2, side, side
     img = img.resize((size, size), Image.BILINEAR, box=(left, top, left + cw, top + ch), reducing_gap=2.0)
     x = torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8).view(size, size, 3).permute(2, 0, 1)
-    if train:
-        x = augment.pixel_ops(x, aug, rng)
-    return normalize(x.float().div_(255))
+    return augment.pixel_ops(x, aug, rng) if train else x
 
 
 def normalize(x: torch.Tensor) -> torch.Tensor:
@@ -130,6 +130,22 @@ def _video_reader(data: bytes, size: Optional[tuple] = None):
     if len(vr) > MAX_VIDEO_FRAMES:
         raise BadSample("oversize", f"video has {len(vr)} frames")
     return vr
+
+
+def _frames(data: bytes, size: Optional[tuple], spec: DecodeSpec, train: bool, rng: random.Random) -> torch.Tensor:
+    """(T, 3, H, W) uint8 frames decoded at `size` (None: native); `rng` is left as it was found, so a retry at
+    another size draws the same frames."""
+    state = rng.getstate()
+    try:
+        vr = _video_reader(data, size)
+        idx = frame_indices(len(vr), vr.get_avg_fps() or 25.0, spec.video, train, rng, spec.augment.video)
+        return torch.from_numpy(vr.get_batch(idx).asnumpy()).permute(0, 3, 1, 2)
+    except BadSample:
+        rng.setstate(state)
+        raise
+    except Exception as e:
+        rng.setstate(state)
+        raise BadSample("undecodable", f"video frames: {e}") from None
 
 
 def _crop(frames: torch.Tensor, size: int, train: bool, rng: random.Random) -> torch.Tensor:
@@ -173,26 +189,27 @@ def video_size(data: bytes) -> tuple[int, int]:
 
 
 def decode_video(data: bytes, spec: DecodeSpec, train: bool, rng: random.Random) -> torch.Tensor:
-    """(T, 3, size, size) CLIP-normalised frames. decord scales while decoding (shorter side to `size`,
-    aspect kept: decord rejects other shapes), then one crop for all frames (train: one augmentation)."""
+    """(T, 3, size, size) uint8 frames (normalised by the model, on the device). decord scales while decoding
+    (shorter side to `size`, aspect kept: decord rejects other shapes), then one crop for all frames (train: one
+    augmentation)."""
     size = spec.image_size
     w, h = video_size(data)
     scale = size / min(h, w)
     target = (max(size, round(w * scale)), max(size, round(h * scale)))
     try:
-        vr = _video_reader(data, target if target != (w, h) else None)
-        idx = frame_indices(len(vr), vr.get_avg_fps() or 25.0, spec.video, train, rng, spec.augment.video)
-        frames = torch.from_numpy(vr.get_batch(idx).asnumpy()).permute(0, 3, 1, 2)  # (T, 3, H, W) uint8
+        frames = _frames(data, target if target != (w, h) else None, spec, train, rng)
     except BadSample:
-        raise
-    except Exception as e:
-        raise BadSample("undecodable", f"video frames: {e}") from None
-    if min(frames.shape[-2:]) < size:  # decord rounded a side down: top up with a tiny resize
+        if target == (w, h):
+            raise
+        # decord 0.6's scaler fails on some output sizes (64 px to 16, 24 or 48 px: "from_size == to_size"):
+        # decode at the native size and resize below. The draw is redone with the same RNG state.
+        frames = _frames(data, None, spec, train, rng)
+    if tuple(frames.shape[-2:]) != target[::-1]:  # decord rounded a side, or decoded at the native size
         frames = F.interpolate(frames.float(), size=target[::-1], mode="bilinear", antialias=True)
-        frames = frames.round_().clamp_(0, 255).to(torch.uint8) if train else frames
+        frames = frames.round_().clamp_(0, 255).to(torch.uint8)
     if train:
-        return normalize(augment.video_frames(frames, size, spec.augment.video, rng).float().div_(255))
-    return normalize(_crop(frames, size, train, rng).float().div_(255))
+        return augment.video_frames(frames, size, spec.augment.video, rng)
+    return _crop(frames, size, train, rng)
 
 
 def probe_video(data: bytes) -> dict:
@@ -230,7 +247,7 @@ def load_waveform(data: bytes) -> tuple[torch.Tensor, int]:
 
 
 def decode_audio(data: bytes, spec: DecodeSpec, train: bool, rng: random.Random) -> torch.Tensor:
-    """(1, frames, mel) normalised Kaldi log-mel fbank of a mono, resampled, cropped/padded clip. Train: a
+    """(1, frames, mel) float16 normalised Kaldi log-mel fbank of a mono, resampled, cropped/padded clip. Train: a
     random window, augmented as spec.augment.audio says (speed, noise, gain, pitch warp, SpecAugment masks);
     eval: the centre window."""
     import torchaudio
@@ -255,7 +272,8 @@ def decode_audio(data: bytes, spec: DecodeSpec, train: bool, rng: random.Random)
     centre = fbank.mean(0, keepdim=True) if spec.norm == "utterance" else spec.norm_mean
     fbank = (fbank - centre) / (2 * spec.norm_std)
     fbank = fbank[: spec.num_frames]
-    return (augment.spec_augment(fbank, aug, rng) if train else fbank)[None]
+    fbank = augment.spec_augment(fbank, aug, rng) if train else fbank
+    return fbank[None].to(torch.float16)  # half the bytes through shared memory; normalised values stay ~1e-3 exact
 
 
 def probe_audio(data: bytes) -> dict:

@@ -43,6 +43,20 @@ class TaskConfig:
     modalities: list
     sources: list  # [Source]
     batch_size: int
+    loss_weight: float = 1.0
+    drop_token: dict | None = None  # modality -> DropToken rate for this task; None: the model's
+    spec: DecodeSpec | None = None  # this task's sizes (data.tasks); None: the run's
+
+
+def task_spec(spec: DecodeSpec, terms) -> DecodeSpec:
+    """The run's decode spec at a task's own resolution (data.tasks.<pair>: image_size, num_frames,
+    audio_seconds)."""
+    if terms is None:
+        return spec
+    return dataclasses.replace(
+        spec, image_size=terms.image_size or spec.image_size,
+        video=dataclasses.replace(spec.video, num_frames=terms.num_frames or spec.video.num_frames),
+        audio=dataclasses.replace(spec.audio, seconds=terms.audio_seconds or spec.audio.seconds))
 
 
 class TaskStream(IterableDataset):
@@ -59,7 +73,10 @@ class TaskStream(IterableDataset):
         worker = (physical + self.worker_offset) % n_workers  # logical id: see TaskLoader.load_state_dict
         rank, _ = dist_info()
         counter = SkipCounter(log)
-        seed = self.seed if not self.restart else f"{self.seed}:restart:{self.restart}"
+        # Keyed by the task: two tasks reading the same shards (video-text, video-audio) draw different
+        # sample orders and augmentations.
+        seed = f"{self.seed}:task:{self.task.name}"
+        seed = seed if not self.restart else f"{seed}:restart:{self.restart}"
         stream = WorkerStream(self.task.sources, seed, rank, worker, self.slots, self.buffer, counter,
                               self.resume_states.get(worker))
         decoders = [SampleDecoder(s.modalities, self.source_spec(s), train=True) for s in self.task.sources]
@@ -67,7 +84,8 @@ class TaskStream(IterableDataset):
 
     def source_spec(self, source: Source) -> DecodeSpec:
         """The decode spec of one source: the task's, with the source's own augmentation if it has one."""
-        return self.spec if source.augment is None else dataclasses.replace(self.spec, augment=source.augment)
+        spec = self.task.spec or self.spec
+        return spec if source.augment is None else dataclasses.replace(spec, augment=source.augment)
 
 
 class TaskLoader:
@@ -212,27 +230,35 @@ def eval_loader(spec_str: str, modalities: list, spec: DecodeSpec, batch_size: i
     return wds.WebLoader(pipeline, batch_size=None, num_workers=num_workers)
 
 
-def make_sources(cfg) -> list:
+def make_sources(cfg, expand: bool = True) -> list:
     """data.sources -> Source objects with expanded, checked shard lists (errors name the spec) and each
-    source's resolved augmentation; noise folders or shards it names are listed now (errors name the key)."""
+    source's resolved augmentation; noise folders or shards it names are listed now (errors name the key).
+    expand=False: no shard is listed (accounting from the config alone)."""
     from mmpt.data.noise import noise_bank
 
     sources = []
     for i, e in enumerate(cfg.data.sources):
         aug = source_augment(cfg, i)
-        if aug.audio.noise_files and aug.audio.noise_p and "audio" in e.modalities:
+        if expand and aug.audio.noise_files and aug.audio.noise_p and "audio" in e.modalities:
             noise_bank(aug.audio.noise_files)
-        sources.append(Source(e.name, list_shards(e.shards), list(e.modalities), e.weight, aug))
+        sources.append(Source(e.name, list_shards(e.shards) if expand else [], list(e.modalities), e.weight, aug))
     return sources
 
 
-def tasks_from_config(cfg) -> tuple[dict, dict]:
+def tasks_from_config(cfg, expand: bool = True) -> tuple[dict, dict]:
     """Sources feeding the same modality pair form one task, named by the pair ("image-text"); its weight is
-    their sum."""
+    their sum. data.tasks.<pair> sets the task's own batch size, loss weight, resolution and DropToken."""
     tasks, weights = {}, {}
-    for src in make_sources(cfg):
+    spec = DecodeSpec.from_config(cfg)
+    for src in make_sources(cfg, expand):
         name = pair_name(*src.modalities)
-        task = tasks.setdefault(name, TaskConfig(name, ordered(src.modalities), [], cfg.data.batch_size))
+        if name not in tasks:
+            terms = cfg.data.tasks.get(name)
+            tasks[name] = TaskConfig(name, ordered(src.modalities), [],
+                                     (terms and terms.batch_size) or cfg.data.batch_size,
+                                     terms.loss_weight if terms else 1.0, terms.drop_token if terms else None,
+                                     task_spec(spec, terms))
+        task = tasks[name]
         task.sources.append(src)
         weights[name] = weights.get(name, 0.0) + src.weight
     return tasks, weights

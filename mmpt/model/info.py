@@ -62,3 +62,10 @@ def model_info(cfg) -> dict:
         "tokens_per_sample": {m: registry.get(m).tokens(model_cfg) for m in model_cfg.modalities},
         "gflops_per_sample": {m: encoder_flops(model_cfg, m, stem_of(model, m)) / 1e9 for m in model_cfg.modalities},
     }
+
+
+def run_info(cfg) -> dict:
+    """model_info plus what the loaders hold in shared memory (mmpt.data.budget)."""
+    from mmpt.data.budget import loader_memory
+
+    return {**model_info(cfg), "loader_memory": loader_memory(cfg)}

@@ -46,9 +46,14 @@ class MultimodalModel(nn.Module):
         self.decoder = CaptionDecoder(cfg) if with_text else None
         self.register_load_state_dict_pre_hook(_rename_old_pair_keys)
 
-    def encode(self, modality: str, x: torch.Tensor) -> dict:
+    def encode(self, modality: str, x: torch.Tensor, drop_token: Optional[float] = None) -> dict:
+        """drop_token: this call's DropToken rate (a task's, data.tasks); None: the stem's own."""
         stem, frames = self.plan[modality]
-        tokens, mask = self.stems[stem](registry.get(modality).stem_input(x, frames))
+        spec = registry.get(modality)
+        x = spec.to_float(x, next(self.stems[stem].parameters()).dtype)  # uint8 media normalised here, on device
+        volume = spec.stem_input(x, frames)
+        # A plugin's stem may not take a rate; it is only passed when a task sets one.
+        tokens, mask = self.stems[stem](volume) if drop_token is None else self.stems[stem](volume, drop_token)
         trunk = self.trunk(tokens + self.modality[stem], mask)
         return {"emb": self.heads[stem](trunk["hidden"], mask), "hidden": trunk["hidden"], "mask": mask,
                 "aux": trunk["aux"]}
@@ -56,14 +61,17 @@ class MultimodalModel(nn.Module):
     def logit_scale(self, pair: str) -> torch.Tensor:
         return self.log_scales[pair].clamp(max=self.max_log_scale).exp()[0]
 
-    def forward(self, batch: dict, caption_source: Optional[str] = None, caption: bool = True) -> dict:
-        """caption=False skips the decoder and reports only how many caption tokens it would score."""
+    def forward(self, batch: dict, caption_source: Optional[str] = None, caption: bool = True,
+                drop_token: Optional[dict] = None) -> dict:
+        """caption=False skips the decoder and reports only how many caption tokens it would score.
+        drop_token: DropToken rates by modality for this call (a task's), over the model's own."""
         present = [m for m in self.cfg.modalities if m in batch]
-        enc = {m: self.encode(m, batch[m]) for m in present}
+        enc = {m: self.encode(m, batch[m], (drop_token or {}).get(m)) for m in present}
         pairs = [registry.pair_name(a, b) for a, b in registry.pairs(present)]
         out = {"emb": {m: e["emb"] for m, e in enc.items()},
                "aux": {f"{m}.{k}": v for m, e in enc.items() for k, v in e["aux"].items()},
-               "logit_scale": {p: self.logit_scale(p) for p in pairs}}
+               "logit_scale": {p: self.logit_scale(p) for p in pairs},
+               "tokens": {m: e["mask"].sum().detach() for m, e in enc.items()}}  # encoder tokens run (throughput)
         if self.logit_biases is not None:
             out["logit_bias"] = {p: self.logit_biases[p][0] for p in pairs}
         if caption_source is None:  # caption whatever modality is paired with the text

@@ -75,13 +75,15 @@ class PatchStem(nn.Module):
             time = F.interpolate(time, size=t, mode="linear", align_corners=False)
         return space[:, :, None] + time[..., None, None]  # (1, D, T, H, W)
 
-    def forward(self, volume: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """volume (B, C, T, H, W); T, H, W at least one patch each (a shorter remainder is cut off)."""
+    def forward(self, volume: torch.Tensor, drop_token: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """volume (B, C, T, H, W); T, H, W at least one patch each (a shorter remainder is cut off).
+        drop_token: this call's rate (a task's own); None: the stem's."""
+        drop = self.drop_token if drop_token is None else drop_token
         t, h, w = (size - size % p for size, p in zip(volume.shape[2:], self.patch, strict=True))
         x = self.proj(volume[:, :, :t, :h, :w])  # whole patches only, as the linear patch's stride does
         x = (x + self.position(*x.shape[2:])).flatten(2).transpose(1, 2)  # (B, N, D)
-        if self.training and self.drop_token > 0:
-            keep = max(1, round(x.size(1) * (1 - self.drop_token)))
+        if self.training and drop > 0:
+            keep = max(1, round(x.size(1) * (1 - drop)))
             idx = torch.rand(x.shape[:2], device=x.device).argsort(1)[:, :keep].sort(1).values
             x = x.gather(1, idx[..., None].expand(-1, -1, x.size(2)))
         return x, torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
@@ -97,7 +99,7 @@ class TextStem(nn.Module):
         self.pos = nn.Parameter(torch.randn(1, context_length, width) * 0.01)
         nn.init.normal_(self.token.weight, std=0.02)
 
-    def forward(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, tokens: torch.Tensor, drop_token: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         if tokens.size(1) > self.pos.size(1):
             raise ValueError(f"text length {tokens.size(1)} exceeds model.context_length={self.pos.size(1)}")
         return self.token(tokens) + self.pos[:, : tokens.size(1)], valid_mask(tokens, self.eot_id)

@@ -27,12 +27,12 @@ from mmpt.losses.captioning import caption_loss
 PAIR_PARAMS = ("logit_scale", "logit_bias")  # per-pair outputs of the model the contrastive losses take
 
 
-def _encode_all(engine, batches: list) -> tuple[RngReplay, dict, dict, list]:
+def _encode_all(engine, batches: list, drop_token: dict | None) -> tuple[RngReplay, dict, dict, list]:
     rng, embs, tokens, pair_values = RngReplay(), {}, [], {}
     with torch.no_grad():
         for batch in batches:
             rng.record()
-            out = engine(batch, encode_only=True)
+            out = engine(batch, encode_only=True, drop_token=drop_token)
             for m, e in out["emb"].items():
                 embs.setdefault(m, []).append(e)
             pair_values = {k: out[k] for k in PAIR_PARAMS if k in out}  # the same for every micro-batch
@@ -71,12 +71,14 @@ def surrogate(out: dict, cached: dict, loss_cfg) -> dict:
     return {"loss": total, **metrics}
 
 
-def accumulated_step(engine, batches: list, loss_cfg, group=None) -> dict:
+def accumulated_step(engine, batches: list, loss_cfg, group=None, weight: float = 1.0,
+                     drop_token: dict | None = None) -> dict:
     """Backward and step for every micro-batch (DeepSpeed steps the optimizer at the last one, its
-    gradient_accumulation_steps being len(batches)); returns the step's metrics as detached tensors."""
+    gradient_accumulation_steps being len(batches)); the task's loss scaled by `weight`. Returns the step's
+    (unscaled) metrics as detached tensors."""
     from mmpt.train.engine import clear_grad_partitions  # engine.py imports this module
 
-    rng, embs, pair_values, tokens = _encode_all(engine, batches)
+    rng, embs, pair_values, tokens = _encode_all(engine, batches, drop_token)
     emb_grad, pair_grad, losses = _cached_grads(embs, pair_values, loss_cfg, group)
     sizes = [next(iter(b.values())).size(0) for b in batches]
     all_tokens, start, parts = sum(tokens), 0, []
@@ -86,11 +88,11 @@ def accumulated_step(engine, batches: list, loss_cfg, group=None) -> dict:
                   "caption_share": tokens[i] / all_tokens if all_tokens else 0.0,
                   "micro_batches": len(batches)}
         rng.replay(i)
-        out = engine(batch, cached=cached)
+        out = engine(batch, cached=cached, drop_token=drop_token)
         # The surrogate already carries this micro-batch's share; DeepSpeed divides by its accumulation
         # steps (k), so hand it k times the surrogate. (scale_wrt_gas=False is not enough: DeepSpeed's hooks
         # on the forward's outputs still divide when the loss handed to backward is one of those outputs.)
-        engine.backward(len(batches) * out["loss"])
+        engine.backward(len(batches) * weight * out["loss"])
         engine.step()
         parts.append({k: v.detach() for k, v in out.items() if k != "loss"})
         start += n
@@ -101,7 +103,9 @@ def accumulated_step(engine, batches: list, loss_cfg, group=None) -> dict:
 def _step_metrics(losses: dict, parts: list, tokens: list, loss_cfg) -> dict:
     total = losses.pop("contrastive", torch.zeros(()))
     for key in parts[0]:
-        if key == "caption_loss":
+        if key.startswith("tokens/"):  # a count: the step ran all micro-batches' tokens
+            value = torch.stack([p[key] for p in parts]).sum()
+        elif key == "caption_loss":
             value = sum(p[key] * t for p, t in zip(parts, tokens, strict=True)) / max(sum(tokens), 1)
             total = total + loss_cfg.caption_weight * value
         else:

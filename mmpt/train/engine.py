@@ -23,14 +23,17 @@ class TrainModule(nn.Module):
         super().__init__()
         self.model, self.loss_cfg, self.group = model, loss_cfg, group
 
-    def forward(self, batch: dict, encode_only: bool = False, cached: dict | None = None) -> dict:
+    def forward(self, batch: dict, encode_only: bool = False, cached: dict | None = None,
+                drop_token: dict | None = None) -> dict:
+        """drop_token: the task's DropToken rates by modality (data.tasks), over the model's own."""
         if encode_only:
-            out = self.model(batch, caption=False)
+            out = self.model(batch, caption=False, drop_token=drop_token)
             keep = ("emb", "logit_scale", "logit_bias")
             return {**{k: out[k] for k in keep if k in out}, "caption_tokens": out.get("caption_tokens", 0)}
-        if cached is not None:
-            return surrogate(self.model(batch), cached, self.loss_cfg)
-        return objective(self.model(batch), self.loss_cfg, self.group)
+        out = self.model(batch, drop_token=drop_token)
+        losses = surrogate(out, cached, self.loss_cfg) if cached is not None else objective(out, self.loss_cfg,
+                                                                                             self.group)
+        return {**losses, **{f"tokens/{m}": n.float() for m, n in out["tokens"].items()}}
 
 
 def clear_grad_partitions(engine) -> None:

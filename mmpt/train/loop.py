@@ -28,7 +28,7 @@ from mmpt.distributed import (
 from mmpt.launch import warn_accelerate_disagreements
 from mmpt.losses.contrastive import rank_groups
 from mmpt.model import build_for_run
-from mmpt.train import checkpoint, faults, preempt, reshard
+from mmpt.train import checkpoint, faults, preempt, reshard, throughput
 from mmpt.train.accumulate import accumulated_step
 from mmpt.train.engine import TrainModule, build_engine, clear_grad_partitions, to_engine
 from mmpt.train.evaluate import BestTracker, check_eval_inputs, run_evals
@@ -173,7 +173,9 @@ def _train(cfg: Config, rank: int, world: int) -> dict:
     logger = RunLogger(out_dir, enabled=rank == 0, start_step=start)
     best = BestTracker(out_dir, cfg.eval.best)
     bar = tqdm(total=cfg.train.steps, initial=start, disable=rank != 0, desc="train", dynamic_ncols=True)
-    pending, window = {"reasons": Counter(), "shards": Counter()}, {"t": time.time(), "n": 0}
+    pending = {"reasons": Counter(), "shards": Counter()}
+    window = {"t": time.time(), "n": 0, "sums": {}, "world": world, "per_token": throughput.flops_per_token(cfg),
+              "peak": throughput.peak_flops(cfg, engine)}
     step, last, stopped = start, {}, False
     if rank == 0:
         preempt.clear(out_dir)
@@ -185,11 +187,13 @@ def _train(cfg: Config, rank: int, world: int) -> dict:
             for batch in batches:
                 for kind, counts in batch.pop("_skipped").items():
                     pending[kind].update(counts)
-            losses = _step(engine, loader, task, batches, cfg, group)
+            terms = loader.loaders[task].task
+            losses = train_step(engine, terms.modalities, batches, cfg, group, terms.loss_weight, terms.drop_token)
             step += 1
             faults.maybe("step", step, rank)
             n = sum(batch["label"].size(0) for batch in batches) * world
             window["n"] += n
+            _accumulate(window["sums"], task, losses)
             used += n
             bar.update(1)
             stopped = signals.stop_now()
@@ -218,13 +222,15 @@ def _save(engine, cfg: Config, step: int, skipped: dict, used: int, loader) -> N
                                                       "samples": used}, cfg.train.keep_checkpoints, loader.state_dict())
 
 
-def _step(engine, loader, task: str, batches: list, cfg: Config, group) -> dict:
-    modalities = loader.loaders[task].task.modalities
+def train_step(engine, modalities: list, batches: list, cfg: Config, group=None, weight: float = 1.0,
+               drop_token: dict | None = None) -> dict:
+    """One optimizer step of one task: its batches (k > 1: accumulated, GradCache) -> forward, losses, backward
+    (the task's loss scaled by `weight`), clipping and the optimizer, as DeepSpeed runs them."""
     inputs = [to_engine({m: batch[m] for m in modalities}, engine) for batch in batches]
     if len(inputs) > 1:
-        return accumulated_step(engine, inputs, cfg.loss, group)
-    losses = engine(inputs[0])
-    engine.backward(losses["loss"])
+        return accumulated_step(engine, inputs, cfg.loss, group, weight, drop_token)
+    losses = engine(inputs[0], drop_token=drop_token)
+    engine.backward(losses["loss"] * weight if weight != 1.0 else losses["loss"])
     engine.step()
     clear_grad_partitions(engine)
     return losses
@@ -263,10 +269,33 @@ def _evaluate(engine, model, cfg: Config, step: int, logger: RunLogger, best: Be
         best.record(step, metrics, write=rank == 0)
 
 
+def _accumulate(sums: dict, task: str, losses: dict) -> None:
+    """Add a step's scalar losses to its task's running sums, on the device (no host sync per step)."""
+    count = sums.setdefault((task, "steps"), [0])
+    count[0] += 1
+    for key, value in losses.items():
+        if torch.is_tensor(value) and value.numel() == 1:
+            total = sums.get((task, key))
+            sums[(task, key)] = value.detach().float() if total is None else total + value.detach().float()
+
+
+def _task_means(sums: dict) -> dict:
+    """Every task's mean losses since the last log step, keyed "<task>/<loss>", and "<task>/steps". Every rank
+    ran the same tasks, so the keys agree and one all_reduce averages them over ranks."""
+    steps = {task: box[0] for (task, key), box in sums.items() if key == "steps"}
+    values = {f"{task}/{key}": (v / steps[task]).item() for (task, key), v in sums.items() if key != "steps"}
+    means = _reduce_mean(values) if values else {}
+    sums.clear()
+    return {**means, **{f"{task}/steps": n for task, n in steps.items()}}
+
+
 def _log_step(engine, losses: dict, step: int, window: dict, logger: RunLogger, bar, **extra) -> dict:
-    # Loss names depend on the task, so only this step's task is reduced (every rank ran the same task).
-    metrics = {**_reduce_mean({k: v.item() for k, v in losses.items()}), **extra}
+    # This step's losses (its task's, the same on every rank) and every task's means since the last log step.
     now = time.time()
+    rates = throughput.window_throughput(window["sums"], max(now - window["t"], 1e-9), window["world"],
+                                         window["per_token"], window["peak"])
+    metrics = {**_reduce_mean({k: v.item() for k, v in losses.items()}), **_task_means(window["sums"]), **rates,
+               **extra}
     metrics["samples_per_s"] = window["n"] / max(now - window["t"], 1e-9)
     metrics["lr"] = engine.get_lr()[0]
     window.update(t=now, n=0)

@@ -1,0 +1,230 @@
+"""Whole training steps, mmpt against open_clip's CoCa trainer, on the same image-text batches, in one process.
+
+    mmpt bench step --json                 # the demo shape, batch 32, open_clip's full BPE on both sides
+    mmpt bench step --shape b16 --size 8   # ViT-B/16 width and depth (slow on CPU: a few steps)
+
+What one step is on each side:
+- mmpt: `mmpt.train.loop.train_step` on a DeepSpeed engine (ZeRO stage 2, one gloo process), the function the
+  training loop runs: forward of the shared trunk (MoE as the demo config, or dense), contrastive + caption +
+  MoE losses, backward, gradient clipping, AdamW, LR schedule. Images enter as uint8 and are normalised in
+  the step, as in training.
+- open_clip: `open_clip_train.train.train_one_epoch` itself, over the same batches (already normalised
+  float32, as its loader hands them out): CoCa forward, `CoCaLoss`, backward, clipping, AdamW with
+  open_clip's parameter groups, its cosine schedule and logit-scale clamp, args from its own parser.
+
+Both: the same width, depth, heads, MLP ratio, patch, image size, context length, embedding width, caption
+decoder depth (one causal + one cross-attending layer), tokenizer (open_clip's 49,408-token BPE), fp32, the
+same thread count, the same batches. What differs by design: open_clip has two towers and an attentional
+pooler; mmpt one shared trunk. Their FLOPs per sample are reported (torch's FlopCounterMode on one forward).
+
+Time: wall time of `steps` steps after `warmup` untimed ones, samples/s = batch x steps / time. Memory: bytes of
+the tensors a step creates that are live at its worst moment (mmpt.bench.common.PeakMemory; parameters and
+optimizer state allocated before the step are not counted), one extra untimed step each. Prints one JSON
+object; `vs_open_clip` = mmpt samples/s / open_clip samples/s (target >= 1.5), `moe_over_dense` = mmpt's
+MoE step time / its dense step time.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import random
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from mmpt.bench.common import peak_mb
+
+TARGET = 1.5
+SHAPES = {  # shared by both sides; demo = mmpt/configs/demo.yaml's image-text shape
+    "demo": {"width": 128, "depth": 4, "heads": 4, "mlp_ratio": 4.0, "patch_size": 8, "image_size": 32,
+             "context_length": 16, "embed_dim": 128, "decoder_layers": 1, "decoder_cross_layers": 1},
+    "b16": {"width": 768, "depth": 12, "heads": 12, "mlp_ratio": 4.0, "patch_size": 16, "image_size": 224,
+            "context_length": 32, "embed_dim": 512, "decoder_layers": 1, "decoder_cross_layers": 1},
+}
+BPE = {"vocab_size": 49408, "sot_id": 49406, "eot_id": 49407}
+WORDS = "zero one two three four five six seven eight nine".split()
+OC_NAME = "coca_mmpt_bench_step"
+
+
+def make_batches(shape: dict, batch: int, n: int, seed: int = 0) -> list:
+    """n batches of (uint8 images, open_clip-tokenized captions): smooth random images, digit captions."""
+    import open_clip
+
+    g = torch.Generator().manual_seed(seed)
+    rng = random.Random(seed)
+    tok = open_clip.get_tokenizer("ViT-B-32", context_length=shape["context_length"])
+    size = shape["image_size"]
+    out = []
+    for _ in range(n):
+        low = torch.randint(0, 256, (batch, 3, 4, 4), generator=g).float()
+        images = torch.nn.functional.interpolate(low, size=(size, size), mode="bilinear").round().to(torch.uint8)
+        caps = [f"a photo of the number {rng.choice(WORDS)} written by hand" for _ in range(batch)]
+        out.append((images, tok(caps)))
+    return out
+
+
+def normalized(images: torch.Tensor) -> torch.Tensor:
+    from mmpt.data.media import normalize
+
+    return normalize(images.float().div(255))
+
+
+# ---- open_clip -----------------------------------------------------------------------------------------------
+
+def open_clip_config(shape: dict) -> dict:
+    w, h = shape["width"], shape["heads"]
+    tokens = (shape["image_size"] // shape["patch_size"]) ** 2
+    return {
+        "embed_dim": shape["embed_dim"],
+        "vision_cfg": {"image_size": shape["image_size"], "layers": shape["depth"], "width": w, "head_width": w // h,
+                       "mlp_ratio": shape["mlp_ratio"], "patch_size": shape["patch_size"], "attentional_pool": True,
+                       "attn_pooler_queries": min(tokens, 256), "attn_pooler_heads": h, "output_tokens": True},
+        "text_cfg": {"context_length": shape["context_length"], "vocab_size": BPE["vocab_size"], "width": w,
+                     "heads": h, "layers": shape["depth"], "mlp_ratio": shape["mlp_ratio"], "embed_cls": True,
+                     "output_tokens": True},
+        "multimodal_cfg": {"context_length": shape["context_length"], "vocab_size": BPE["vocab_size"], "width": w,
+                           "heads": h, "layers": shape["decoder_cross_layers"], "mlp_ratio": shape["mlp_ratio"],
+                           "attn_pooler_heads": h},
+        "custom_text": True,
+    }
+
+
+class ListLoader:
+    """What train_one_epoch reads of a loader: iteration, num_batches, num_samples."""
+
+    def __init__(self, batches: list):
+        self.batches = batches
+        self.num_batches = len(batches)
+        self.num_samples = sum(len(b[0]) for b in batches)
+
+    def __iter__(self):
+        return iter(self.batches)
+
+
+def open_clip_side(shape: dict, batch: int, batches: list, warmup: int) -> dict:
+    import open_clip
+    from open_clip_train.data import DataInfo
+    from open_clip_train.main import create_loss
+    from open_clip_train.params import parse_args
+    from open_clip_train.scheduler import cosine_lr
+    from open_clip_train.train import train_one_epoch
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / f"{OC_NAME}.json"
+        path.write_text(json.dumps(open_clip_config(shape)))
+        open_clip.add_model_config(path)
+    torch.manual_seed(0)
+    model = open_clip.create_model(OC_NAME, precision="fp32")
+    args = parse_args(["--model", OC_NAME, "--batch-size", str(batch), "--precision", "fp32", "--lr", "3e-4",
+                       "--wd", "0.1", "--grad-clip-norm", "1", "--warmup", "50", "--log-every-n-steps", "1000000",
+                       "--coca-contrastive-loss-weight", "1", "--coca-caption-loss-weight", "1"])
+    # what open_clip_train.main sets after parsing, for one CPU process
+    args.device, args.world_size, args.rank, args.local_rank = "cpu", 1, 0, 0
+    args.distributed, args.distill = False, False
+    # open_clip_train.main's parameter groups: no decay on gains, biases, norms and the logit scale
+    exclude = lambda n, p: p.ndim < 2 or "bn" in n or "ln" in n or "bias" in n or "logit_scale" in n  # noqa: E731
+    named = list(model.named_parameters())
+    groups = [{"params": [p for n, p in named if exclude(n, p) and p.requires_grad], "weight_decay": 0.0},
+              {"params": [p for n, p in named if not exclude(n, p) and p.requires_grad], "weight_decay": args.wd}]
+    opt = torch.optim.AdamW(groups, lr=args.lr, betas=(args.beta1, args.beta2), eps=args.eps)
+    total = len(batches) * 2
+    scheduler = cosine_lr(opt, args.lr, args.warmup, total)
+    loss = create_loss(args)
+    data = [(normalized(im), txt) for im, txt in batches]
+
+    def run(part: list, epoch: int) -> None:
+        train_one_epoch(model, {"train": DataInfo(ListLoader(part))}, loss, epoch, opt, None, scheduler, None, args)
+
+    run(data[:warmup], 0)
+    start = time.perf_counter()
+    run(data[warmup:], 1)
+    seconds = time.perf_counter() - start
+    memory = peak_mb(lambda: run(data[:1], 2))
+    flops = _flops(lambda: model(data[0][0], data[0][1])) / batch
+    return _side(seconds, len(data) - warmup, batch, memory, model, flops,
+                 "open_clip_train.train.train_one_epoch (CoCa, CoCaLoss, AdamW, cosine_lr)")
+
+
+# ---- mmpt ---------------------------------------------------------------------------------------------------
+
+def mmpt_config(shape: dict, batch: int, trunk: str):
+    from mmpt.config import load_config
+
+    over = [f"model.{k}={v}" for k, v in {**shape, **BPE}.items()]
+    over += ["data.tokenizer=openclip", "model.modalities=[image, text]", f"data.batch_size={batch}",
+             "optim.lr=3e-4", "optim.warmup_steps=50", "loss.contrastive_weight=1.0", "loss.caption_weight=1.0",
+             "deepspeed.zero_stage=2", "eval.every=0"]
+    if trunk == "dense":
+        over.append("model.moe.num_experts=0")
+    return load_config("demo", over)
+
+
+def mmpt_side(shape: dict, batch: int, batches: list, warmup: int, trunk: str) -> dict:
+    from mmpt.model import build_for_run
+    from mmpt.train.engine import TrainModule, build_engine
+    from mmpt.train.loop import train_step
+
+    cfg = mmpt_config(shape, batch, trunk)
+    torch.manual_seed(0)
+    model = build_for_run(cfg)
+    engine = build_engine(TrainModule(model, cfg.loss), cfg, 1)
+    modalities = ["image", "text"]
+    data = [{"image": im, "text": txt} for im, txt in batches]
+
+    def run(part: list) -> None:
+        for b in part:
+            train_step(engine, modalities, [b], cfg)
+
+    run(data[:warmup])
+    start = time.perf_counter()
+    run(data[warmup:])
+    seconds = time.perf_counter() - start
+    memory = peak_mb(lambda: run(data[:1]))
+    flops = _flops(lambda: model({"image": data[0]["image"], "text": data[0]["text"]})) / batch
+    return _side(seconds, len(data) - warmup, batch, memory, model, flops,
+                 f"mmpt.train.loop.train_step on a DeepSpeed ZeRO-2 engine ({trunk} trunk)")
+
+
+# ---- both ----------------------------------------------------------------------------------------------------
+
+def _flops(fn) -> int:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return int(counter.get_total_flops())
+
+
+def _side(seconds: float, steps: int, batch: int, memory: float, model, flops: float, how: str) -> dict:
+    return {"how": how, "steps": steps, "s_per_step": seconds / steps, "samples_per_s": batch * steps / seconds,
+            "peak_step_mb": memory, "parameters": sum(p.numel() for p in model.parameters()),
+            "forward_flops_per_sample": flops}
+
+
+def run(shape: str = "demo", size: int | None = None, steps: int | None = None, threads: int = 2) -> dict:
+    from mmpt.distributed import init_distributed, shutdown_distributed
+
+    if shape not in SHAPES:
+        raise ValueError(f"--shape {shape!r}: one of {', '.join(SHAPES)}")
+    batch = size or (32 if shape == "demo" else 8)
+    steps = steps or (20 if shape == "demo" else 3)
+    warmup = 3 if shape == "demo" else 1
+    torch.set_num_threads(threads)
+    init_distributed()  # DeepSpeed needs a process group: one local gloo rank
+    dims = SHAPES[shape]
+    batches = make_batches(dims, batch, warmup + steps)
+    with contextlib.redirect_stdout(None):
+        oc = open_clip_side(dims, batch, batches, warmup)
+        moe = mmpt_side(dims, batch, batches, warmup, "moe")
+        dense = mmpt_side(dims, batch, batches, warmup, "dense")
+    shutdown_distributed()
+    ratio = moe["samples_per_s"] / oc["samples_per_s"]
+    return {"bench": "step", "shape": shape, **dims, "batch": batch, "timed_steps": steps, "warmup_steps": warmup,
+            "threads": threads, "dtype": "float32", "tokenizer": "open_clip BPE (49,408)",
+            "mmpt_moe": moe, "mmpt_dense": dense, "open_clip": oc,
+            "vs_open_clip": ratio, "vs_open_clip_dense": dense["samples_per_s"] / oc["samples_per_s"],
+            "moe_over_dense": moe["s_per_step"] / dense["s_per_step"],
+            "target": {"vs_open_clip_min": TARGET}, "meets_target": bool(math.isfinite(ratio) and ratio >= TARGET)}
