@@ -53,6 +53,10 @@ class Modality:
     inputs_per_token: Callable[..., int] = lambda cfg: 0  # values one token's projection reads (stem FLOPs)
     templates: tuple[str, ...] = ()  # default zero-shot prompts, "{}" = the class name
     carried_by: Optional[str] = None  # a modality whose files may carry this one (audio: a video's sound)
+    # Time alignment of a carried modality with its carrier (VATT): the carrier's decoder that also returns the
+    # (start, end) seconds it covers, and the carried one's decoder taking that window as a last argument.
+    timed: Optional[Callable] = None
+    in_window: Optional[Callable] = None
     inline: bool = False  # manifests hold the content itself (a caption), not a file path
     shard_keys: dict[str, str] = field(default_factory=dict)  # extension -> key written to shards (jpeg: jpg)
 
@@ -185,6 +189,7 @@ register(Modality(
     stem_input=lambda x, frames: x.permute(0, 2, 1, 3, 4),  # (B, T, 3, H, W) -> (B, 3, T, H, W)
     to_float=pixels_to_float,
     sample_shape=lambda d: (d.video.num_frames, 3, d.image_size, d.image_size), sample_dtype=torch.uint8,
+    timed=_media("decode_video_timed"),
     inputs_per_token=lambda c: 3 * c.video.tubelet * c.patch_size ** 2,
     templates=("a video of {}.", "a video of a person {}.", "a clip of {}.")))
 register(Modality(
@@ -195,6 +200,7 @@ register(Modality(
     tokens=lambda c: (c.audio.frames // c.audio.patch) * (c.audio.mel // c.audio.patch),
     stem_input=lambda x, frames: x.unsqueeze(2),  # (B, 1, F, M) spectrogram -> one-frame volume
     sample_shape=lambda d: (1, d.audio.num_frames, d.audio.num_mel_bins), sample_dtype=torch.float16,
+    in_window=_media("decode_audio"),
     inputs_per_token=lambda c: c.audio.patch ** 2,
     templates=("the sound of {}.", "a sound of a {}.", "a recording of {}."),
     carried_by="video"))

@@ -15,6 +15,9 @@ def test_bench_data_prints_one_json_object_with_peers():
     image = result["image-text"]
     assert image["ours"]["samples"] == image["open_clip"]["samples"] == 64
     assert result["vs_open_clip"] == image["ours"]["samples_per_s"] / image["open_clip"]["samples_per_s"]
+    same = result["image-text_same_output"]  # full-res decode, open_clip's crop, 77 tokens, float32 batches
+    assert same["ours"]["samples"] == 64 and same["vs_open_clip"] == (same["ours"]["samples_per_s"]
+                                                                       / image["open_clip"]["samples_per_s"])
     assert result["video-text"]["decord_raw"]["same_frames_per_s"] > 0
     assert result["audio-text"]["samples_per_s"] > 0
     for pair in ("image-text", "video-text", "audio-text"):  # with the default augmentation and without

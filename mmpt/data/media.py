@@ -48,6 +48,7 @@ class DecodeSpec:
     video: VideoConfig = field(default_factory=VideoConfig)
     audio: AudioConfig = field(default_factory=AudioConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)  # train=True only
+    jpeg_draft: bool = True  # decode JPEGs at 1/2, 1/4 or 1/8 size when that still covers image_size
 
     @classmethod
     def from_config(cls, cfg, augment: Optional[AugmentConfig] = None) -> DecodeSpec:
@@ -106,7 +107,8 @@ def normalize(x: torch.Tensor) -> torch.Tensor:
 
 
 def decode_image(data: bytes, spec: DecodeSpec, train: bool, rng: random.Random) -> torch.Tensor:
-    return image_to_tensor(open_image(data, target=spec.image_size), spec.image_size, train, rng, spec.augment.image)
+    target = spec.image_size if spec.jpeg_draft else None
+    return image_to_tensor(open_image(data, target=target), spec.image_size, train, rng, spec.augment.image)
 
 
 def probe_image(data: bytes) -> dict:
@@ -132,20 +134,22 @@ def _video_reader(data: bytes, size: Optional[tuple] = None):
     return vr
 
 
-def _frames(data: bytes, size: Optional[tuple], spec: DecodeSpec, train: bool, rng: random.Random) -> torch.Tensor:
-    """(T, 3, H, W) uint8 frames decoded at `size` (None: native); `rng` is left as it was found, so a retry at
-    another size draws the same frames."""
+def _frames(data: bytes, size: Optional[tuple], spec: DecodeSpec, train: bool, rng: random.Random) -> tuple:
+    """(T, 3, H, W) uint8 frames decoded at `size` (None: native) and the seconds they span; `rng` is left as
+    it was found when decoding fails, so a retry at another size draws the same frames."""
     state = rng.getstate()
     try:
         vr = _video_reader(data, size)
-        idx = frame_indices(len(vr), vr.get_avg_fps() or 25.0, spec.video, train, rng, spec.augment.video)
-        return torch.from_numpy(vr.get_batch(idx).asnumpy()).permute(0, 3, 1, 2)
+        fps = vr.get_avg_fps() or 25.0
+        idx = frame_indices(len(vr), fps, spec.video, train, rng, spec.augment.video)
+        frames = torch.from_numpy(vr.get_batch(idx).asnumpy()).permute(0, 3, 1, 2)
     except BadSample:
         rng.setstate(state)
         raise
     except Exception as e:
         rng.setstate(state)
         raise BadSample("undecodable", f"video frames: {e}") from None
+    return frames, (min(idx) / fps, (max(idx) + 1) / fps)
 
 
 def _crop(frames: torch.Tensor, size: int, train: bool, rng: random.Random) -> torch.Tensor:
@@ -192,24 +196,30 @@ def decode_video(data: bytes, spec: DecodeSpec, train: bool, rng: random.Random)
     """(T, 3, size, size) uint8 frames (normalised by the model, on the device). decord scales while decoding
     (shorter side to `size`, aspect kept: decord rejects other shapes), then one crop for all frames (train: one
     augmentation)."""
+    return decode_video_timed(data, spec, train, rng)[0]
+
+
+def decode_video_timed(data: bytes, spec: DecodeSpec, train: bool, rng: random.Random) -> tuple:
+    """decode_video's frames and the (start, end) seconds of the clip they cover: a sound track decoded for the
+    same sample takes its window there (VATT's aligned video-audio positives)."""
     size = spec.image_size
     w, h = video_size(data)
     scale = size / min(h, w)
     target = (max(size, round(w * scale)), max(size, round(h * scale)))
     try:
-        frames = _frames(data, target if target != (w, h) else None, spec, train, rng)
+        frames, span = _frames(data, target if target != (w, h) else None, spec, train, rng)
     except BadSample:
         if target == (w, h):
             raise
         # decord 0.6's scaler fails on some output sizes (64 px to 16, 24 or 48 px: "from_size == to_size"):
         # decode at the native size and resize below. The draw is redone with the same RNG state.
-        frames = _frames(data, None, spec, train, rng)
+        frames, span = _frames(data, None, spec, train, rng)
     if tuple(frames.shape[-2:]) != target[::-1]:  # decord rounded a side, or decoded at the native size
         frames = F.interpolate(frames.float(), size=target[::-1], mode="bilinear", antialias=True)
         frames = frames.round_().clamp_(0, 255).to(torch.uint8)
     if train:
-        return augment.video_frames(frames, size, spec.augment.video, rng)
-    return _crop(frames, size, train, rng)
+        return augment.video_frames(frames, size, spec.augment.video, rng), span
+    return _crop(frames, size, train, rng), span
 
 
 def probe_video(data: bytes) -> dict:
@@ -246,10 +256,12 @@ def load_waveform(data: bytes) -> tuple[torch.Tensor, int]:
     return wav, sr
 
 
-def decode_audio(data: bytes, spec: DecodeSpec, train: bool, rng: random.Random) -> torch.Tensor:
-    """(1, frames, mel) float16 normalised Kaldi log-mel fbank of a mono, resampled, cropped/padded clip. Train: a
-    random window, augmented as spec.augment.audio says (speed, noise, gain, pitch warp, SpecAugment masks);
-    eval: the centre window."""
+def decode_audio(data: bytes, spec: DecodeSpec, train: bool, rng: random.Random,
+                 window: Optional[tuple] = None) -> torch.Tensor:
+    """(1, frames, mel) float16 normalised Kaldi log-mel fbank of a mono, resampled, cropped/padded clip. With a
+    `window` (seconds: the frames a video decoded for the same sample) the clip's n samples are centred on it, in
+    training too. Train: a random window, augmented as spec.augment.audio says (speed, noise, gain, pitch warp,
+    SpecAugment masks); eval: the centre window."""
     import torchaudio
 
     aug, spec = spec.augment.audio, spec.audio
@@ -258,6 +270,8 @@ def decode_audio(data: bytes, spec: DecodeSpec, train: bool, rng: random.Random)
     if sr != spec.sample_rate:
         wav = torchaudio.functional.resample(wav, sr, spec.sample_rate)
     n = int(spec.seconds * spec.sample_rate)
+    if window is not None:  # the video frames' span: the window centred on it, inside the clip
+        wav = _centred(wav, n, (window[0] + window[1]) / 2 * spec.sample_rate)
     if train:
         wav = augment.waveform(wav, n, spec.sample_rate, aug, rng)
     elif wav.size(1) >= n:
@@ -274,6 +288,14 @@ def decode_audio(data: bytes, spec: DecodeSpec, train: bool, rng: random.Random)
     fbank = fbank[: spec.num_frames]
     fbank = augment.spec_augment(fbank, aug, rng) if train else fbank
     return fbank[None].to(torch.float16)  # half the bytes through shared memory; normalised values stay ~1e-3 exact
+
+
+def _centred(wav: torch.Tensor, n: int, centre: float) -> torch.Tensor:
+    """(1, L) -> (1, min(L, n)): the n samples centred at sample `centre`, shifted to stay inside the clip."""
+    if wav.size(1) <= n:
+        return wav
+    start = min(max(0, round(centre - n / 2)), wav.size(1) - n)
+    return wav[:, start:start + n]
 
 
 def probe_audio(data: bytes) -> dict:

@@ -174,8 +174,8 @@ def _train(cfg: Config, rank: int, world: int) -> dict:
     best = BestTracker(out_dir, cfg.eval.best)
     bar = tqdm(total=cfg.train.steps, initial=start, disable=rank != 0, desc="train", dynamic_ncols=True)
     pending = {"reasons": Counter(), "shards": Counter()}
-    window = {"t": time.time(), "n": 0, "sums": {}, "world": world, "per_token": throughput.flops_per_token(cfg),
-              "peak": throughput.peak_flops(cfg, engine)}
+    window = {"t": time.time(), "n": 0, "wait": 0.0, "sums": {}, "world": world,
+              "per_token": throughput.flops_per_token(cfg), "peak": throughput.peak_flops(cfg, engine)}
     step, last, stopped = start, {}, False
     if rank == 0:
         preempt.clear(out_dir)
@@ -183,7 +183,9 @@ def _train(cfg: Config, rank: int, world: int) -> dict:
         _save(engine, cfg, start, skipped, used, loader)
     with preempt.Preemption() as signals:
         while step < cfg.train.steps and not stopped:
+            waited = time.perf_counter()
             task, batches = loader.take(cfg.train.accumulate)
+            window["wait"] += time.perf_counter() - waited
             for batch in batches:
                 for kind, counts in batch.pop("_skipped").items():
                     pending[kind].update(counts)
@@ -292,13 +294,17 @@ def _task_means(sums: dict) -> dict:
 def _log_step(engine, losses: dict, step: int, window: dict, logger: RunLogger, bar, **extra) -> dict:
     # This step's losses (its task's, the same on every rank) and every task's means since the last log step.
     now = time.time()
-    rates = throughput.window_throughput(window["sums"], max(now - window["t"], 1e-9), window["world"],
-                                         window["per_token"], window["peak"])
+    seconds = max(now - window["t"], 1e-9)
+    rates = throughput.window_throughput(window["sums"], seconds, window["world"], window["per_token"],
+                                         window["peak"])
+    rates["loader_wait_share"] = window["wait"] / seconds  # this rank's time waiting for batches
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        rates["cuda_peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
     metrics = {**_reduce_mean({k: v.item() for k, v in losses.items()}), **_task_means(window["sums"]), **rates,
                **extra}
     metrics["samples_per_s"] = window["n"] / max(now - window["t"], 1e-9)
     metrics["lr"] = engine.get_lr()[0]
-    window.update(t=now, n=0)
+    window.update(t=now, n=0, wait=0.0)
     logger.log(step, metrics)
     bar.set_postfix(loss=f"{metrics['loss']:.3f}", sps=f"{metrics['samples_per_s']:.0f}")
     return metrics
