@@ -68,7 +68,9 @@ def _merge(base: dict, extra: dict) -> dict:
     return base
 
 
-def deepspeed_config(cfg, world_size: int, load_universal: bool = False) -> dict:
+def deepspeed_config(cfg, world_size: int, load_universal: bool = False, num_params: int | None = None) -> dict:
+    """num_params: the model's; ZeRO 1-2 buckets are capped at it (DeepSpeed's default, 5e8 elements, is a
+    2 GB fp32 buffer per step for a 15M-parameter model). `deepspeed.extra` overrides anything here."""
     ds = {
         "train_micro_batch_size_per_gpu": cfg.data.batch_size,
         "gradient_accumulation_steps": cfg.train.accumulate,
@@ -79,6 +81,9 @@ def deepspeed_config(cfg, world_size: int, load_universal: bool = False) -> dict
         "steps_per_print": 10**9,
         "zero_allow_untested_optimizer": True,
     }
+    if num_params and cfg.deepspeed.zero_stage in (1, 2):
+        bucket = int(min(500_000_000, max(1_000_000, num_params))) // 512 * 512  # DeepSpeed: multiples of its alignment
+        ds["zero_optimization"].update(reduce_bucket_size=bucket, allgather_bucket_size=bucket)
     if load_universal:  # resuming on another world size (mmpt.train.reshard)
         ds["checkpoint"] = {"load_universal": True}
     return _merge(ds, cfg.deepspeed.extra)
@@ -132,5 +137,6 @@ def build_engine(module: nn.Module, cfg, world_size: int, load_universal: bool =
     optimizer = adamw(groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(o.warmup_steps, cfg.train.steps))
     engine, _, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, lr_scheduler=scheduler,
-                                           config=deepspeed_config(cfg, world_size, load_universal))
+                                           config=deepspeed_config(cfg, world_size, load_universal,
+                                                                  sum(p.numel() for p in module.parameters())))
     return engine

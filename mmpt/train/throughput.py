@@ -19,15 +19,19 @@ def flops_per_token(cfg) -> dict:
     """modality -> training FLOPs per encoder token (3 x forward, from mmpt model info)."""
     from mmpt.model.info import model_info
 
-    info = model_info(cfg)
+    with torch.random.fork_rng(devices=[]):  # the model is built on the meta device; keep the CPU RNG anyway
+        info = model_info(cfg)
     return {m: 3e9 * g / max(1, info["tokens_per_sample"][m]) for m, g in info["gflops_per_sample"].items()}
 
 
 def matmul_peak(device: torch.device, dtype: torch.dtype, seconds: float = 0.5) -> float:
     """FLOP/s of square matmuls on this device in this dtype (n = 4096 on a GPU, 1024 on a CPU)."""
     n = 4096 if device.type == "cuda" else 1024
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
+    # A generator of its own: drawing from the global one would shift the training RNG (dropout, DropToken) of
+    # a resumed run against a straight one.
+    gen = torch.Generator(device=device).manual_seed(0)
+    a = torch.randn(n, n, device=device, dtype=dtype, generator=gen)
+    b = torch.randn(n, n, device=device, dtype=dtype, generator=gen)
     a @ b  # warm-up (kernel selection)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     sync()
