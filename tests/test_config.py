@@ -100,3 +100,22 @@ def test_cli_config_error_is_one_line_and_nonzero():
     lines = proc.stderr.strip().splitlines()
     assert lines == ["mmpt train: error: unknown key 'model.widht' (valid: " + lines[0].split("(valid: ")[1]]
     assert "Traceback" not in proc.stderr
+
+
+def test_task_terms_name_the_pair_and_field():
+    from mmpt.data.stream import tasks_from_config
+
+    with pytest.raises(ConfigError, match=r"data.tasks.text-image: no source feeds this pair .*spelled 'image-text'"):
+        load_config("demo", ["data.tasks={text-image: {batch_size: 8}}"])
+    with pytest.raises(ConfigError, match=r"data.tasks.video-text.image_size=20: a multiple of model.patch_size=8"):
+        load_config("demo", ["data.tasks={video-text: {image_size: 20}}"])
+    with pytest.raises(ConfigError, match=r"data.tasks.image-text.drop_token.video=0.5: needs a modality of the pair"):
+        load_config("demo", ["data.tasks={image-text: {drop_token: {video: 0.5}}}"])
+    with pytest.raises(ConfigError, match=r"unknown key 'data.tasks.image-text.batch'"):
+        load_config("demo", ["data.tasks={image-text: {batch: 8}}"])
+    cfg = load_config("demo", ["data.tasks={video-text: {batch_size: 4, image_size: 16, num_frames: 4, "
+                               "audio_seconds: 0.5, loss_weight: 0.5}}"])
+    tasks, _ = tasks_from_config(cfg, expand=False)
+    video, image = tasks["video-text"], tasks["image-text"]
+    assert (video.batch_size, video.loss_weight, video.spec.image_size, video.spec.video.num_frames) == (4, 0.5, 16, 4)
+    assert (image.batch_size, image.spec.image_size) == (32, 32)  # untouched tasks keep the run's terms

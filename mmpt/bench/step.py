@@ -6,7 +6,7 @@
 What one step is on each side:
 - mmpt: `mmpt.train.loop.train_step` on a DeepSpeed engine (one gloo process), the function the training loop
   runs. Headline at ZeRO stage 0, what one process needs (ZeRO partitions nothing across one rank and on CPU
-  its flattening costs ~50% of this step); `mmpt_moe_zero2` is the same step under ZeRO-2, the demo's setting.
+  its flattening costs ~20% of this step); `mmpt_moe_zero2` is the same step under ZeRO-2, the demo's setting.
   The step: forward of the shared trunk (MoE as the demo config, or dense), contrastive + caption +
   MoE losses, backward, gradient clipping, AdamW, LR schedule. Images enter as uint8 and are normalised in
   the step, as in training.
