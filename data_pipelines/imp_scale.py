@@ -57,8 +57,9 @@ def overrides(args, name: str, out: Path) -> list:
     if args.cpu_smoke:
         return over + SMOKE + [f"data.tasks={json.dumps(SMOKE_TASKS)}"]
     if args.batch:
-        tasks = load_config(name).data.tasks
-        base = tasks["image-text"].batch_size if "image-text" in tasks else load_config(name).data.batch_size
+        data = load_config(name).data
+        tasks = data.tasks
+        base = (tasks["image-text"].batch_size if "image-text" in tasks else None) or data.batch_size
         scaled = {k: {**_terms(v), "batch_size": max(1, round((v.batch_size or base) * args.batch / base))}
                   for k, v in tasks.items()}
         over += [f"data.batch_size={args.batch}", f"data.tasks={json.dumps(scaled)}"]

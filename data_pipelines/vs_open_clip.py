@@ -70,11 +70,6 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 MODEL_NAME = "coca_mmpt_demo"  # "coca" in the name: open_clip_train picks CoCaLoss by it
 TARGET = {"top1_ratio_min": 1.0, "time_per_step_ratio_max": 0.7}
-# open_clip's training transform as shipped (image_transform(is_train=True), default aug_cfg): RandomResizedCrop
-# with scale (0.9, 1), torchvision's ratio (3/4, 4/3), no flip, no colour jitter. `--augment same` gives mmpt
-# this crop (mmpt resamples bilinear, open_clip bicubic: the one difference left).
-OPEN_CLIP_TRAIN_AUGMENT = {"crop": "resized", "scale": [0.9, 1.0], "ratio": [0.75, 1.3333], "flip_p": 0.0,
-                           "jitter_p": 0.0, "randaugment_ops": 0}
 
 # Both sides tokenize with open_clip's full BPE (the demo config's own is clip-bpe-8k, a cut of it).
 OPEN_CLIP_BPE = {"data.tokenizer": "openclip", "model.vocab_size": 49408, "model.sot_id": 49406,
@@ -92,27 +87,6 @@ def shape_from_demo() -> dict:
             "image_size": m.image_size, "context_length": m.context_length, "embed_dim": m.embed_dim,
             "vocab_size": OPEN_CLIP_BPE["model.vocab_size"], "decoder_layers": m.decoder_layers,
             "decoder_cross_layers": m.decoder_cross_layers}
-
-
-def open_clip_model_config(shape: dict) -> dict:
-    """A CoCa config of the same shape: separate 4-layer towers, 1 multimodal layer (causal + cross block)."""
-    w, h = shape["width"], shape["heads"]
-    return {
-        "embed_dim": shape["embed_dim"],
-        "vision_cfg": {"image_size": shape["image_size"], "layers": shape["depth"], "width": w, "head_width": w // h,
-                       "mlp_ratio": shape["mlp_ratio"], "patch_size": shape["patch_size"], "attentional_pool": True,
-                       # one query's output is the contrastive embedding, all of them the decoder's context:
-                       # as many as the image has patches, 16 here (mmpt: the 16 patch tokens)
-                       "attn_pooler_queries": (shape["image_size"] // shape["patch_size"]) ** 2,
-                       "attn_pooler_heads": h, "output_tokens": True},
-        "text_cfg": {"context_length": shape["context_length"], "vocab_size": shape["vocab_size"], "width": w,
-                     "heads": h, "layers": shape["depth"], "mlp_ratio": shape["mlp_ratio"], "embed_cls": True,
-                     "output_tokens": True},
-        "multimodal_cfg": {"context_length": shape["context_length"], "vocab_size": shape["vocab_size"], "width": w,
-                           "heads": h, "layers": shape["decoder_cross_layers"], "mlp_ratio": shape["mlp_ratio"],
-                           "attn_pooler_heads": h},
-        "custom_text": True,
-    }
 
 
 def shard_urls(spec: str) -> list:
@@ -144,7 +118,11 @@ def mmpt_overrides(s: dict) -> list:
     if s["trunk"] == "dense":
         over.append("model.moe.num_experts=0")
     if s["augment"] == "same":
-        over.append("data.augment=" + json.dumps({"image": OPEN_CLIP_TRAIN_AUGMENT}))
+        # open_clip's training crop (mmpt.bench.data.OPEN_CLIP_CROP); mmpt resamples bilinear, open_clip bicubic:
+        # the one difference left
+        from mmpt.bench.data import OPEN_CLIP_CROP
+
+        over.append("data.augment=" + json.dumps({"image": OPEN_CLIP_CROP}))
     return over + list(s["mmpt_overrides"])
 
 
@@ -233,14 +211,6 @@ def sample_batch(train_urls: list, n: int) -> tuple:
     return texts
 
 
-def count_flops(fn) -> int:
-    from torch.utils.flop_counter import FlopCounterMode
-
-    with FlopCounterMode(display=False) as counter:  # grad on: the module tracker's hooks need it
-        fn()
-    return int(counter.get_total_flops())
-
-
 def param_counts(model, embedding_tables: list) -> dict:
     total = sum(p.numel() for p in model.parameters())
     emb = sum(t.numel() for t in embedding_tables)
@@ -256,10 +226,12 @@ def run_open_clip(s: dict) -> dict:
     import torch
     import webdataset as wds
 
+    from mmpt.bench.step import open_clip_config
+
     set_threads(s["threads"])
     work = Path(s["workdir"])
     cfg_path = work / f"{MODEL_NAME}.json"
-    cfg_path.write_text(json.dumps(open_clip_model_config(s["shape"]), indent=1))
+    cfg_path.write_text(json.dumps(open_clip_config(s["shape"]), indent=1))
     open_clip.add_model_config(cfg_path)
     # open_clip 3.3.0's tarfile_to_samples_nothrow fails on webdataset 1.0's end-of-shard markers (KeyError
     # 'fname'); its comment says it re-implements wds.tarfile_to_samples: use that one (as mmpt/bench/data.py).
@@ -296,7 +268,7 @@ def run_open_clip(s: dict) -> dict:
     model.load_state_dict({k.removeprefix("module."): v for k, v in state.items()})
     zs = open_clip_zeroshot(model, preprocess_val, s)
     return {**info, "argv": ["python", "-m", "open_clip_train.main", *open_clip_argv(s)],
-            "model_config": open_clip_model_config(s["shape"]), "steps": len(rec.losses),
+            "model_config": open_clip_config(s["shape"]), "steps": len(rec.losses),
             "timing": rec.timing(s["timing_skip"]), "wall_s": wall, "losses": loss_summary(rec.losses),
             "logit_scale_final": float(model.logit_scale.detach().exp()), "zeroshot": zs}
 
@@ -304,6 +276,8 @@ def run_open_clip(s: dict) -> dict:
 def describe_open_clip(s: dict) -> dict:
     import open_clip
     import torch
+
+    from mmpt.bench.common import count_flops
 
     with contextlib.redirect_stdout(sys.stderr):
         model, preprocess_train, _ = open_clip.create_model_and_transforms(MODEL_NAME, precision="fp32")
@@ -394,6 +368,7 @@ def mmpt_augment(cfg):
 def describe_mmpt(cfg, s: dict) -> dict:
     import torch
 
+    from mmpt.bench.common import count_flops
     from mmpt.data.tokenizer import tokenize
     from mmpt.losses import objective
     from mmpt.model import build_for_run

@@ -65,3 +65,12 @@ def peak_mb(step) -> float:
     with PeakMemory() as tracker:
         step()
     return tracker.peak / 2**20
+
+
+def count_flops(fn) -> int:
+    """FLOPs of one call of `fn` (torch's FlopCounterMode: matmuls, convolutions, attention)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:  # grad on: the module tracker's hooks need it
+        fn()
+    return int(counter.get_total_flops())

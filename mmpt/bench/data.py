@@ -32,8 +32,10 @@ from mmpt.data.shards import list_shards, write_shards
 from mmpt.data.stream import TaskConfig, TaskLoader
 from mmpt.modality import ordered, pixels_to_float
 
-# open_clip's training transform as shipped: RandomResizedCrop(scale 0.9-1, torchvision's ratio), no flip/jitter
-OPEN_CLIP_CROP = {"crop": "resized", "scale": [0.9, 1.0], "ratio": [0.75, 1.3333], "flip_p": 0.0, "jitter_p": 0.0}
+# open_clip's training transform as shipped (image_transform(is_train=True), default aug_cfg): RandomResizedCrop
+# with scale (0.9, 1), torchvision's ratio (3/4, 4/3), no flip, no colour jitter (also data_pipelines/vs_open_clip.py)
+OPEN_CLIP_CROP = {"crop": "resized", "scale": [0.9, 1.0], "ratio": [0.75, 1.3333], "flip_p": 0.0, "jitter_p": 0.0,
+                  "randaugment_ops": 0}
 CAPTIONS = ["a rabbit in a green meadow", "an animated forest scene with trees", "a cartoon character close up"]
 
 

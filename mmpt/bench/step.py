@@ -37,7 +37,8 @@ from pathlib import Path
 
 import torch
 
-from mmpt.bench.common import peak_mb
+from mmpt.bench.common import count_flops, peak_mb
+from mmpt.modality import pixels_to_float
 
 TARGET = 1.5
 SHAPES = {  # shared by both sides; demo = mmpt/configs/demo.yaml's image-text shape
@@ -68,27 +69,25 @@ def make_batches(shape: dict, batch: int, n: int, seed: int = 0) -> list:
     return out
 
 
-def normalized(images: torch.Tensor) -> torch.Tensor:
-    from mmpt.data.media import normalize
-
-    return normalize(images.float().div(255))
-
-
 # ---- open_clip -----------------------------------------------------------------------------------------------
 
 def open_clip_config(shape: dict) -> dict:
-    w, h = shape["width"], shape["heads"]
-    tokens = (shape["image_size"] // shape["patch_size"]) ** 2
+    """open_clip's CoCa of the same shape as mmpt's model: separate towers of `depth` layers, one multimodal layer
+    (a causal and a cross-attending block); the attentional pooler has a query per image patch, one of whose
+    outputs is the contrastive embedding and all of them the decoder's context (mmpt: the patch tokens).
+    Shared with data_pipelines/vs_open_clip.py."""
+    w, h, vocab = shape["width"], shape["heads"], shape.get("vocab_size", BPE["vocab_size"])
     return {
         "embed_dim": shape["embed_dim"],
         "vision_cfg": {"image_size": shape["image_size"], "layers": shape["depth"], "width": w, "head_width": w // h,
                        "mlp_ratio": shape["mlp_ratio"], "patch_size": shape["patch_size"], "attentional_pool": True,
-                       "attn_pooler_queries": min(tokens, 256), "attn_pooler_heads": h, "output_tokens": True},
-        "text_cfg": {"context_length": shape["context_length"], "vocab_size": BPE["vocab_size"], "width": w,
-                     "heads": h, "layers": shape["depth"], "mlp_ratio": shape["mlp_ratio"], "embed_cls": True,
+                       "attn_pooler_queries": (shape["image_size"] // shape["patch_size"]) ** 2,
+                       "attn_pooler_heads": h, "output_tokens": True},
+        "text_cfg": {"context_length": shape["context_length"], "vocab_size": vocab, "width": w, "heads": h,
+                     "layers": shape["depth"], "mlp_ratio": shape["mlp_ratio"], "embed_cls": True,
                      "output_tokens": True},
-        "multimodal_cfg": {"context_length": shape["context_length"], "vocab_size": BPE["vocab_size"], "width": w,
-                           "heads": h, "layers": shape["decoder_cross_layers"], "mlp_ratio": shape["mlp_ratio"],
+        "multimodal_cfg": {"context_length": shape["context_length"], "vocab_size": vocab, "width": w, "heads": h,
+                           "layers": shape["decoder_cross_layers"], "mlp_ratio": shape["mlp_ratio"],
                            "attn_pooler_heads": h},
         "custom_text": True,
     }
@@ -136,7 +135,7 @@ def open_clip_side(shape: dict, batch: int, batches: list, warmup: int) -> dict:
     total = len(batches) * 2
     scheduler = cosine_lr(opt, args.lr, args.warmup, total)
     loss = create_loss(args)
-    data = [(normalized(im), txt) for im, txt in batches]
+    data = [(pixels_to_float(im, torch.float32), txt) for im, txt in batches]
 
     def run(part: list, epoch: int) -> None:
         train_one_epoch(model, {"train": DataInfo(ListLoader(part))}, loss, epoch, opt, None, scheduler, None, args)
@@ -146,7 +145,7 @@ def open_clip_side(shape: dict, batch: int, batches: list, warmup: int) -> dict:
     run(data[warmup:], 1)
     seconds = time.perf_counter() - start
     memory = peak_mb(lambda: run(data[:1], 2))
-    flops = _flops(lambda: model(data[0][0], data[0][1])) / batch
+    flops = count_flops(lambda: model(data[0][0], data[0][1])) / batch
     return _side(seconds, len(data) - warmup, batch, memory, model, flops,
                  "open_clip_train.train.train_one_epoch (CoCa, CoCaLoss, AdamW, cosine_lr)")
 
@@ -187,20 +186,12 @@ def mmpt_side(shape: dict, batch: int, batches: list, warmup: int, trunk: str, s
     run(data[warmup:])
     seconds = time.perf_counter() - start
     memory = peak_mb(lambda: run(data[:1]))
-    flops = _flops(lambda: model({"image": data[0]["image"], "text": data[0]["text"]})) / batch
+    flops = count_flops(lambda: model({"image": data[0]["image"], "text": data[0]["text"]})) / batch
     return _side(seconds, len(data) - warmup, batch, memory, model, flops,
                  f"mmpt.train.loop.train_step on a DeepSpeed ZeRO-{stage} engine ({trunk} trunk)")
 
 
 # ---- both ----------------------------------------------------------------------------------------------------
-
-def _flops(fn) -> int:
-    from torch.utils.flop_counter import FlopCounterMode
-
-    with FlopCounterMode(display=False) as counter:
-        fn()
-    return int(counter.get_total_flops())
-
 
 def _side(seconds: float, steps: int, batch: int, memory: float, model, flops: float, how: str) -> dict:
     return {"how": how, "steps": steps, "s_per_step": seconds / steps, "samples_per_s": batch * steps / seconds,

@@ -99,13 +99,6 @@ def image_to_tensor(img: Image.Image, size: int, train: bool, rng: random.Random
     return augment.pixel_ops(x, aug, rng) if train else x
 
 
-def normalize(x: torch.Tensor) -> torch.Tensor:
-    """(..., 3, H, W) in [0, 1] -> CLIP-normalised."""
-    mean = torch.tensor(MEAN).view(3, 1, 1)
-    std = torch.tensor(STD).view(3, 1, 1)
-    return (x - mean) / std
-
-
 def decode_image(data: bytes, spec: DecodeSpec, train: bool, rng: random.Random) -> torch.Tensor:
     target = spec.image_size if spec.jpeg_draft else None
     return image_to_tensor(open_image(data, target=target), spec.image_size, train, rng, spec.augment.image)

@@ -54,10 +54,15 @@ def clear_grad_partitions(engine) -> None:
                 flat.grad.zero_()
 
 
+def half_dtype(engine) -> torch.dtype | None:
+    """The half-precision dtype the engine computes in (bf16 or fp16 mode), None in fp32."""
+    return torch.bfloat16 if engine.bfloat16_enabled() else torch.float16 if engine.fp16_enabled() else None
+
+
 def to_engine(batch: dict, engine) -> dict:
     """A loader batch (CPU) -> the engine's device; float media in the dtype the engine computes in
     (DeepSpeed's bf16/fp16 modes cast the module itself, not its inputs). Token ids stay integers."""
-    half = torch.bfloat16 if engine.bfloat16_enabled() else torch.float16 if engine.fp16_enabled() else None
+    half = half_dtype(engine)
     return {k: v.to(engine.device, dtype=half if v.is_floating_point() else None, non_blocking=True)
             for k, v in batch.items()}
 

@@ -50,8 +50,9 @@ def peak_flops(cfg, engine) -> float:
     """Per device: train.peak_tflops, else the matmul probe in the engine's dtype."""
     if cfg.train.peak_tflops:
         return cfg.train.peak_tflops * 1e12
-    dtype = torch.bfloat16 if engine.bfloat16_enabled() else torch.float16 if engine.fp16_enabled() else torch.float32
-    return matmul_peak(engine.device, dtype)
+    from mmpt.train.engine import half_dtype
+
+    return matmul_peak(engine.device, half_dtype(engine) or torch.float32)
 
 
 def window_throughput(sums: dict, seconds: float, world: int, per_token: dict, peak: float) -> dict:
