@@ -4,8 +4,9 @@ agree. `validate(cfg)` runs on every loaded config (`mmpt.config.load_config`, `
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
-from typing import Any
+from typing import Any, Optional
 
 from mmpt.config import AudioAugment, AugmentConfig, Config, ConfigError, ImageAugment, source_augment
 
@@ -24,16 +25,30 @@ _NON_NEGATIVE = """data.num_workers data.worker_timeout data.shuffle_buffer data
     optim.warmup_steps optim.grad_clip train.keep_checkpoints eval.workers eval.every""".split()
 
 
-def _signs(cfg: Config) -> None:
+Rule = tuple[str, object, bool, str]  # (key, value, holds, what it needs)
+
+
+def _sign_rules(cfg: Config) -> list[Rule]:
+    rules = []
     for key in _POSITIVE + _NON_NEGATIVE:
         value: Any = functools.reduce(getattr, key.split("."), cfg)
         positive = key in _POSITIVE
-        if value is not None and (value <= 0 if positive else value < 0):
-            raise ConfigError(f"{key}={value}: must be {'positive' if positive else '>= 0'}")
+        holds = value is None or (value > 0 if positive else value >= 0)
+        rules.append((key, value, holds, "must be positive" if positive else "must be >= 0"))
+    return rules
 
 
-def _rules(cfg: Config) -> list[tuple[str, object, bool, str]]:
-    """(key, value, holds, what it needs); built after `_signs`, so nothing here divides by zero."""
+def _broken(rules: list[Rule]) -> Optional[tuple[str, object, str]]:
+    return next(((key, value, need) for key, value, holds, need in rules if not holds), None)
+
+
+def _value_problem(cfg: Config) -> Optional[tuple[str, object, str]]:
+    """The first broken sign or value rule; `_rules` is built only once the signs hold (no division by zero)."""
+    return _broken(_sign_rules(cfg)) or _broken(_rules(cfg))
+
+
+def _rules(cfg: Config) -> list[Rule]:
+    """Built after `_sign_rules` hold, so nothing here divides by zero."""
     d, m, o, e = cfg.data, cfg.model, cfg.optim, cfg.eval
     video, audio = "video" in m.modalities, "audio" in m.modalities
     fbank = min(d.audio.num_mel_bins, d.audio.num_frames)
@@ -68,7 +83,7 @@ def _power_of_two(n: int) -> bool:
     return n >= 2 and n & (n - 1) == 0
 
 
-def _interval(key: str, value: list, lo: float, hi: float, what: str = "") -> tuple[str, object, bool, str]:
+def _interval(key: str, value: list, lo: float, hi: float, what: str = "") -> Rule:
     """[a, b] with lo <= a <= b <= hi; lo = 0.0 means 0 < a (a positive lower end)."""
     holds = len(value) == 2 and (value[0] > 0 if lo == 0.0 else value[0] >= lo) and value[0] <= value[1] <= hi
     low = "0 < min" if lo == 0.0 else f"{lo:g} <= min"
@@ -76,7 +91,7 @@ def _interval(key: str, value: list, lo: float, hi: float, what: str = "") -> tu
     return key, value, holds, f"needs [min, max] with {low} <= max{high}{what}"
 
 
-def _pixel_rules(p: str, a: ImageAugment) -> list[tuple[str, object, bool, str]]:
+def _pixel_rules(p: str, a: ImageAugment) -> list[Rule]:
     """Image and video augmentation (video adds its stride_scale)."""
     rules = [_interval(f"{p}.scale", a.scale, 0.0, 1.0, " (fractions of the image area)"),
              _interval(f"{p}.ratio", a.ratio, 0.0, float("inf"), " (width / height)"),
@@ -92,7 +107,7 @@ def _pixel_rules(p: str, a: ImageAugment) -> list[tuple[str, object, bool, str]]
     return rules
 
 
-def _audio_rules(p: str, a: AudioAugment) -> list[tuple[str, object, bool, str]]:
+def _audio_rules(p: str, a: AudioAugment) -> list[Rule]:
     rules = [_interval(f"{p}.speed", a.speed, 0.5, 2.0),
              _interval(f"{p}.pitch_semitones", a.pitch_semitones, -6.0, 6.0),
              _interval(f"{p}.gain_db", a.gain_db, -60.0, 60.0),
@@ -104,13 +119,13 @@ def _audio_rules(p: str, a: AudioAugment) -> list[tuple[str, object, bool, str]]
                     for k in ("freq_masks", "freq_mask_width", "time_masks", "time_mask_width")]
 
 
-def augment_rules(prefix: str, aug: AugmentConfig) -> list[tuple[str, object, bool, str]]:
+def augment_rules(prefix: str, aug: AugmentConfig) -> list[Rule]:
     """The rules of one resolved augmentation (data.augment, or a source's: data.sources[i].augment)."""
     return (_pixel_rules(f"{prefix}.image", aug.image) + _pixel_rules(f"{prefix}.video", aug.video)
             + _audio_rules(f"{prefix}.audio", aug.audio))
 
 
-def _augment_rules(cfg: Config) -> list[tuple[str, object, bool, str]]:
+def _augment_rules(cfg: Config) -> list[Rule]:
     rules = augment_rules("data.augment", cfg.data.augment)
     for i, src in enumerate(cfg.data.sources):
         if src.augment is not None:  # resolving names a bad key or type of the override
@@ -121,18 +136,51 @@ def _augment_rules(cfg: Config) -> list[tuple[str, object, bool, str]]:
 def validate(cfg: Config) -> Config:
     """Raise ConfigError naming the first key that breaks a rule (types and Literal choices are checked while
     loading)."""
-    _signs(cfg)
-    for key, value, holds, need in _rules(cfg) + _augment_rules(cfg):
-        if not holds:
-            raise ConfigError(f"{key}={value}: {need}")
+    _raise(_value_problem(cfg) or _broken(_augment_rules(cfg)))
     _validate_modalities(cfg)
     _validate_tasks(cfg)
     _validate_moe(cfg)
     return cfg
 
 
+def _raise(problem: Optional[tuple[str, object, str]]) -> None:
+    if problem is not None:
+        key, value, need = problem
+        raise ConfigError(f"{key}={value}: {need}")
+
+
+# data.tasks.<pair> terms that stand in for a run-wide key; the task's view of the run (that key replaced) goes
+# through the same rules as the run, so a task term is held to what its twin is (signs, patch multiples, fbank
+# frames against the audio patch, ...).
+TASK_TWINS = {"batch_size": "data.batch_size", "image_size": "model.image_size",
+              "num_frames": "data.video.num_frames", "audio_seconds": "data.audio.seconds"}
+
+
+def _replaced(node: Any, path: list[str], value: object) -> Any:
+    """A copy of the dataclass tree `node` with the field at `path` set to `value`."""
+    inner = value if len(path) == 1 else _replaced(getattr(node, path[0]), path[1:], value)
+    return dataclasses.replace(node, **{path[0]: inner})
+
+
+def _check_task_term(cfg: Config, pair: str, term: str, value: object) -> None:
+    """Raise naming data.tasks.<pair>.<term> when the run, with the term in its twin's place, breaks a rule."""
+    twin = TASK_TWINS[term]
+    problem = _value_problem(_replaced(cfg, twin.split("."), value))
+    if problem is not None:
+        key, broken, need = problem
+        where = f"data.tasks.{pair}.{term}={value}"
+        raise ConfigError(f"{where}: {need}" if key == twin else f"{where} (as {twin}): {key}={broken}: {need}")
+
+
+def _drop_token_rules(prefix: str, rates: dict, allowed, what: str) -> list[Rule]:
+    """model.drop_token and a task's: each rate in [0, 1), for a modality in `allowed`."""
+    return [(f"{prefix}.{mod}", rate, mod in allowed and 0.0 <= rate < 1.0, f"needs {what} and a rate in [0, 1)")
+            for mod, rate in rates.items()]
+
+
 def _validate_tasks(cfg: Config) -> None:
-    """data.tasks: keys are the pairs data.sources feed, spelled as mmpt.modality spells them; values in range."""
+    """data.tasks: keys are the pairs data.sources feed, spelled as mmpt.modality spells them; each term held to
+    its run-wide twin's rules."""
     from mmpt.modality import pair_name
 
     fed = {pair_name(*s.modalities) for s in cfg.data.sources}
@@ -142,20 +190,13 @@ def _validate_tasks(cfg: Config) -> None:
         if key not in fed:
             hint = f"; it is spelled '{spelled}'" if spelled and spelled != key else ""
             raise ConfigError(f"data.tasks.{key}: no source feeds this pair (tasks: {', '.join(sorted(fed))}){hint}")
-        rules = [("batch_size", t.batch_size, t.batch_size is None or t.batch_size > 0, "must be positive"),
-                 ("loss_weight", t.loss_weight, t.loss_weight > 0, "must be positive"),
-                 ("image_size", t.image_size, t.image_size is None or (t.image_size >= cfg.model.patch_size and
-                  t.image_size % cfg.model.patch_size == 0), f"a multiple of model.patch_size={cfg.model.patch_size}"),
-                 ("num_frames", t.num_frames, t.num_frames is None or t.num_frames >= cfg.model.video.tubelet,
-                  f"at least model.video.tubelet={cfg.model.video.tubelet}"),
-                 ("audio_seconds", t.audio_seconds, t.audio_seconds is None or t.audio_seconds > 0, "must be positive")]
-        for field_name, value, holds, need in rules:
-            if not holds:
-                raise ConfigError(f"data.tasks.{key}.{field_name}={value}: {need}")
-        for mod, rate in (t.drop_token or {}).items():
-            if mod not in names or not 0.0 <= rate < 1.0:
-                raise ConfigError(f"data.tasks.{key}.drop_token.{mod}={rate}: needs a modality of the pair and a "
-                                  "rate in [0, 1)")
+        for term in TASK_TWINS:
+            if getattr(t, term) is not None:
+                _check_task_term(cfg, key, term, getattr(t, term))
+        # No run-wide twin: loss.*_weight weigh loss terms, this weighs a whole task (0 would train it for nothing)
+        _raise(_broken([(f"data.tasks.{key}.loss_weight", t.loss_weight, t.loss_weight > 0, "must be positive")]
+                       + _drop_token_rules(f"data.tasks.{key}.drop_token", t.drop_token or {}, names,
+                                           "a modality of the pair")))
 
 
 def _validate_modalities(cfg: Config) -> None:
@@ -165,9 +206,7 @@ def _validate_modalities(cfg: Config) -> None:
     for mod in m.modalities:
         if mod not in MODALITIES:
             raise ConfigError(f"model.modalities: unknown modality '{mod}' (known: {known}; more come from plugins)")
-    for mod, rate in m.drop_token.items():
-        if mod not in MODALITIES or not 0.0 <= rate < 1.0:
-            raise ConfigError(f"model.drop_token.{mod}={rate}: needs a known modality and a rate in [0, 1)")
+    _raise(_broken(_drop_token_rules("model.drop_token", m.drop_token, MODALITIES, "a known modality")))
     if not cfg.data.sources:
         raise ConfigError("data.sources: at least one source is needed")
     for i, src in enumerate(cfg.data.sources):

@@ -107,7 +107,8 @@ def test_task_terms_name_the_pair_and_field():
 
     with pytest.raises(ConfigError, match=r"data.tasks.text-image: no source feeds this pair .*spelled 'image-text'"):
         load_config("demo", ["data.tasks={text-image: {batch_size: 8}}"])
-    with pytest.raises(ConfigError, match=r"data.tasks.video-text.image_size=20: a multiple of model.patch_size=8"):
+    with pytest.raises(ConfigError,
+                       match=r"data.tasks.video-text.image_size=20: must be divisible by model.patch_size=8"):
         load_config("demo", ["data.tasks={video-text: {image_size: 20}}"])
     with pytest.raises(ConfigError, match=r"data.tasks.image-text.drop_token.video=0.5: needs a modality of the pair"):
         load_config("demo", ["data.tasks={image-text: {drop_token: {video: 0.5}}}"])
@@ -119,3 +120,22 @@ def test_task_terms_name_the_pair_and_field():
     video, image = tasks["video-text"], tasks["image-text"]
     assert (video.batch_size, video.loss_weight, video.spec.image_size, video.spec.video.num_frames) == (4, 0.5, 16, 4)
     assert (image.batch_size, image.spec.image_size) == (32, 32)  # untouched tasks keep the run's terms
+
+
+@pytest.mark.parametrize("terms, message", [
+    # 8 fbank frames: the audio stem's 16-frame patch kernel would fail at the first audio step
+    ("{audio-text: {audio_seconds: 0.1}}",
+     "data.tasks.audio-text.audio_seconds=0.1 (as data.audio.seconds): model.audio.patch=16: larger than "
+     "data.audio's fbank (32 mel bins x 8 frames)"),
+    ("{audio-text: {audio_seconds: 0.02}}", "data.tasks.audio-text.audio_seconds=0.02: shorter than one 25 ms fbank"),
+    ("{audio-text: {audio_seconds: 0}}", "data.tasks.audio-text.audio_seconds=0.0: must be positive"),
+    ("{video-text: {num_frames: 1}}", "data.tasks.video-text.num_frames=1: fewer than model.video.tubelet=2 frames"),
+    ("{video-text: {num_frames: 0}}", "data.tasks.video-text.num_frames=0: must be positive"),
+    ("{image-text: {batch_size: 0}}", "data.tasks.image-text.batch_size=0: must be positive"),
+    ("{image-text: {image_size: 0}}", "data.tasks.image-text.image_size=0: must be positive"),
+    ("{image-text: {loss_weight: 0}}", "data.tasks.image-text.loss_weight=0.0: must be positive"),
+    ("{image-text: {drop_token: {image: 1.0}}}", "data.tasks.image-text.drop_token.image=1.0: needs a modality of"),
+])
+def test_task_terms_get_their_run_wide_twins_checks(terms, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_config("demo", [f"data.tasks={terms}"])
