@@ -1,9 +1,10 @@
 """Video-audio positives are aligned in time (VATT): the sound track is cut where the decoded frames are."""
+import dataclasses
 import random
 
 import torch
 
-from mmpt.config import AudioConfig, AugmentConfig, VideoConfig
+from mmpt.config import AudioAugment, AudioConfig, AugmentConfig, ImageAugment, VideoAugment, VideoConfig
 from mmpt.data.decode import SampleDecoder
 from mmpt.data.media import DecodeSpec, decode_audio
 from tests.media_files import ffmpeg
@@ -54,3 +55,20 @@ def test_eval_windows_are_centred_on_the_frames(tmp_path):
     out = SampleDecoder(["video", "audio"], spec(), train=False)({"mp4": data, "__key__": "x"})
     white, loud = shares(out["video"], out["audio"])
     assert abs(white - loud) <= 0.3
+
+
+def test_sped_up_aligned_crop_is_real_sound_to_its_end(tmp_path):
+    """Speed 1.1 takes 1.1 x the window's samples around the frames and resamples them to the window's length: a
+    tone that lasts the whole clip is loud in every fbank frame (a crop of the window's own length sped up ends in
+    ~9 % silence: the last fbank frames at the silence floor)."""
+    path = tmp_path / "tone.mp4"
+    ffmpeg("-f", "lavfi", "-i", "color=c=white:s=32x32:d=4:r=10",
+           "-f", "lavfi", "-i", "sine=frequency=1000:sample_rate=16000:duration=4",
+           "-c:v", "libx264", "-pix_fmt", "yuv420p", "-c:a", "aac", "-shortest", str(path))
+    audio = dataclasses.replace(AudioAugment.off(), speed=[1.1, 1.1])
+    fast = dataclasses.replace(spec(), augment=AugmentConfig(ImageAugment.off(), VideoAugment.off(), audio))
+    decoder = SampleDecoder(["video", "audio"], fast, train=True)
+    for seed in range(6):  # windows anywhere in the clip, the last ones shifted to stay inside it
+        fbank = decoder({"mp4": path.read_bytes(), "__seed__": seed, "__key__": str(seed)})["audio"][0].float()
+        loudest = fbank.max(dim=1).values
+        assert (loudest > 0).all(), (seed, loudest.tolist())

@@ -140,17 +140,29 @@ def _fit(wav: torch.Tensor, n: int) -> torch.Tensor:
     return wav[:, :n] if wav.size(1) >= n else F.pad(wav, (0, n - wav.size(1)))
 
 
-def audio_window(wav: torch.Tensor, n: int, aug: AudioAugment, rng: random.Random) -> torch.Tensor:
-    """(1, L) -> (1, n): a random window, speed-perturbed by f (its n·f samples resampled to n: faster and
-    higher at f > 1). At speed [1, 1]: the random window of before (short clips padded)."""
+def audio_window(wav: torch.Tensor, n: int, aug: AudioAugment, rng: random.Random,
+                 centre: Optional[float] = None) -> torch.Tensor:
+    """(1, L) -> (1, n): a random window (at `centre`: the one centred on that sample, a video's frames), speed-
+    perturbed by f (its n·f samples resampled to n: faster and higher at f > 1). At speed [1, 1]: the random window
+    of before (short clips padded)."""
     f = round(uniform(rng, aug.speed), 2)
     m = max(1, round(n * f))
-    if wav.size(1) >= m:
+    if centre is not None:
+        wav = centred(wav, m, centre)
+    elif wav.size(1) >= m:
         start = rng.randint(0, wav.size(1) - m)
         wav = wav[:, start:start + m]
     if f != 1.0:
         wav = _resampler(round(f * 100))(wav)
     return _fit(wav, n)
+
+
+def centred(wav: torch.Tensor, n: int, centre: float) -> torch.Tensor:
+    """(1, L) -> (1, min(L, n)): the n samples centred at sample `centre`, shifted to stay inside the clip."""
+    if wav.size(1) <= n:
+        return wav
+    start = min(max(0, round(centre - n / 2)), wav.size(1) - n)
+    return wav[:, start:start + n]
 
 
 @functools.lru_cache(maxsize=256)
@@ -197,9 +209,10 @@ def add_noise(wav: torch.Tensor, sample_rate: int, aug: AudioAugment, rng: rando
     return wav + noise * torch.sqrt(signal / (power * 10 ** (snr / 10)))
 
 
-def waveform(wav: torch.Tensor, n: int, sample_rate: int, aug: AudioAugment, rng: random.Random) -> torch.Tensor:
-    """(1, L) mono at sample_rate -> (1, n): window + speed, noise, gain."""
-    wav = add_noise(audio_window(wav, n, aug, rng), sample_rate, aug, rng)
+def waveform(wav: torch.Tensor, n: int, sample_rate: int, aug: AudioAugment, rng: random.Random,
+             centre: Optional[float] = None) -> torch.Tensor:
+    """(1, L) mono at sample_rate -> (1, n): window (centred on sample `centre` if given) + speed, noise, gain."""
+    wav = add_noise(audio_window(wav, n, aug, rng, centre), sample_rate, aug, rng)
     gain = uniform(rng, aug.gain_db)
     return wav * 10 ** (gain / 20) if gain else wav
 

@@ -263,10 +263,13 @@ def decode_audio(data: bytes, spec: DecodeSpec, train: bool, rng: random.Random,
     if sr != spec.sample_rate:
         wav = torchaudio.functional.resample(wav, sr, spec.sample_rate)
     n = int(spec.seconds * spec.sample_rate)
-    if window is not None:  # the video frames' span: the window centred on it, inside the clip
-        wav = _centred(wav, n, (window[0] + window[1]) / 2 * spec.sample_rate)
+    # the video frames' span: the window centred on it, inside the clip; in training the n·f samples a speed
+    # change f takes, so the sped-up crop is n real samples, not n / f and silence
+    mid = None if window is None else (window[0] + window[1]) / 2 * spec.sample_rate
+    if mid is not None and not train:
+        wav = augment.centred(wav, n, mid)
     if train:
-        wav = augment.waveform(wav, n, spec.sample_rate, aug, rng)
+        wav = augment.waveform(wav, n, spec.sample_rate, aug, rng, mid)
     elif wav.size(1) >= n:
         start = (wav.size(1) - n) // 2
         wav = wav[:, start:start + n]
@@ -281,14 +284,6 @@ def decode_audio(data: bytes, spec: DecodeSpec, train: bool, rng: random.Random,
     fbank = fbank[: spec.num_frames]
     fbank = augment.spec_augment(fbank, aug, rng) if train else fbank
     return fbank[None].to(torch.float16)  # half the bytes through shared memory; normalised values stay ~1e-3 exact
-
-
-def _centred(wav: torch.Tensor, n: int, centre: float) -> torch.Tensor:
-    """(1, L) -> (1, min(L, n)): the n samples centred at sample `centre`, shifted to stay inside the clip."""
-    if wav.size(1) <= n:
-        return wav
-    start = min(max(0, round(centre - n / 2)), wav.size(1) - n)
-    return wav[:, start:start + n]
 
 
 def probe_audio(data: bytes) -> dict:
