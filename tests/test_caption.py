@@ -2,15 +2,18 @@
 tiny shards (one process and two gloo ranks)."""
 import json
 import time
+from contextlib import contextmanager
 
 import pytest
 import torch
 from pycocoevalcap.bleu.bleu import Bleu
 from pycocoevalcap.cider.cider import Cider
 
+from mmpt.cli import main
 from mmpt.config import load_config
 from mmpt.data.shards import DataError, write_shards
 from mmpt.eval.caption import normalize, read_references, run_caption, score_captions
+from mmpt.eval.zeroshot import run_zeroshot
 from mmpt.model import build_model
 from tests.distributed import run_distributed
 from tests.media_files import png_bytes
@@ -119,12 +122,14 @@ def test_run_caption_end_to_end_on_real_shards(tmp_path, num_beams):
     cfg = config(*SMALL)
     result = run_caption(seeded_model(cfg), cfg, "image", data, batch_size=4, num_beams=num_beams, max_len=8,
                          workers=0)
-    assert {"bleu4", "cider", "num_samples", "modality", "num_beams", "examples"} <= set(result)
+    assert {"bleu4", "cider", "num_samples", "modality", "num_beams", "samples"} <= set(result)
     assert (result["num_samples"], result["modality"], result["num_beams"]) == (10, "image", num_beams)
     assert 0.0 <= result["bleu4"] <= 1.0 and result["cider"] >= 0.0
-    assert [e["key"] for e in result["examples"]] == [f"s{i:04d}" for i in range(5)]
-    assert [e["reference"] for e in result["examples"]] == [CAPTIONS[i % 4] for i in range(5)]
-    assert all(isinstance(e["hypothesis"], str) for e in result["examples"])
+    # every sample, not a few examples: its hypothesis and all its references
+    refs = read_references(data)
+    assert [e["key"] for e in result["samples"]] == [f"s{i:04d}" for i in range(10)]
+    assert [e["references"] for e in result["samples"]] == [refs[f"s{i:04d}"] for i in range(10)]
+    assert all(isinstance(e["hypothesis"], str) for e in result["samples"])
     json.dumps(result)  # the CLI writes it as JSON
 
 
@@ -151,4 +156,49 @@ def test_two_ranks_gather_every_sample_once_and_agree(tmp_path):
     assert results[0] == results[1]
     assert results[0]["num_samples"] == 10
     single = _caption_on_rank(0, 1, data)
-    assert single["examples"] == results[0]["examples"]
+    assert single["samples"] == results[0]["samples"]
+
+
+@contextmanager
+def stem_inputs(model, modality: str):
+    """What the model's `modality` stem receives, batch by batch (a forward pre-hook on the real stem)."""
+    seen: list = []
+    handle = model.stems[model.plan[modality][0]].register_forward_pre_hook(
+        lambda module, args: seen.append(args[0].detach().clone()))
+    try:
+        yield seen
+    finally:
+        handle.remove()
+
+
+def test_caption_encoder_gets_the_pixels_zero_shot_gives_it(tmp_path):
+    data = make_shards(tmp_path / "d")
+    (tmp_path / "classes.json").write_text(json.dumps({"classnames": ["a", "b", "c"]}))  # labels i % 3
+    cfg = config(*SMALL)
+    model = seeded_model(cfg)
+    with stem_inputs(model, "image") as zeroshot:
+        run_zeroshot(model, cfg, "image", data=data, classes=str(tmp_path / "classes.json"), batch_size=4, workers=0)
+    with stem_inputs(model, "image") as caption:
+        run_caption(model, cfg, "image", data, batch_size=4, max_len=4, workers=0)
+    zeroshot, caption = torch.cat(zeroshot), torch.cat(caption)
+    assert caption.shape[0] == 10 and torch.equal(caption, zeroshot)
+    assert caption.abs().max() < 3  # CLIP-normalised, not 0..255
+
+
+def test_caption_cli_out_holds_every_sample(tmp_path):
+    from safetensors.torch import save_file
+
+    data = make_shards(tmp_path / "d", n=7, per_shard=3)
+    cfg = config(*SMALL)
+    model_dir = tmp_path / "model"
+    model_dir.mkdir()
+    state = {k: v.contiguous().clone() for k, v in seeded_model(cfg).state_dict().items()}
+    save_file(state, str(model_dir / "model.safetensors"))
+    (model_dir / "config.json").write_text(json.dumps(cfg.to_dict()))
+    out = tmp_path / "caption.json"
+    assert main(["eval", "caption", "--model", str(model_dir), "--data", data, "--out", str(out), "--max-len", "4",
+                 "--workers", "0", "--device", "cpu"]) == 0
+    result = json.loads(out.read_text())
+    assert result["num_samples"] == 7 and {"bleu4", "cider"} <= set(result)
+    assert [(e["key"], e["references"]) for e in result["samples"]] == sorted(read_references(data).items())
+    assert all(isinstance(e["hypothesis"], str) for e in result["samples"])

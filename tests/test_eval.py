@@ -17,7 +17,7 @@ from safetensors.torch import save_file
 from mmpt.config import load_config
 from mmpt.data.build import build_shards, folder_rows
 from mmpt.data.shards import DataError, write_shards
-from mmpt.eval.data import eval_batches
+from mmpt.eval.data import Classes, eval_batches
 from mmpt.eval.retrieval import (
     embedding_ranks,
     gather_unique,
@@ -63,12 +63,12 @@ def export_model(out, overrides: list):
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    """An ImageFolder (class0..2, no captions), a CSV manifest of the same images, shards built from the
+    """An ImageFolder (folders 0..4, no captions), a CSV manifest of the same images, shards built from the
     folder (label-only samples), and captioned shards for retrieval."""
     root = tmp_path_factory.mktemp("eval")
     folder, rows = root / "folder", []
     for i in range(N):
-        path = folder / f"class{i % 5}" / f"{i:03d}.png"
+        path = folder / f"{i % 5}" / f"{i:03d}.png"  # numbered class folders
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(noise_png(i))
         rows.append({"image": path.relative_to(folder).as_posix(), "label": i % 5})
@@ -132,7 +132,8 @@ def _distributed_evals(rank, world, data):
     torch.set_num_threads(1)
     _, cfg = load_pretrained(data["model"])
     seen = [len(b["__key__"]) for spec in ("shards", "folder")
-            for b in eval_batches(data[spec], ["image"], cfg, 8, 0, labels=True)]
+            for b in eval_batches(data[spec], ["image"], cfg, 8, 0, labels=True,
+                                  classes=Classes(CLASSES, data["classes"]))]
     return (zeroshot(data, "shards", batch_size=5), zeroshot(data, "folder", batch_size=4),
             _retrieval(data, batch_size=6)), sum(seen)
 
@@ -236,7 +237,7 @@ def test_bad_input_is_one_line_naming_the_problem(data, tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(DataError, match="empty: no samples"):
         run_zeroshot(model, cfg, "image", data=str(tmp_path / "empty"), classes=data["classes"])
-    (tmp_path / "bad.csv").write_text("image,label\nfolder/class0/000.png,cat\n")
+    (tmp_path / "bad.csv").write_text("image,label\nfolder/0/000.png,cat\n")
     with pytest.raises(DataError, match=r"bad.csv: row 1: label 'cat' is not a class index"):
         run_zeroshot(model, cfg, "image", data=str(tmp_path / "bad.csv"), classes=data["classes"])
 
@@ -247,7 +248,7 @@ def test_unusable_labels_and_metadata_are_skipped_and_counted_not_raised(data, t
     write_shards(named, tmp_path / "named", "n", 2)
     result = run_zeroshot(model, cfg, "image", data=str(tmp_path / "named"), classes=data["classes"], workers=0)
     assert (result["num_samples"], result["skipped"]) == (3, 1)
-    folder = tmp_path / "folder" / "class0"
+    folder = tmp_path / "folder" / "zero"
     folder.mkdir(parents=True)
     for i in range(2):
         (folder / f"{i}.png").write_bytes(noise_png(i))
@@ -266,3 +267,43 @@ def test_template_sets_and_their_precedence(data, tmp_path):
     assert load_classes(tmp_path / "own.json", "audio")[1] == ["{} here"]
     assert load_classes(tmp_path / "own.json", "audio", "sound")[1] == list(TEMPLATE_SETS["sound"])
     assert load_classes(data["classes"], "audio")[1][0] == "the sound of {}."  # the registry's defaults
+
+
+def class_folder(root, files: dict):
+    """{class folder: number of PNGs} as an ImageFolder under root; 0 makes an empty folder."""
+    for name, n in files.items():
+        (root / name).mkdir(parents=True)
+        for i in range(n):
+            (root / name / f"{i}.png").write_bytes(noise_png(i))
+    return str(root)
+
+
+@pytest.mark.parametrize("names", [CLASSES, [c.upper() for c in CLASSES], [str(c) for c in range(5)]],
+                         ids=["classnames", "loose-names", "numbered"])
+def test_folder_labels_follow_the_classes_file_past_a_missing_class(data, tmp_path, caplog, names):
+    # Class 2 has an empty folder (or none): the classes after it keep their own labels, told apart here
+    # by their sample counts (class c has c + 1 files), i.e. by the confusion matrix's row sums.
+    files = {names[c]: c + 1 for c in (0, 1, 3, 4)} | ({names[2]: 0} if names is CLASSES else {})
+    model, cfg = load_pretrained(data["model"])
+    result = run_zeroshot(model, cfg, "image", data=class_folder(tmp_path / "f", files), classes=data["classes"],
+                          batch_size=4, workers=0)
+    assert [sum(row) for row in result["confusion"]] == [1, 2, 0, 4, 5]
+    assert result["per_class_accuracy"]["two"] is None and result["num_samples"] == 12
+    assert "1 of 5 classes of classes file" in caplog.text and "'two'" in caplog.text
+
+
+@pytest.mark.parametrize("folders, message", [
+    (["zero", "seven"], r"class folder 'seven' names no class of classes file .*classes.json \(name each folder"),
+    (["0", "7"], r"class folder '7' is no class index of classes file .*classes.json \(5 classnames: 0..4\)"),
+    (["zero", "1"], r"class folder '1' names no class of classes file"),  # names and numbers mixed
+    ([".", "zero"], r"class folder '.' \(files directly in it\) names no class"),
+])
+def test_class_folders_naming_no_class_are_one_line_errors(data, tmp_path, folders, message):
+    root = tmp_path / "f"
+    class_folder(root, {f: 1 for f in folders if f != "."})
+    if "." in folders:
+        (root / "loose.png").write_bytes(noise_png(9))
+    model, cfg = load_pretrained(data["model"])
+    with pytest.raises(DataError, match=message) as error:
+        run_zeroshot(model, cfg, "image", data=str(root), classes=data["classes"], workers=0)
+    assert "\n" not in str(error.value) and str(root) in str(error.value)

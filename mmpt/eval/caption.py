@@ -1,7 +1,10 @@
 """Captioning eval: the CoCa decoder writes a caption for every sample of a modality in held-out shards, scored
 against the sample's reference captions with BLEU-4 and CIDEr (pycocoevalcap's scorers).
 
-    mmpt eval caption --model runs/demo --modality image --beams 3
+    mmpt eval caption --model runs/demo --modality image --beams 3 --out runs/demo/caption.json
+
+The result (and `--out`) holds the scores and, like a COCO result file, every sample's hypothesis with its
+references, so each caption can be inspected.
 
 References of a sample: its caption file (the text modality's key, `txt`) plus every string in
 `json["captions"]` when the sample's json has such a list (COCO-style datasets with several captions per
@@ -32,10 +35,9 @@ from mmpt.data.shards import DataError, list_shards
 from mmpt.data.stream import eval_loader
 from mmpt.data.tokenizer import OPENCLIP, decode
 from mmpt.distributed import gather_objects
-from mmpt.eval.data import progress
+from mmpt.eval.data import model_inputs, progress
 
 _PUNCT = re.compile(r"[^\w\s]")
-NUM_EXAMPLES = 5
 
 
 def normalize(text: str) -> str:
@@ -83,12 +85,12 @@ def generate_captions(model, loader, modality: str, num_beams: int, max_len: int
                       context_length: int, tokenizer: str = OPENCLIP) -> tuple[list, int]:
     """[(key, hypothesis, caption decoded from the batch's token ids)] and the number of skipped samples."""
     records, skipped = [], 0
-    param = next(model.parameters())
     for batch in progress(loader, "caption"):
         skipped += sum(batch["_skipped"]["reasons"].values())
         if not batch["__key__"]:  # only bad samples in this batch
             continue
-        ids = model.caption(modality, batch[modality].to(param.device, param.dtype), max_len, num_beams)
+        # The path zero-shot and retrieval take: uint8 media stay uint8, so the encoder normalises them.
+        ids = model.caption(modality, model_inputs(model, batch, modality), max_len, num_beams)
         for key, row, text in zip(batch["__key__"], ids.tolist(), batch[registry.TEXT].tolist(), strict=True):
             records.append((key, decode(row, context_length, tokenizer), decode(text, context_length, tokenizer)))
     return records, skipped
@@ -112,8 +114,9 @@ def run_caption(model, cfg, modality: str, data: str, batch_size: int | None = N
                 max_len: int | None = None, workers: int | None = None) -> dict:
     """Caption every `modality` sample of the shards `data` (greedy, or beam search with num_beams > 1) and
     score BLEU-4 and CIDEr. batch_size / workers default to eval.batch_size / eval.workers, max_len to
-    model.context_length. Returns {"bleu4", "cider", "num_samples", "modality", "num_beams", "examples":
-    the first 5 by key as {"key", "hypothesis", "reference"}, "max_len", "data", "skipped"}."""
+    model.context_length. Returns {"bleu4", "cider", "num_samples", "modality", "num_beams", "max_len", "data",
+    "skipped", "samples": every sample by key as {"key", "hypothesis", "references"}} (all of them, as COCO
+    result files hold every caption, so `--out` can be inspected sample by sample)."""
     _check(model, cfg, modality, num_beams, max_len)
     model.eval()
     loader = eval_loader(data, [modality, registry.TEXT], DecodeSpec.from_config(cfg),
@@ -133,7 +136,7 @@ def run_caption(model, cfg, modality: str, data: str, batch_size: int | None = N
         raise DataError(f"caption eval: no {modality} sample with a caption in {data}")
     keys = sorted(merged)
     result = score_captions({k: merged[k][0] for k in keys}, {k: merged[k][1] for k in keys})
-    examples = [{"key": k, "hypothesis": merged[k][0], "reference": merged[k][1][0]} for k in keys[:NUM_EXAMPLES]]
+    samples = [{"key": k, "hypothesis": merged[k][0], "references": merged[k][1]} for k in keys]
     result.update(num_samples=len(keys), modality=modality, num_beams=num_beams,
-                  max_len=max_len or cfg.model.context_length, data=data, skipped=total_skipped, examples=examples)
+                  max_len=max_len or cfg.model.context_length, data=data, skipped=total_skipped, samples=samples)
     return result

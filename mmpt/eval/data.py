@@ -1,12 +1,14 @@
 """Evaluation data for zero-shot and retrieval: shards, a folder per class, or a manifest, as batch dicts.
 
-    for batch in eval_batches("data/esc50.csv", ["audio"], cfg, batch_size=64, workers=2, labels=True): ...
+    classes = Classes(["dog", "rain", ...], "esc50.json")  # names a folder per class; manifests carry labels
+    for batch in eval_batches("data/esc50", ["audio"], cfg, 64, workers=2, labels=True, classes=classes): ...
 
 `data` is one of
 - a shard spec (a directory with sizes.json, a brace pattern, a glob, `pipe:`/URLs): `mmpt.data.stream.eval_loader`,
   split by node and worker;
-- a folder of media files: with labels, ImageFolder style (the class of a file is its folder under the root,
-  numbered in sorted order as `mmpt.data.build.folder_rows` numbers them); a caption is the file's `.txt`;
+- a folder of media files: with classes, ImageFolder style (the class of a file is its folder under the root:
+  a folder is named by a class name of the classes file, or all folders are numbered by class index; see
+  `folder_labels`); a caption is the file's `.txt`;
 - a CSV or JSONL manifest: a column per modality (paths relative to the manifest, `text` inline) and `label`.
 
 Folders and manifests are decoded directly with the registry's decoders (eval mode) by a map-style Dataset in
@@ -22,6 +24,7 @@ import random
 from collections import Counter
 from functools import partial
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from torch.utils.data import DataLoader, Dataset
@@ -59,8 +62,52 @@ def _label(value, where: str) -> int:
         raise DataError(f"{where}: label {value!r} is not a class index (an integer from 0)") from None
 
 
-def file_rows(data: str, labels: bool) -> tuple[list, Path]:
-    """[(key, row)] of a folder or manifest (every rank gets the same list) and the base of relative paths."""
+class Classes(NamedTuple):
+    """The class names of an eval and the file they came from (named in errors)."""
+    names: list
+    path: str
+
+
+def _folder_key(name: str) -> str:
+    """Folder and class names compared without case, with `_`/`-` as spaces ("golden_retriever")."""
+    return " ".join(name.lower().replace("_", " ").replace("-", " ").split())
+
+
+def folder_labels(folders: list, classes: Classes, data: str) -> dict:
+    """{class folder: label}. Every folder names a class of the classes file (exactly, else ignoring case and
+    `_`/`-` against spaces), or every folder is a class index (0, 1, 007, ...). Labels never come from the
+    folders' sorted order: one empty or missing folder would shift every later class. A folder naming no class
+    is an error; a class without a folder is logged (its per-class accuracy is null)."""
+    exact = {name: i for i, name in enumerate(classes.names)}
+    loose: dict = {}
+    for i, name in enumerate(classes.names):
+        loose.setdefault(_folder_key(name), []).append(i)
+    by_name = {f: exact[f] if f in exact else loose[_folder_key(f)][0] for f in folders
+               if f in exact or len(loose.get(_folder_key(f), ())) == 1}
+    if len(by_name) == len(folders):
+        labels = by_name
+    elif all(f.isascii() and f.isdigit() for f in folders):
+        labels = {f: int(f) for f in folders}
+        for f in folders:
+            if labels[f] >= len(classes.names):
+                raise DataError(f"folder {data}: class folder {f!r} is no class index of classes file {classes.path} "
+                                f"({len(classes.names)} classnames: 0..{len(classes.names) - 1})")
+    else:
+        bad = next(f for f in folders if f not in by_name)
+        bad = f"{bad!r}" if bad != "." else "'.' (files directly in it)"
+        raise DataError(f"folder {data}: class folder {bad} names no class of classes file {classes.path} "
+                        f"(name each folder by a classname, or number them all 0..{len(classes.names) - 1})")
+    missing = [classes.names[i] for i in sorted(set(range(len(classes.names))) - set(labels.values()))]
+    if missing and dist_info()[0] == 0:
+        log.warning("folder %s: %d of %d classes of classes file %s have no files (no folder or an empty one; "
+                    "e.g. %r): their accuracy is null", data, len(missing), len(classes.names), classes.path,
+                    missing[0])
+    return labels
+
+
+def file_rows(data: str, labels: bool, classes: Classes | None = None) -> tuple[list, Path]:
+    """[(key, row)] of a folder or manifest (every rank gets the same list) and the base of relative paths.
+    labels: a folder's files are labelled by their class folder, mapped onto `classes` (`folder_labels`)."""
     if data_kind(data) == "manifest":
         rows, base = list(read_manifest(data)), Path(data).parent
         where = [f"manifest {data}: row {i + 1}" for i in range(len(rows))]
@@ -69,6 +116,12 @@ def file_rows(data: str, labels: bool) -> tuple[list, Path]:
         where = [f"folder {data}: class {row.get('class', '?')}" for row in rows]
     if not rows:
         raise DataError(f"{data}: no samples (an empty eval set)")
+    if labels and data_kind(data) == "folder":
+        if classes is None:
+            raise DataError(f"folder {data}: labels from class folders need the class names (a classes file)")
+        mapping = folder_labels(sorted({row["class"] for row in rows}), classes, data)
+        for row in rows:
+            row["label"] = mapping[row["class"]]
     for row, at in zip(rows, where, strict=True):
         row["label"] = _label(row.get("label"), at)
     return [(f"{i:09d}", row) for i, row in enumerate(rows)], base
@@ -131,12 +184,14 @@ def collate_eval(samples: list, modalities: list) -> dict:
     return batch
 
 
-def eval_batches(data: str, modalities: list, cfg, batch_size: int, workers: int, labels: bool):
-    """Batches of this rank's share of `data` (see the module docstring). labels: folders give class labels."""
+def eval_batches(data: str, modalities: list, cfg, batch_size: int, workers: int, labels: bool,
+                 classes: Classes | None = None):
+    """Batches of this rank's share of `data` (see the module docstring). labels: a folder's files are labelled
+    by their class folder, mapped onto `classes` (shards and manifests carry their own labels)."""
     spec = DecodeSpec.from_config(cfg)
     if data_kind(data) == "shards":
         return eval_loader(data, list(modalities), spec, batch_size, workers)
-    rows, base = file_rows(data, labels)
+    rows, base = file_rows(data, labels, classes)
     dataset = FileEvalSet(rows, base, list(modalities), spec)
     return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers,
                       collate_fn=partial(collate_eval, modalities=list(modalities)))

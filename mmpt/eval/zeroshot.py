@@ -23,7 +23,7 @@ from mmpt import modality as registry
 from mmpt.data.shards import DataError, read_json
 from mmpt.data.tokenizer import tokenize
 from mmpt.distributed import collective_device, dist_info
-from mmpt.eval.data import check_model, eval_batches, model_inputs, progress, skipped_count
+from mmpt.eval.data import Classes, check_model, eval_batches, model_inputs, progress, skipped_count
 from mmpt.eval.templates import template_set
 
 
@@ -181,7 +181,8 @@ def run_zeroshot(model, cfg, modality: str, data: str | None = None, classes: st
     try:
         classifier = class_embeddings(model, classnames, prompts, cfg.model.context_length, cfg.data.tokenizer,
                                       batch_size)
-        batches = eval_batches(data, [modality], cfg, batch_size, workers, labels=True)
+        batches = eval_batches(data, [modality], cfg, batch_size, workers, labels=True,
+                               classes=Classes(classnames, str(classes)))
         counts = zeroshot_counts(model, classifier, batches, modality, tuple(cfg.eval.top_k))
     finally:
         model.train(was_training)
