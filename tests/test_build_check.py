@@ -165,3 +165,38 @@ def test_check_counts_labels_that_are_no_index_and_warns_of_unlisted_shards(tmp_
         f"shard dir {tmp_path / 's'}: 7 .tar file(s) not listed in its sizes.json are ignored: y-000000.tar, "
         "y-000001.tar, y-000002.tar, y-000003.tar, y-000004.tar, ... (2 more) (add them to sizes.json, or rebuild "
         "with `mmpt shards build`)"]
+
+
+def palette_png_with_transparency(path) -> None:
+    """A real palette PNG whose tRNS chunk holds per-entry alpha bytes: PIL warns when converting it to RGB."""
+    from PIL import Image
+
+    img = Image.new("P", (32, 32))
+    img.putpalette([0, 0, 0, 255, 0, 0, 0, 255, 0, 0, 0, 255])
+    img.putdata([x % 4 for x in range(32 * 32)])
+    img.save(path, transparency=bytes([0, 128, 255, 255]))
+
+
+def test_library_warnings_are_counted_in_the_reports_not_printed(tmp_path):
+    (tmp_path / "src").mkdir()
+    for i in range(3):
+        palette_png_with_transparency(tmp_path / "src" / f"{i}.png")
+        (tmp_path / "src" / f"{i}.txt").write_text(f"pattern {i}")
+    message = "UserWarning: Palette images with Transparency expressed in bytes should be converted to RGBA images"
+    for workers in (1, 2):  # in this process and in pool workers
+        out = tmp_path / f"out{workers}"
+        proc = mmpt("shards", "build", "--folder", tmp_path / "src", "--out", out, "--prefix", "p", "--workers",
+                    workers, "--no-shuffle")
+        assert proc.returncode == 0, proc.stderr
+        assert proc.stderr.splitlines() == [  # no PIL lines: one of mmpt's own says where they went
+            "shards build: 3 library warnings from 3 files, see library_warnings in the report",
+            f"wrote 3 samples in 1 shards to {out}; refused 0 "]
+        summary = json.loads(proc.stdout)  # nothing but the report on stdout
+        assert summary["written"] == 3
+        assert summary["library_warnings"] == {"count": 3, "files": 3, "by_message": {message: 3},
+                                               "examples": {message: str(tmp_path / "src" / "0.png")}}
+    proc = mmpt("shards", "check", tmp_path / "out1")
+    assert proc.returncode == 0 and proc.stderr == "", proc.stderr
+    assert "library warnings: 3 from 3 samples (not failures)" in proc.stdout
+    assert f"  {message} x3 (first: {tmp_path / 'out1' / 'p-000000.tar'}:000000000)" in proc.stdout
+    assert "warnings.warn" not in proc.stdout

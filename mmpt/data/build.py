@@ -10,25 +10,52 @@ path without extension: `cats/001.jpg` + `cats/001.txt` (+ `cats/001.json`) make
 file (no caption) makes a label-only sample, as an ImageFolder-style eval set needs. A row needs two
 modalities, or one and a label. Each media file is probed with the same real decoders training uses, so a
 file that would fail in training is refused here, not three days in; so is a sample whose sidecar json is not
-a readable JSON object (`bad_json`).
+a readable JSON object (`bad_json`). Warnings libraries raise while probing (PIL's note on palette PNGs with
+transparency, ...) go into the summary's `library_warnings`, counted by message, and one log line says so.
 """
 from __future__ import annotations
 
 import json
+import logging
 import os
 import random
 from collections import Counter
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from multiprocessing import Pool
 from pathlib import Path
 
 from mmpt import modality
-from mmpt.data.media import BadSample
+from mmpt.data.media import BadSample, probe_warned
 from mmpt.data.shards import DataError, WriteReport, write_shards
 
 MAX_FILE_BYTES = 2 << 30
 PROBE_REFUSALS = {"zero_length": "empty_file", "oversize": "oversize"}  # any other probe failure: unreadable
 BAD_JSON = "__bad_json__"  # a folder row whose sidecar json is unreadable: refused (build) or skipped (eval)
+log = logging.getLogger("mmpt.data")
+
+
+@dataclass
+class LibraryWarnings:
+    """Warnings libraries raised while probing files, as (file, text) pairs: counted for a report."""
+    count: int = 0
+    files: set = field(default_factory=set)
+    by_message: Counter = field(default_factory=Counter)
+    examples: dict = field(default_factory=dict)  # message -> first file that raised it
+
+    def add(self, warned: list) -> None:
+        for path, text in warned:
+            self.count += 1
+            self.files.add(path)
+            self.by_message[text] += 1
+            self.examples.setdefault(text, path)
+
+    def report(self) -> dict:
+        return {"count": self.count, "files": len(self.files), "by_message": dict(self.by_message.most_common()),
+                "examples": self.examples}
+
+    def line(self, what: str) -> str:
+        return f"{what}: {self.count} library warnings from {len(self.files)} files, see library_warnings in the report"
 
 
 def read_sidecar(path: Path) -> dict:
@@ -72,8 +99,9 @@ def folder_rows(root: str | os.PathLike, labels_from_folders: bool) -> list:
     return rows
 
 
-def _file_entry(name: str, value: str, base: str) -> tuple:
-    """A media file of a row -> ("ok", key, bytes) or ("refused", reason, path), probed as training decodes."""
+def _file_entry(name: str, value: str, base: str, warned: list) -> tuple:
+    """A media file of a row -> ("ok", key, bytes) or ("refused", reason, path), probed as training decodes; the
+    library warnings of the probe go to `warned` as (path, text)."""
     path = Path(value) if os.path.isabs(value) else Path(base) / value
     ext = path.suffix.lower().lstrip(".")
     if modality.modality_of_extension(ext) != name:
@@ -84,14 +112,20 @@ def _file_entry(name: str, value: str, base: str) -> tuple:
         return "refused", "oversize", str(path)
     data = path.read_bytes()
     try:
-        modality.MODALITIES[name].probe(data)
+        warned += [(str(path), text) for text in probe_warned(modality.MODALITIES[name].probe, data)[1]]
     except BadSample as e:
         return "refused", PROBE_REFUSALS.get(e.reason, "unreadable"), str(path)
     return "ok", modality.MODALITIES[name].shard_keys.get(ext, ext), data
 
 
-def encode_row(job: tuple) -> tuple:
-    """(index, row, base dir) -> ("ok", sample) or ("refused", reason, item). Runs in pool workers."""
+def encode_row(job: tuple) -> tuple[tuple, list]:
+    """(index, row, base dir) -> (("ok", sample) or ("refused", reason, item), the library warnings its files'
+    probes raised as (path, text)). Runs in pool workers."""
+    warned: list = []
+    return _encode_row(job, warned), warned
+
+
+def _encode_row(job: tuple, warned: list) -> tuple:
     index, row, base = job
     sample = {"__key__": f"{index:09d}"}
     if "unknown" in row:
@@ -100,7 +134,7 @@ def encode_row(job: tuple) -> tuple:
         return "refused", "bad_json", row[BAD_JSON]
     files = {m: row[m] for m, spec in modality.MODALITIES.items() if not spec.inline and row.get(m)}
     for name, value in files.items():
-        status, key, data = _file_entry(name, str(value), base)
+        status, key, data = _file_entry(name, str(value), base, warned)
         if status != "ok":
             return status, key, data
         sample[key] = data
@@ -130,10 +164,11 @@ def build_shards(rows: list, base: str | os.PathLike, out: str | os.PathLike, pr
     if shuffle_seed is not None:  # shards written in random order stream well without a huge shuffle buffer
         random.Random(shuffle_seed).shuffle(order)
     jobs = ((i, rows[i], str(base)) for i in order)
-    refused, modalities = WriteReport(), Counter()
+    refused, modalities, warned = WriteReport(), Counter(), LibraryWarnings()
 
     def accepted(results: Iterator) -> Iterator[dict]:
-        for result in results:
+        for result, warnings in results:
+            warned.add(warnings)
             if result[0] == "ok":
                 modalities.update(k for k in result[1] if k != "__key__")
                 yield result[1]
@@ -147,5 +182,7 @@ def build_shards(rows: list, base: str | os.PathLike, out: str | os.PathLike, pr
         report = write_shards(accepted(map(encode_row, jobs)), out, prefix, shard_size)
     summary = report.summary()
     summary.update(rows=len(rows), refused=dict(refused.refused), refused_examples=refused.refused_examples,
-                   keys=dict(modalities))
+                   keys=dict(modalities), library_warnings=warned.report())
+    if warned.count:
+        log.warning(warned.line("shards build"))
     return summary

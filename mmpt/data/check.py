@@ -3,7 +3,8 @@ decode), report bad ones and statistics per modality.
 
     mmpt shards check data/mine --workers 4 [--json] [--max-bad 0.001]
 
-Exit code 1 when the bad fraction exceeds --max-bad (default 0: any bad sample fails the check).
+Exit code 1 when the bad fraction exceeds --max-bad (default 0: any bad sample fails the check). Warnings
+libraries raise while probing are counted in the report (`library_warnings`), not printed raw.
 """
 from __future__ import annotations
 
@@ -15,8 +16,9 @@ from multiprocessing import Pool
 import webdataset as wds
 
 from mmpt import modality
+from mmpt.data.build import LibraryWarnings
 from mmpt.data.decode import sample_label
-from mmpt.data.media import BadSample
+from mmpt.data.media import BadSample, probe_warned
 from mmpt.data.shards import list_shards, read_sizes, some_names, unlisted_shards
 
 MAX_LISTED = 100
@@ -24,12 +26,14 @@ MAX_LISTED = 100
 
 def _probe(sample: dict, spec: modality.Modality, stats: dict) -> str | None:
     """Probe one modality of a sample; its stats go under `<name>_...` (`<name>_track_...` when another
-    modality's file carries it, as a video's sound track). Returns what was found, if anything."""
+    modality's file carries it, as a video's sound track), library warnings to stats["warnings"]. Returns what
+    was found, if anything."""
     key, carried = modality.sample_key(sample, spec.name)
     if key is None:
         return None
     try:
-        meta = spec.probe(sample[key])
+        meta, warned = probe_warned(spec.probe, sample[key])
+        stats["warnings"] += [(f"{sample.get('__url__', '?')}:{sample.get('__key__', '?')}", w) for w in warned]
     except BadSample as e:
         if carried:  # a video without sound is still a good video
             return None
@@ -89,9 +93,10 @@ def check_shards(spec: str, workers: int = 1) -> dict:
             parts = pool.map(check_shard, urls)
     else:
         parts = [check_shard(u) for u in urls]
-    merged, bad = defaultdict(list), []
+    merged, bad, warned = defaultdict(list), [], LibraryWarnings()
     for part in parts:
         bad += part["bad"]
+        warned.add(part["stats"].pop("warnings", []))
         for key, values in part["stats"].items():
             merged[key] += values
     samples = sum(p["samples"] for p in parts)
@@ -104,6 +109,7 @@ def check_shards(spec: str, workers: int = 1) -> dict:
         "bad_samples": bad[:MAX_LISTED],
         "samples_per_modality": dict(Counter(merged.pop("modalities", []))),
         "stats": {key: _summary(values) for key, values in sorted(merged.items())},
+        "library_warnings": warned.report(),
     }
 
 
@@ -117,6 +123,10 @@ def format_report(report: dict) -> str:
         line = f"  {key:22s} min {s['min']:.4g}  median {s['median']:.4g}  mean {s['mean']:.4g}  max {s['max']:.4g}"
         counts = ", ".join(f"{value} x{n}" for value, n in s.get("counts", {}).items())
         lines.append(line + (f"  ({counts})" if counts else ""))
+    warned = report["library_warnings"]
+    if warned["count"]:
+        lines.append(f"library warnings: {warned['count']} from {warned['files']} samples (not failures)")
+        lines += [f"  {text} x{n} (first: {warned['examples'][text]})" for text, n in warned["by_message"].items()]
     for reason, n in report["bad_by_reason"].items():
         lines.append(f"bad: {reason} x{n}")
     for b in report["bad_samples"][:20]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 import random
+import warnings
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -56,6 +57,16 @@ class DecodeSpec:
         source's own (mmpt.config.source_augment), else data.augment."""
         return cls(cfg.model.image_size, cfg.model.context_length, cfg.data.tokenizer, cfg.data.video, cfg.data.audio,
                    augment or cfg.data.augment)
+
+
+def probe_warned(probe, data: bytes) -> tuple[dict, list[str]]:
+    """probe(data) and the warnings libraries raised in it, as text ("UserWarning: Palette images with
+    Transparency ..."): `mmpt shards build` and `check` count them in their reports instead of letting each one
+    print raw between mmpt's own lines."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        meta = probe(data)
+    return meta, [f"{w.category.__name__}: {w.message}" for w in caught]
 
 
 def _nonempty(data: bytes, kind: str) -> None:
