@@ -51,7 +51,7 @@ def _eval_session(args):
         init_distributed()
     try:
         with contextlib.redirect_stdout(sys.stderr):
-            model, cfg = load_model(args.model)
+            model, cfg = load_model(args.model, trust_plugins=args.trust_plugins)
             if args.device != "cpu" and torch.cuda.is_available():
                 model = model.to("cuda")
             yield model, cfg
@@ -174,7 +174,7 @@ def cmd_model_info(args) -> int:
 def cmd_export(args) -> int:
     from mmpt.export import export
 
-    print(export(args.run, args.out, args.results))
+    print(export(args.run, args.out, args.results, trust_plugins=args.trust_plugins))
     return 0
 
 
@@ -280,6 +280,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run", required=True)
     p.add_argument("--out", required=True)
     p.add_argument("--results", nargs="*", default=[], help="eval JSON files for the model card's metrics")
+    p.add_argument("--trust-plugins", action="store_true",
+                   help="import the modules the model's saved config names in `plugins` (code chosen by its files)")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("push", help="upload an export directory to the HuggingFace Hub (token: HF login/HF_TOKEN)")
@@ -304,6 +306,8 @@ def _eval_parser(ev, name: str, summary: str, func) -> argparse.ArgumentParser:
     p.add_argument("--workers", type=_count(0), help="decoding processes (default: eval.workers)")
     p.add_argument("--out", help="write the result JSON here")
     p.add_argument("--device", default="auto", choices=["auto", "cpu"], help="auto: the GPU when there is one")
+    p.add_argument("--trust-plugins", action="store_true",
+                   help="import the modules the model's saved config names in `plugins` (code chosen by its files)")
     p.set_defaults(func=func)
     return p
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import sys
 import types
 import typing
 from dataclasses import dataclass, field
@@ -24,6 +25,11 @@ CONFIG_DIR = Path(__file__).parent / "configs"
 
 class ConfigError(ValueError):
     """A user mistake in a config file or override; the message names the key or file."""
+
+
+class UntrustedPluginError(ConfigError):
+    """A loaded run's, export's or hub repo's config names a plugin module that is not imported yet: importing it
+    would run code the file chose. The message names the module and the opt-in."""
 
 
 @dataclass
@@ -316,7 +322,8 @@ class EvalConfig:
 class Config:
     name: str = "demo"
     # Modules imported before the config is checked: they register extra modalities (mmpt.modality.register).
-    # Named here, every torchrun process and every later `mmpt eval` / export of the run imports them too.
+    # Named here, every torchrun process imports them; a later `mmpt eval` / export / from_pretrained of the run
+    # only with --trust-plugins (trust_plugins=True), or when the module is imported already (`mmpt --plugin`).
     plugins: list[str] = field(default_factory=list)
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -477,10 +484,19 @@ def yaml_problem(error: yaml.YAMLError) -> str:
     return f"{getattr(error, 'problem', None) or error}{where}"
 
 
-def import_plugins(names: list) -> None:
-    """Import the modules a config names in `plugins` (they register modalities), naming the one that fails."""
-    if not isinstance(names, list):
+def import_plugins(names: list, trust: bool = True) -> None:
+    """Import the modules a config names in `plugins` (they register modalities), naming the one that fails.
+
+    trust=False is for a config that came with a model (run, export, hub repo): importing a module it names
+    runs code chosen by whoever wrote the file, so only modules imported already pass (importing those again
+    runs nothing: they were the user's own choice) and any other is an UntrustedPluginError before any import."""
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
         raise ConfigError(f"plugins: expected a list of module names, got {names!r}")
+    untrusted = [n for n in names if n not in sys.modules]
+    if untrusted and not trust:
+        raise UntrustedPluginError(
+            f"plugins: loading this model would import '{untrusted[0]}', code named by the file; if you trust it, "
+            f"pass --trust-plugins (Python: trust_plugins=True) or import it first (mmpt --plugin {untrusted[0]})")
     for name in names:
         try:
             importlib.import_module(name)
@@ -504,10 +520,10 @@ def upgrade_old_keys(data: dict) -> dict:
     return data
 
 
-def _from_dict(data: dict) -> Config:
+def _from_dict(data: dict, trust_plugins: bool = True) -> Config:
     from mmpt.config_checks import validate  # it imports ConfigError from here
 
-    import_plugins(data.get("plugins") or [])
+    import_plugins(data.get("plugins") or [], trust_plugins)
     return validate(_build(Config, data, ""))
 
 
@@ -524,6 +540,7 @@ def load_config(name_or_path: str, overrides: Optional[list] = None) -> Config:
     return _from_dict(data)
 
 
-def config_from_dict(data: dict) -> Config:
-    """A resolved config as a run directory stores it (older layouts are upgraded)."""
-    return _from_dict(upgrade_old_keys(data))
+def config_from_dict(data: dict, trust_plugins: bool = False) -> Config:
+    """A resolved config as a run directory or an export stores it (older layouts are upgraded). It came with a
+    model, not from the user: its plugins are imported only with trust_plugins (see import_plugins)."""
+    return _from_dict(upgrade_old_keys(data), trust_plugins)

@@ -11,7 +11,9 @@ An export directory is what `mmpt push` uploads and `mmpt.from_pretrained` loads
     preprocessing.json   per modality of the model: its decoder and the DecodeSpec settings it is given
     README.md            the model card (model_cards/default.md): metadata, model-index from the eval results
 
-`load_pretrained` reads a run directory (DeepSpeed checkpoints, consolidated) or an export directory.
+`load_pretrained` reads a run directory (DeepSpeed checkpoints, consolidated) or an export directory. Modules
+named in the saved config's `plugins` are imported only with trust_plugins=True (`--trust-plugins`) or when
+imported already: a downloaded file must not choose code to run (mmpt.config.import_plugins).
 """
 from __future__ import annotations
 
@@ -36,9 +38,9 @@ HF_TOKENIZER_DIR = "tokenizer"
 RUN_CONFIG = "config.yaml"  # a run directory's resolved config (and older exports')
 
 
-def read_config(path: Path) -> Config:
+def read_config(path: Path, trust_plugins: bool = False) -> Config:
     """config.json of an export, else config.yaml of a run directory (or of an older export); a bad one is an
-    error naming the file."""
+    error naming the file. trust_plugins: import the modules its `plugins` names (else only imported ones pass)."""
     if (path / CONFIG).is_file():
         file, data = path / CONFIG, read_json(path / CONFIG, "model config")
     elif (path / RUN_CONFIG).is_file():
@@ -52,9 +54,9 @@ def read_config(path: Path) -> Config:
     if not isinstance(data, dict):
         raise DataError(f"{file}: expected a mapping of config sections, got {type(data).__name__}")
     try:
-        return config_from_dict(data)
+        return config_from_dict(data, trust_plugins)
     except ConfigError as e:
-        raise ConfigError(f"{file}: {e}") from None
+        raise type(e)(f"{file}: {e}") from None
 
 
 def native_backend(cfg: Config) -> Config:
@@ -65,13 +67,14 @@ def native_backend(cfg: Config) -> Config:
     return cfg
 
 
-def load_pretrained(path: str | Path, tag: str | None = None):
+def load_pretrained(path: str | Path, tag: str | None = None, trust_plugins: bool = False):
     """(model in eval mode, Config) from a run directory (DeepSpeed checkpoints) or an export directory.
-    The model is built with the native MoE backend; the returned Config is the saved one."""
+    The model is built with the native MoE backend; the returned Config is the saved one. trust_plugins: see
+    read_config."""
     path = Path(path)
     if not path.is_dir():
         raise FileNotFoundError(f"{path}: no such run or export directory")
-    cfg = read_config(path)
+    cfg = read_config(path, trust_plugins)
     if (path / WEIGHTS).is_file():
         from safetensors.torch import load_file
 
@@ -249,14 +252,15 @@ def load_results(paths: list[str | Path]) -> list[tuple[str, dict]]:
 
 # ---- export ------------------------------------------------------------------------------------------------
 
-def export(run_dir: str | Path, out_dir: str | Path, results: list[str | Path] | str | Path | None = None) -> Path:
+def export(run_dir: str | Path, out_dir: str | Path, results: list[str | Path] | str | Path | None = None,
+           trust_plugins: bool = False) -> Path:
     """A run (or export) directory -> an export directory (see the module docstring). results: eval JSON files
-    whose metrics go into the model card."""
+    whose metrics go into the model card. trust_plugins: import the modules the run's config names."""
     from safetensors.torch import save_file
 
     paths = [results] if isinstance(results, (str, Path)) else list(results or [])
     loaded = load_results(paths)  # before any work: a wrong path is one line
-    model, cfg = load_pretrained(run_dir)
+    model, cfg = load_pretrained(run_dir, trust_plugins=trust_plugins)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     # safetensors refuses shared storage (the caption decoder's tied LM head): save independent copies.

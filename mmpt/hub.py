@@ -8,7 +8,9 @@ A model spec is `hf-hub:ORG/NAME[@revision]` (snapshot_download of an export), `
 directory), or a PATH (an export or a run directory). Downloaded weights are read with safetensors only:
 nothing fetched from a hub is unpickled. The token comes from `token=`, else huggingface_hub's usual sources
 (HF_TOKEN, `huggingface-cli login`); error messages never contain it. HF_ENDPOINT points huggingface_hub at
-another server (tests/hub_server.py is a local test double).
+another server (tests/hub_server.py is a local test double). A model whose config names `plugins` that are not
+imported yet loads only with trust_plugins=True: importing them runs code the repo chose (as transformers'
+trust_remote_code).
 """
 from __future__ import annotations
 
@@ -142,22 +144,22 @@ def _tokenizer_name(path: Path, cfg) -> str:
     return OPENCLIP if info.get("kind") == OPENCLIP else str(path / info.get("path", HF_TOKENIZER_DIR))
 
 
-def _load(spec: str):
+def _load(spec: str, trust_plugins: bool = False):
     path, export_only = resolve_spec(str(spec))
     if not path.is_dir():
         raise FileNotFoundError(f"{path}: no such export or run directory")
     if export_only and not (path / WEIGHTS).is_file():
         raise FileNotFoundError(f"{spec}: no {WEIGHTS} (an export made by `mmpt export` is needed)")
-    model, cfg = load_pretrained(path)
+    model, cfg = load_pretrained(path, trust_plugins=trust_plugins)
     # An export's HuggingFace tokenizer is its tokenizer/ copy, wherever the training run read it from.
     cfg.data.tokenizer = _tokenizer_name(path, cfg)
     return path, model, cfg
 
 
-def load_model(spec: str):
+def load_model(spec: str, trust_plugins: bool = False):
     """(model in eval mode, Config) for the CLI's --model: any spec; run directories consolidate checkpoints.
-    cfg.data.tokenizer names the tokenizer shipped with an export."""
-    _, model, cfg = _load(spec)
+    cfg.data.tokenizer names the tokenizer shipped with an export. trust_plugins: --trust-plugins."""
+    _, model, cfg = _load(spec, trust_plugins)
     return model, cfg
 
 
@@ -213,9 +215,11 @@ class Pretrained:
     path: Optional[Path] = None
 
 
-def from_pretrained(spec: str) -> Pretrained:
-    """Load `hf-hub:ORG/NAME[@revision]`, `local-dir:PATH` or a PATH (export or run directory)."""
-    path, model, cfg = _load(spec)
+def from_pretrained(spec: str, trust_plugins: bool = False) -> Pretrained:
+    """Load `hf-hub:ORG/NAME[@revision]`, `local-dir:PATH` or a PATH (export or run directory).
+    trust_plugins=True imports the modules its config names in `plugins`; without it a module not imported yet
+    is an mmpt.config.UntrustedPluginError naming it, and nothing is imported."""
+    path, model, cfg = _load(spec, trust_plugins)
     tokenizer = TextTokenizer(cfg.data.tokenizer, cfg.model.context_length)
     return Pretrained(model, cfg, tokenizer, _preprocessors(path, cfg), path)
 

@@ -112,7 +112,8 @@ def test_fifth_modality_builds_checks_trains_and_evaluates(tmp_path):
 
     (tmp_path / "classes.json").write_text(json.dumps({"classnames": WORDS}))  # prompts: the registry's
     proc = run([sys.executable, "-m", "mmpt.cli", "eval", "zeroshot", "--run", out, "--modality", "sensor",
-                "--data", tmp_path / "shards", "--classes", tmp_path / "classes.json", "--out", tmp_path / "zs.json"])
+                "--data", tmp_path / "shards", "--classes", tmp_path / "classes.json", "--out", tmp_path / "zs.json",
+                "--trust-plugins"])  # the run's config names tests.test_modality; loading it imports it on opt-in
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads((tmp_path / "zs.json").read_text())
     assert result["num_samples"] == 48 and result["num_classes"] == 3 and result["templates"] == 2
