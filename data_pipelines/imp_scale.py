@@ -12,10 +12,11 @@ real config; only the content is small. Every task keeps its batch size from the
 the image-text batch (the other tasks scale with it).
 
 From each run's metrics.jsonl (log steps after the first --skip steps): seconds per step, samples/s, MFU
-(mmpt.train.throughput: 3 x encoder forward FLOPs of `mmpt model info` per token actually run, over the
-device's peak — `--peak-tflops` or a bf16 matmul probe), peak CUDA memory, and the share of the step the
-loader kept the trainer waiting. `moe_over_dense` = MoE s/step / dense s/step at equal active parameters per
-token (imp_moe_b16 vs imp_b16). Prints one JSON object (and writes --out).
+(mmpt.train.throughput: 3 x the forward FLOPs of what each step ran, over the device's datasheet peak —
+`--peak-tflops` or the table there; None on a CPU without it — and `mfu_probe` over a bf16 matmul probe),
+peak CUDA memory, and the share of the step the loader kept the trainer waiting. `moe_over_dense` = MoE
+s/step / dense s/step at equal active parameters per token (imp_moe_b16 vs imp_b16). Prints one JSON object
+(and writes --out).
 """
 from __future__ import annotations
 
@@ -81,7 +82,7 @@ def summarize(out: Path, skip: int) -> dict:
     window = steps[1:] if len(steps) > 1 else steps
     span = (window[-1]["time"] - steps[0]["time"]) / (window[-1]["step"] - steps[0]["step"]) if len(steps) > 1 else None
     return {"log_records": len(steps), "s_per_step": span, "samples_per_s": mean("samples_per_s"),
-            "mfu": mean("mfu"), "model_tflops_per_s": mean("model_tflops_per_s"),
+            "mfu": mean("mfu"), "mfu_probe": mean("mfu_probe"), "model_tflops_per_s": mean("model_tflops_per_s"),
             "loader_wait_share": mean("loader_wait_share"),
             "cuda_peak_gib": max((r.get("cuda_peak_gib", 0.0) for r in steps), default=None),
             "tokens_per_s": {k.split("/", 1)[1]: mean(k) for k in steps[-1] if k.startswith("tokens_per_s/")},
@@ -107,7 +108,7 @@ def main(argv=None) -> int:
     ap.add_argument("--log-every", type=int, default=20)
     ap.add_argument("--skip", type=int, default=40, help="steps left out of the figures (warm-up, compilation)")
     ap.add_argument("--batch", type=int, help="image-text batch per GPU (other tasks scale with it)")
-    ap.add_argument("--peak-tflops", type=float, help="the GPU's peak (bf16 dense); default: a matmul probe")
+    ap.add_argument("--peak-tflops", type=float, help="the GPU's bf16 dense peak; default: mmpt.train.throughput.PEAKS")
     ap.add_argument("--data", type=Path, default=REPO / "data/demo")
     ap.add_argument("--workdir", type=Path, default=REPO / "runs/imp_scale")
     ap.add_argument("--out", type=Path)

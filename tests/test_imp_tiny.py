@@ -66,6 +66,8 @@ def test_tiny_imp_moe_trains_all_four_pairs_at_their_own_resolutions_under_zero3
                 assert torch.isfinite(torch.tensor(m[f"{task}/loss"]))  # a running mean over the task's steps
         assert sum(m.get(f"{t}/steps", 0) for t in TASKS) == 4  # every step of the window, whatever its task
         assert m["mfu"] > 0 and m["model_tflops_per_s"] > 0
+        assert m["mfu"] == pytest.approx(m["model_tflops_per_s"] / 0.05)  # against train.peak_tflops
+        assert m["mfu_probe"] > 0  # against the matmul probe
     assert sum(seen.values()) == 8 and len(seen) >= 3  # 8 steps drawn over four equal weights
     tokens = {k for m in logged for k in m if k.startswith("tokens_per_s/")}
     assert {"tokens_per_s/text"} <= tokens and len(tokens) >= 3
@@ -78,12 +80,13 @@ def test_imp_scale_script_reports_step_time_mfu_and_moe_over_dense(demo_data, tm
     """The GPU command of the README (data_pipelines/imp_scale.py), at tiny widths on CPU."""
     out = tmp_path / "scale.json"
     proc = run([sys.executable, "data_pipelines/imp_scale.py", "--cpu-smoke", "--data", str(demo_data),
-                "--workdir", str(tmp_path / "runs"), "--out", str(out)], timeout=900)
+                "--workdir", str(tmp_path / "runs"), "--out", str(out), "--peak-tflops", "0.05"], timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     result = json.loads(out.read_text())
     for name in ("imp_b16", "imp_moe_b16"):
         r = result["configs"][name]
         assert r["s_per_step"] > 0 and r["samples_per_s"] > 0 and 0 < r["mfu"] and 0 <= r["loader_wait_share"] <= 1
+        assert r["mfu"] == pytest.approx(r["model_tflops_per_s"] / 0.05) and r["mfu_probe"] > 0
         assert {"image", "text"} <= set(r["tokens_per_s"])
     assert result["moe_over_dense"] == (result["configs"]["imp_moe_b16"]["s_per_step"]
                                         / result["configs"]["imp_b16"]["s_per_step"])

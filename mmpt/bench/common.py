@@ -67,10 +67,26 @@ def peak_mb(step) -> float:
     return tracker.peak / 2**20
 
 
+def _cpu_attention(query, key, value, *args, out_shape=None, **kwargs) -> int:
+    from torch.utils.flop_counter import sdpa_flop_count
+
+    return sdpa_flop_count(query, key, value)
+
+
+def _cpu_attention_backward(grad_out, query, key, value, *args, out_shape=None, **kwargs) -> int:
+    from torch.utils.flop_counter import sdpa_backward_flop_count
+
+    return sdpa_backward_flop_count(grad_out, query, key, value)
+
+
 def count_flops(fn) -> int:
-    """FLOPs of one call of `fn` (torch's FlopCounterMode: matmuls, convolutions, attention)."""
+    """FLOPs of one call of `fn` (torch's FlopCounterMode: matmuls, convolutions, attention). torch's table
+    knows the GPU attention kernels but not the CPU one (it counted CPU attention as 0): added here."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    with FlopCounterMode(display=False) as counter:  # grad on: the module tracker's hooks need it
+    aten = torch.ops.aten
+    cpu = {aten._scaled_dot_product_flash_attention_for_cpu: _cpu_attention,
+           aten._scaled_dot_product_flash_attention_for_cpu_backward: _cpu_attention_backward}
+    with FlopCounterMode(display=False, custom_mapping=cpu) as counter:  # grad on: the module tracker's hooks need it
         fn()
     return int(counter.get_total_flops())

@@ -73,13 +73,26 @@ def _merge(base: dict, extra: dict) -> dict:
     return base
 
 
+def largest_task_batch(cfg) -> int:
+    """The largest batch per rank of the run's tasks (data.tasks.<pair>.batch_size, else data.batch_size)."""
+    from mmpt.data.stream import tasks_from_config
+
+    tasks, _ = tasks_from_config(cfg, expand=False)
+    return max((task.batch_size for task in tasks.values()), default=cfg.data.batch_size)
+
+
 def deepspeed_config(cfg, world_size: int, load_universal: bool = False, num_params: int | None = None) -> dict:
     """num_params: the model's; ZeRO 1-2 buckets are capped at it (DeepSpeed's default, 5e8 elements, is a
-    2 GB fp32 buffer per step for a 15M-parameter model). `deepspeed.extra` overrides anything here."""
+    2 GB fp32 buffer per step for a 15M-parameter model). `deepspeed.extra` overrides anything here.
+    The batch fields: DeepSpeed never splits or builds a batch here (each task's loader hands the engine its
+    own); it only checks train_batch_size = micro x accumulation x world and sizes its throughput timer's
+    samples/s (not printed: steps_per_print) with the micro-batch. Tasks' batches differ (data.tasks), so one
+    value stands for them: the largest task's, the batch device memory has to hold."""
+    micro = largest_task_batch(cfg)
     ds = {
-        "train_micro_batch_size_per_gpu": cfg.data.batch_size,
+        "train_micro_batch_size_per_gpu": micro,
         "gradient_accumulation_steps": cfg.train.accumulate,
-        "train_batch_size": cfg.data.batch_size * world_size * cfg.train.accumulate,
+        "train_batch_size": micro * world_size * cfg.train.accumulate,
         "gradient_clipping": cfg.optim.grad_clip,
         "zero_optimization": {"stage": cfg.deepspeed.zero_stage},
         "bf16": {"enabled": cfg.deepspeed.bf16},

@@ -30,7 +30,7 @@ from mmpt.losses.contrastive import rank_groups
 from mmpt.model import build_for_run
 from mmpt.train import checkpoint, faults, preempt, reshard, throughput
 from mmpt.train.accumulate import accumulated_step
-from mmpt.train.engine import TrainModule, build_engine, clear_grad_partitions, to_engine
+from mmpt.train.engine import TrainModule, build_engine, clear_grad_partitions, half_dtype, to_engine
 from mmpt.train.evaluate import BestTracker, check_eval_inputs, run_evals
 from mmpt.train.resume import check_same_run, choose_tag, seed_rank
 from mmpt.train.runlog import RunLogger
@@ -84,16 +84,25 @@ def contrastive_group_size(cfg: Config, world: int) -> int:
 
 
 def contrastive_summary(cfg: Config, world: int) -> str:
-    """One line on what the contrastive loss sees, negatives per positive included (GBA-ITC groups and
-    GradCache accumulation change them)."""
-    loss, rows = cfg.loss, cfg.data.batch_size * cfg.train.accumulate
+    """One line on what the contrastive loss sees: each task's negatives per positive, from its own batch size
+    (data.tasks.<pair>.batch_size), GBA-ITC groups and GradCache accumulation. Tasks of equal batch share a part."""
+    loss, k = cfg.loss, cfg.train.accumulate
     group = contrastive_group_size(cfg, world)
     how = "ring" if loss.contrastive_ring else "gathered" + (f", chunks of {loss.contrastive_chunk}"
                                                              if loss.contrastive_chunk else "")
-    line = (f"contrastive: {loss.contrastive_kind}, {how}, over {group} of {world} ranks x {rows} rows "
-            f"({cfg.train.accumulate} micro-batches): {group * rows - 1} negatives per positive")
-    if group < world:
-        line += f" (GBA-ITC groups; the global batch would give {world * rows - 1})"
+    tasks, _ = tasks_from_config(cfg, expand=False)
+    by_rows: dict = {}
+    for name, task in tasks.items():
+        if len(task.modalities) > 1:  # a one-modality task has no contrastive pair
+            by_rows.setdefault(task.batch_size * k, []).append(name)
+    parts = [f"{', '.join(names)}: {rows} rows a rank, {group * rows - 1} negatives per positive"
+             for rows, names in by_rows.items()]
+    micro = "1 micro-batch" if k == 1 else f"{k} micro-batches"
+    line = (f"contrastive: {loss.contrastive_kind}, {how}, over {group} of {world} ranks, {micro} a step; "
+            + ("; ".join(parts) or "no task has a modality pair"))
+    if group < world and by_rows:
+        wide = ", ".join(f"{world * rows - 1} for {', '.join(names)}" for rows, names in by_rows.items())
+        line += f" (GBA-ITC groups; the global batch would give {wide})"
     return line
 
 
@@ -174,13 +183,13 @@ def _train(cfg: Config, rank: int, world: int) -> dict:
     best = BestTracker(out_dir, cfg.eval.best)
     bar = tqdm(total=cfg.train.steps, initial=start, disable=rank != 0, desc="train", dynamic_ncols=True)
     pending = {"reasons": Counter(), "shards": Counter()}
-    window = {"t": time.time(), "n": 0, "wait": 0.0, "sums": {}, "world": world,
-              "per_token": throughput.flops_per_token(cfg), "peak": throughput.peak_flops(cfg, engine)}
     step, last, stopped = start, {}, False
     if rank == 0:
         preempt.clear(out_dir)
     if state and state["world"] != world:  # save in this world size's layout now: a crash won't convert again
         _save(engine, cfg, start, skipped, used, loader)
+    window = throughput.open_window(cfg, world, engine.device, half_dtype(engine) or torch.float32,
+                                    say=tqdm.write if rank == 0 else None)  # the first window starts here
     with preempt.Preemption() as signals:
         while step < cfg.train.steps and not stopped:
             waited = time.perf_counter()
@@ -196,6 +205,7 @@ def _train(cfg: Config, rank: int, world: int) -> dict:
             n = sum(batch["label"].size(0) for batch in batches) * world
             window["n"] += n
             _accumulate(window["sums"], task, losses)
+            window["flops"] += window["counter"](batches, terms.modalities, terms.drop_token)
             used += n
             bar.update(1)
             stopped = signals.stop_now()
@@ -295,16 +305,17 @@ def _log_step(engine, losses: dict, step: int, window: dict, logger: RunLogger, 
     # This step's losses (its task's, the same on every rank) and every task's means since the last log step.
     now = time.time()
     seconds = max(now - window["t"], 1e-9)
-    rates = throughput.window_throughput(window["sums"], seconds, window["world"], window["per_token"],
-                                         window["peak"])
+    flops = _reduce_mean({"flops": window["flops"]})["flops"] * window["world"]  # ranks' text lengths differ
+    rates = throughput.window_throughput(window["sums"], seconds, window["world"], flops, window["peak"],
+                                         window["probe"])
     rates["loader_wait_share"] = window["wait"] / seconds  # this rank's time waiting for batches
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         rates["cuda_peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
     metrics = {**_reduce_mean({k: v.item() for k, v in losses.items()}), **_task_means(window["sums"]), **rates,
                **extra}
-    metrics["samples_per_s"] = window["n"] / max(now - window["t"], 1e-9)
+    metrics["samples_per_s"] = window["n"] / seconds
     metrics["lr"] = engine.get_lr()[0]
-    window.update(t=now, n=0, wait=0.0)
+    window.update(t=now, n=0, wait=0.0, flops=0.0)
     logger.log(step, metrics)
     bar.set_postfix(loss=f"{metrics['loss']:.3f}", sps=f"{metrics['samples_per_s']:.0f}")
     return metrics
