@@ -73,7 +73,8 @@ def complete(step_dir: Path) -> bool:
 
 
 def choose_tag(ckpt_dir: Path, log) -> str | None:
-    """The tag `latest` names if it is complete, else the newest complete one (said), else None."""
+    """The tag `latest` names if it is complete, else the newest complete one not newer than it (newer ones are
+    a line abandoned by a rollback), else the newest complete one (said), else None."""
     ckpt_dir = Path(ckpt_dir)
     if not ckpt_dir.is_dir():
         return None
@@ -84,6 +85,8 @@ def choose_tag(ckpt_dir: Path, log) -> str | None:
     if named and complete(ckpt_dir / named):
         return named
     tags = sorted(p.name for p in ckpt_dir.iterdir() if complete(p))
+    if named and TAG_RE.fullmatch(named) and any(t <= named for t in tags):
+        tags = [t for t in tags if t <= named]  # tag names sort by step
     if tags and named:
         log(f"checkpoint: 'latest' names {named}, which is missing or incomplete; resuming from {tags[-1]}")
     elif tags:
