@@ -11,6 +11,8 @@ BIN := $(abspath $(VENV))/bin
 STAMP := $(VENV)/.installed
 NPROC ?= 2
 RUN ?= runs/demo
+# Extra dotted overrides for the demo's training, e.g. DEMO_ARGS=train.seed=1 RUN=runs/demo-seed1
+DEMO_ARGS ?=
 # Debian packages: espeak-ng and flite speak the demo's audio (two synthesisers: held-out voices are another's);
 # ffmpeg's libraries back torchcodec (torchaudio's decoder).
 APT_PACKAGES := espeak-ng flite ffmpeg
@@ -37,7 +39,7 @@ $(STAMP): pyproject.toml constraints.txt
 
 demo: $(STAMP)
 	$(BIN)/python data_pipelines/demo_digits.py --out data/demo
-	PATH=$(BIN):$$PATH NPROC=$(NPROC) launchers/torchrun.sh train --config demo train.out_dir=$(RUN)
+	PATH=$(BIN):$$PATH NPROC=$(NPROC) launchers/torchrun.sh train --config demo train.out_dir=$(RUN) $(DEMO_ARGS)
 	$(BIN)/mmpt eval zeroshot --model $(RUN) --out $(RUN)/zeroshot.json
 	$(BIN)/mmpt eval zeroshot --model $(RUN) --modality audio --data data/demo/speech-val \
 	  --classes data/demo/speech-classes.json --out $(RUN)/zeroshot_audio.json

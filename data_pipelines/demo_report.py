@@ -1,14 +1,18 @@
 """The demo's held-out zero-shot figures in one table (`make demo` prints it last).
 
     python data_pipelines/demo_report.py runs/demo
+    python data_pipelines/demo_report.py runs/demo runs/demo-seed1 runs/demo-seed2     # mean, spread, worst
 
 Reads the zero-shot JSONs `make demo` writes into the run folder and prints top-1 per modality next to chance
-and the demo's targets; a missing file is reported as such.
+and the demo's targets; a missing file is reported as such. Given several runs (e.g. `make demo
+RUN=runs/demo-seed1 DEMO_ARGS=train.seed=1`), it prints each modality's mean, standard deviation and worst run;
+a target is met when the worst run meets it.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 from pathlib import Path
 
@@ -29,13 +33,30 @@ def row(run: Path, name: str, what: str, target) -> str:
     return f"{what:<56} top-1 {top1:.3f} (chance {result['chance_top1']:.2f}, {n} samples){mark}"
 
 
+def over_runs(runs: list, name: str, what: str, target) -> str:
+    paths = [run / name for run in runs]
+    missing = [str(p) for p in paths if not p.is_file()]
+    if missing:
+        return f"{what:<56} missing: {', '.join(missing)}"
+    top1 = [json.loads(p.read_text())["top1"] for p in paths]
+    worst = min(top1)
+    mark = "" if target is None else f"  target {target:.2f} {'met' if worst >= target else 'NOT met'} by the worst"
+    return (f"{what:<56} top-1 mean {statistics.fmean(top1):.3f} ± {statistics.stdev(top1):.3f} (std), "
+            f"worst {worst:.3f}, runs {' / '.join(f'{t:.3f}' for t in top1)}{mark}")
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("run", type=Path)
+    ap.add_argument("runs", type=Path, nargs="+")
     args = ap.parse_args(argv)
-    print(f"held-out zero-shot top-1 of {args.run}:")
+    if len(args.runs) == 1:
+        print(f"held-out zero-shot top-1 of {args.runs[0]}:")
+        for name, what, target in ROWS:
+            print("  " + row(args.runs[0], name, what, target))
+        return 0
+    print(f"held-out zero-shot top-1 over {len(args.runs)} runs ({', '.join(map(str, args.runs))}):")
     for name, what, target in ROWS:
-        print("  " + row(args.run, name, what, target))
+        print("  " + over_runs(args.runs, name, what, target))
     return 0
 
 

@@ -6,6 +6,8 @@
 set -euo pipefail
 : "${NNODES:?set NNODES}" "${RDZV_HOST:?set RDZV_HOST (hostname of any one node)}"
 NPROC=${NPROC:-$(python -c 'import torch; print(max(torch.cuda.device_count(), 1))')}
-exec torchrun --nnodes="$NNODES" --nproc_per_node="$NPROC" --rdzv_backend=c10d \
+# shellcheck source=launchers/supervise.sh
+source "$(dirname "${BASH_SOURCE[0]}")/supervise.sh"
+supervise_torchrun --nnodes="$NNODES" --nproc_per_node="$NPROC" --rdzv_backend=c10d \
   --rdzv_endpoint="$RDZV_HOST:${RDZV_PORT:-29400}" --rdzv_id="${RDZV_ID:-mmpt}" \
-  --max-restarts="${MAX_RESTARTS:-0}" -m mmpt.cli "$@"
+  --max-restarts="${MAX_RESTARTS:-0}" -- "$@"

@@ -286,8 +286,8 @@ class TrainConfig:
     seed: int = 0
     # Micro-batches per optimizer step; >1 computes the contrastive loss over all of them (GradCache).
     accumulate: int = 1
-    # The device's peak FLOP/s in TFLOP/s for the MFU metric (e.g. 989 for an H100 SXM in bf16); None: measured
-    # once by a matmul probe (mmpt.train.throughput).
+    # The device's dense peak in TFLOP/s for the `mfu` metric (e.g. 989 for an H100 SXM in bf16); None: the
+    # datasheet table mmpt.train.throughput.PEAKS (no `mfu` on a CPU or an unlisted device).
     peak_tflops: Optional[float] = None
 
 

@@ -14,10 +14,29 @@ batch_isend_irecv: every isend's tensor; `isend` itself stays unwrapped, P2POp a
 from __future__ import annotations
 
 import os
+import signal
 
 import torch
 import torch.distributed as dist
 from torch.distributed import distributed_c10d as c10d
+
+# What a job is asked to stop with: SIGTERM from torchrun, scancel, Kubernetes or a spot reclaim; SIGUSR1 from
+# SLURM's --signal ahead of a time limit. The trainer checkpoints on either (mmpt.train.preempt).
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+
+def shield_from_stop_signals(_worker_id: int = 0) -> None:
+    """A loader worker's `worker_init_fn`: the stop signals are the trainer's to handle. torchrun signals each
+    rank's whole process group, loader workers included; a worker that died of it made its rank raise before
+    the step boundary where it would checkpoint. The worker still ends with its loader, or when its rank dies
+    (DataLoader's parent watchdog), or by SIGKILL."""
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, _ignore)
+
+
+def _ignore(signum, frame) -> None:
+    """A Python-level no-op, not SIG_IGN: an ignored disposition would be inherited across exec by anything a
+    decoder starts."""
 
 
 def dist_info() -> tuple[int, int]:

@@ -4,6 +4,8 @@ import subprocess
 import sys
 import tarfile
 
+import pytest
+
 from tests.media_files import make_audio, make_video, png_bytes, spoken
 
 
@@ -200,3 +202,18 @@ def test_library_warnings_are_counted_in_the_reports_not_printed(tmp_path):
     assert "library warnings: 3 from 3 samples (not failures)" in proc.stdout
     assert f"  {message} x3 (first: {tmp_path / 'out1' / 'p-000000.tar'}:000000000)" in proc.stdout
     assert "warnings.warn" not in proc.stdout
+
+
+@pytest.mark.parametrize("folders, expected", [
+    (["apple", "banana", "cherry"], {"apple": 0, "cherry": 2}),  # banana is empty: cherry stays class 2
+    (["0", "1", "2", "3"], {"0": 0, "3": 3}),  # numbered folders keep their number, 1 and 2 empty
+])
+def test_labels_from_folders_count_empty_class_folders(tmp_path, folders, expected):
+    from mmpt.data.build import folder_rows
+
+    for name in folders:
+        (tmp_path / "src" / name).mkdir(parents=True)
+    for name in expected:
+        (tmp_path / "src" / name / "a.png").write_bytes(png_bytes())
+    rows = folder_rows(tmp_path / "src", labels_from_folders=True)
+    assert {row["class"]: row["label"] for row in rows} == expected

@@ -1,5 +1,6 @@
 """A run survives real failures: kill -9 of the job, a rank SIGKILLed mid-save under torchrun --max-restarts, a
-resume on another number of ranks, one rank's exception, a source of only bad samples, preemption by SIGUSR1.
+resume on another number of ranks, one rank's exception, a source of only bad samples, preemption by SIGUSR1
+and by SIGTERM (to the launcher, or to every process of the job, DataLoader workers included).
 Every run is the real stack (torchrun, 2 gloo processes, DeepSpeed ZeRO-2, webdataset, decoders); the reference
 is the same 20 steps run straight. Losses are compared bit for bit: on CPU the runs are deterministic. ZeRO-3,
 the stage with the most state to restore (and where DeepSpeed's stale gradients once broke multi-task runs)."""
@@ -16,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from mmpt.launch import _children
 from mmpt.train.checkpoint import latest_tag
 from mmpt.train.runlog import read_metrics
 from tests.conftest import BIN, ROOT, run
@@ -59,6 +61,17 @@ def wait_for_step(out: Path, proc: subprocess.Popen, step: int, timeout: float =
             return logged[-1]
         time.sleep(0.02)
     raise AssertionError(f"step {step} never logged: {proc.poll()} {proc.stdout.read()[-3000:] if proc.poll() else ''}")
+
+
+def ranks(launcher: subprocess.Popen) -> list[int]:
+    """The training processes: torchrun's children (the launcher script runs torchrun as its own child)."""
+    [torchrun] = _children(launcher.pid)
+    return _children(torchrun)
+
+
+def job_processes(pid: int) -> list[int]:
+    """`pid` and everything under it: launcher, torchrun, ranks and each rank's DataLoader workers."""
+    return [pid, *(p for kid in _children(pid) for p in job_processes(kid))]
 
 
 def losses(out: Path) -> list:
@@ -130,14 +143,36 @@ def test_preemption_checkpoints_and_exits_cleanly(demo_data, tmp_path):
     out = tmp_path / "run"
     proc = start(demo_data, out, 500)
     wait_for_step(out, proc, 3)
-    workers = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
+    workers = ranks(proc)
     assert len(workers) == 2
-    os.kill(int(workers[1]), signal.SIGUSR1)  # one rank told; all stop at the same step
+    os.kill(workers[1], signal.SIGUSR1)  # one rank told; all stop at the same step
     output = proc.communicate(timeout=120)[0]
     assert proc.returncode == 0, output[-3000:]
     step = int((out / "preempted").read_text())
     assert 3 <= step < 500 and latest_tag(out / "checkpoints") == f"step{step:07d}"
     assert losses(out)[-1][0] == step and "preempted: checkpoint of step" in output
+
+
+@pytest.mark.parametrize("whom", ["launcher", "every process"])
+def test_sigterm_checkpoints_exits_0_and_resumes_exactly(demo_data, straight, tmp_path, whom):
+    """SIGTERM to the launcher (kill PID), or to every process at once as SLURM's scancel or a Kubernetes
+    eviction sends it. torchrun signals each rank's whole process group, so the ranks' DataLoader workers get
+    it too; before they were shielded, a dead worker made its rank raise before the step boundary."""
+    out = tmp_path / "run"
+    proc = start(demo_data, out, 500)
+    wait_for_step(out, proc, 3)
+    everyone = job_processes(proc.pid)
+    assert len(everyone) >= 6  # launcher, torchrun, 2 ranks, each rank's loader workers (data.num_workers=1)
+    for pid in (everyone if whom == "every process" else [proc.pid]):
+        os.kill(pid, signal.SIGTERM)
+    output = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 0, output[-3000:]
+    step = int((out / "preempted").read_text())
+    assert 3 <= step < 20 and latest_tag(out / "checkpoints") == f"step{step:07d}"
+    assert "DataLoader worker" not in output and "preempted: checkpoint of step" in output
+    done = train(demo_data, out, 20)  # the checkpoint is complete: the run goes on as if never stopped
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert losses(out) == losses(straight)
 
 
 def test_source_of_only_bad_samples_is_an_error(tmp_path):

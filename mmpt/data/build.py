@@ -89,14 +89,25 @@ def folder_rows(root: str | os.PathLike, labels_from_folders: bool) -> list:
             row[name] = path.read_text(errors="replace")
         else:
             row[name or "unknown"] = str(path)
-    classes = sorted({p.parent.relative_to(root).as_posix() for p in groups}) if labels_from_folders else []
+    labels = class_folders(root, groups) if labels_from_folders else {}
     rows = []
     for stem, row in groups.items():
         if labels_from_folders:
             cls = stem.parent.relative_to(root).as_posix()
-            row.update(label=classes.index(cls), **{"class": cls})
+            row.update(label=labels[cls], **{"class": cls})
         rows.append(row)
     return rows
+
+
+def class_folders(root: Path, groups: dict) -> dict:
+    """{class folder: label}. Every leaf folder is a class, an empty one too, so that one class without files does
+    not shift the labels of the classes after it; numbered folders (0, 1, 007) keep their number."""
+    leaves = {d.relative_to(root).as_posix() for d in root.rglob("*")
+              if d.is_dir() and not any(c.is_dir() for c in d.iterdir())}
+    names = sorted(leaves | {stem.parent.relative_to(root).as_posix() for stem in groups})
+    if all(n.isascii() and n.isdigit() for n in names):
+        return {n: int(n) for n in names}
+    return {n: i for i, n in enumerate(names)}
 
 
 def _file_entry(name: str, value: str, base: str, warned: list) -> tuple:

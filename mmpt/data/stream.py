@@ -22,7 +22,7 @@ from mmpt.data.decode import SampleDecoder
 from mmpt.data.media import BadSample, DecodeSpec
 from mmpt.data.resumable import SkipCounter, Source, WorkerStream, batches, collate, rng_for
 from mmpt.data.shards import DataError, list_shards
-from mmpt.distributed import dist_info
+from mmpt.distributed import dist_info, shield_from_stop_signals
 from mmpt.modality import ordered, pair_name
 
 log = logging.getLogger("mmpt.data")
@@ -100,7 +100,8 @@ class TaskLoader:
         # RNG (dropout, DropToken) by when each task's loader starts, which differs after a resume.
         self.kw = dict(batch_size=None, num_workers=num_workers, pin_memory=pin_memory,
                        persistent_workers=num_workers > 0, prefetch_factor=prefetch if num_workers > 0 else None,
-                       generator=torch.Generator().manual_seed(0), timeout=self.timeout)
+                       generator=torch.Generator().manual_seed(0), timeout=self.timeout,
+                       worker_init_fn=shield_from_stop_signals)
         self.consumed, self.states, self._it = 0, {}, None
         warn_few_shards(sum(len(s.urls) for s in task.sources), task.name, num_workers)
 
@@ -227,7 +228,7 @@ def eval_loader(spec_str: str, modalities: list, spec: DecodeSpec, batch_size: i
     pipeline = wds.DataPipeline(wds.SimpleShardList(urls), wds.split_by_node, wds.split_by_worker,
                                 wds.tarfile_to_samples(handler=on_tar_error), wds.map(decode),
                                 wds.batched(batch_size, collation_fn=batch_fn, partial=True))
-    return wds.WebLoader(pipeline, batch_size=None, num_workers=num_workers)
+    return wds.WebLoader(pipeline, batch_size=None, num_workers=num_workers, worker_init_fn=shield_from_stop_signals)
 
 
 def make_sources(cfg, expand: bool = True) -> list:

@@ -114,7 +114,10 @@ def train(cfg: Config) -> dict:
     rank, world = init_distributed()
     warn_accelerate_disagreements(cfg, rank)
     try:
-        result = _train(cfg, rank, world)
+        # Listening from the start: a stop signal during start-up (engine build, resume) stops the run at its
+        # first step boundary instead of killing it.
+        with preempt.Preemption() as signals:
+            result = _train(cfg, rank, world, signals)
     except BaseException:
         # No barrier: the other ranks may sit in a collective this rank will never join; exiting closes this
         # rank's connections, which ends theirs with an error (and torchrun stops the group).
@@ -173,7 +176,7 @@ def _resume_data(loader, state: dict, cfg: Config, world: int, say) -> None:
     loader.restart_at(step)
 
 
-def _train(cfg: Config, rank: int, world: int) -> dict:
+def _train(cfg: Config, rank: int, world: int, signals: preempt.Preemption) -> dict:
     out_dir = Path(cfg.train.out_dir)
     model, engine, group, state, loader = _start(cfg, rank, world)
     start = int(state.get("step", 0))
@@ -190,37 +193,36 @@ def _train(cfg: Config, rank: int, world: int) -> dict:
         _save(engine, cfg, start, skipped, used, loader)
     window = throughput.open_window(cfg, world, engine.device, half_dtype(engine) or torch.float32,
                                     say=tqdm.write if rank == 0 else None)  # the first window starts here
-    with preempt.Preemption() as signals:
-        while step < cfg.train.steps and not stopped:
-            waited = time.perf_counter()
-            task, batches = loader.take(cfg.train.accumulate)
-            window["wait"] += time.perf_counter() - waited
-            for batch in batches:
-                for kind, counts in batch.pop("_skipped").items():
-                    pending[kind].update(counts)
-            terms = loader.loaders[task].task
-            losses = train_step(engine, terms.modalities, batches, cfg, group, terms.loss_weight, terms.drop_token)
-            step += 1
-            faults.maybe("step", step, rank)
-            n = sum(batch["label"].size(0) for batch in batches) * world
-            window["n"] += n
-            _accumulate(window["sums"], task, losses)
-            window["flops"] += window["counter"](batches, terms.modalities, terms.drop_token)
-            used += n
-            bar.update(1)
-            stopped = signals.stop_now()
-            if step % cfg.train.log_every == 0 or step == cfg.train.steps or stopped:
-                for kind, counts in _gather_counts(pending).items():
-                    skipped[kind].update(counts)
-                    pending[kind].clear()
-                last = _log_step(engine, losses, step, window, logger, bar, task=task,
-                                 skipped=sum(skipped["reasons"].values()))
-                check_bad_fraction(skipped, used, cfg.data.bad_sample_limit)
-            if _eval_due(cfg, step):
-                _evaluate(engine, model, cfg, step, logger, best, rank)
-            if step % cfg.train.ckpt_every == 0 or step == cfg.train.steps or stopped:
-                logger.flush()
-                _save(engine, cfg, step, skipped, used, loader)
+    while step < cfg.train.steps and not stopped:
+        waited = time.perf_counter()
+        task, batches = loader.take(cfg.train.accumulate)
+        window["wait"] += time.perf_counter() - waited
+        for batch in batches:
+            for kind, counts in batch.pop("_skipped").items():
+                pending[kind].update(counts)
+        terms = loader.loaders[task].task
+        losses = train_step(engine, terms.modalities, batches, cfg, group, terms.loss_weight, terms.drop_token)
+        step += 1
+        faults.maybe("step", step, rank)
+        n = sum(batch["label"].size(0) for batch in batches) * world
+        window["n"] += n
+        _accumulate(window["sums"], task, losses)
+        window["flops"] += window["counter"](batches, terms.modalities, terms.drop_token)
+        used += n
+        bar.update(1)
+        stopped = signals.stop_now()
+        if step % cfg.train.log_every == 0 or step == cfg.train.steps or stopped:
+            for kind, counts in _gather_counts(pending).items():
+                skipped[kind].update(counts)
+                pending[kind].clear()
+            last = _log_step(engine, losses, step, window, logger, bar, task=task,
+                             skipped=sum(skipped["reasons"].values()))
+            check_bad_fraction(skipped, used, cfg.data.bad_sample_limit)
+        if _eval_due(cfg, step):
+            _evaluate(engine, model, cfg, step, logger, best, rank)
+        if step % cfg.train.ckpt_every == 0 or step == cfg.train.steps or stopped:
+            logger.flush()
+            _save(engine, cfg, step, skipped, used, loader)
     bar.close()
     logger.close()
     summary = {"steps": step, "samples": used, "skipped": dict(skipped["reasons"]), **last}

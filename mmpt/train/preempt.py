@@ -13,9 +13,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from mmpt.distributed import collective_device
+from mmpt.distributed import STOP_SIGNALS, collective_device
 
-SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 MARKER = "preempted"
 
 
@@ -28,7 +27,7 @@ class Preemption:
 
     def __enter__(self) -> Preemption:
         if threading.current_thread() is threading.main_thread():
-            for sig in SIGNALS:
+            for sig in STOP_SIGNALS:
                 self._old[sig] = signal.signal(sig, self._handle)
         return self
 
