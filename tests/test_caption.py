@@ -52,7 +52,7 @@ def eot_biased(cfg, num_beams: int):
         with torch.no_grad():
             v = torch.randn(cfg.model.width) * 0.1
             dec.ln.bias.copy_(v)
-            dec.token.weight[cfg.model.eot_id] = scale * v
+            dec.token.weight[cfg.model.eot_id] = scale * v / dec.token_scale  # the row as the LM head uses it
         src = model.encode("image", torch.randn(6, 3, 32, 32))
         mask = src["mask"].clone()
         mask[::2, 5:9] = False  # padded context tokens must stay masked in the cached cross-attention too

@@ -31,8 +31,8 @@ class EmbeddingHead(nn.Module):
 # TOKEN_SCALE x faster, and its small gradients (rows of tokens the captions never use) stay clear of Adam's eps.
 # At lr 3e-4 a logit moved by ~lr * |h|_1 ~ 0.03 a step: pushing 8.5k unused tokens' logits down took the
 # demo's whole budget, and the decoder never got to the image (caption loss ~1.6 at step 500, every image
-# "a handwritten digit one"). Measured on the demo encoder's frozen features, 200 steps: held-out caption
-# NLL 2.19 -> 0.37, captions naming the right digit 0 -> 89%.
+# "a handwritten digit one"). Measured on the demo (500 steps, seed 0): image-text caption loss 1.62 -> 0.36,
+# held-out captions naming their image's digit 21/297 -> 266/297, image zero-shot 0.875 -> 0.919.
 TOKEN_SCALE = 10.0
 
 
