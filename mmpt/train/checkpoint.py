@@ -62,8 +62,11 @@ def fsync_tree(root: Path, files: bool = True, dirs: bool = True) -> float:
     """Files, then each directory after its contents (bottom-up); returns the seconds spent in fsync."""
     spent = 0.0
     for parent, _, names in os.walk(root, topdown=False):
-        if files:
-            spent += sum(_fsync(Path(parent) / name) for name in sorted(names))
+        for name in sorted(names) if files else []:
+            try:
+                spent += _fsync(Path(parent) / name)
+            except FileNotFoundError:  # another rank's scratch file, gone: its writer syncs what it keeps
+                pass
         if dirs:
             spent += _fsync(Path(parent))
     return spent
@@ -103,9 +106,7 @@ def _rename_into_place(tmp: Path, final: Path) -> float:
     swapped out in the same step, so `final` is never missing or a mix of both. Returns the seconds in fsync."""
     if not final.exists():
         os.replace(tmp, final)
-    elif _exchange(tmp, final):
-        pass
-    else:  # no atomic swap here: final is missing for the moment between these two renames
+    elif not _exchange(tmp, final):  # no atomic swap here: a crash between these renames leaves final missing
         old = final.with_name(final.name + ".old")
         shutil.rmtree(old, ignore_errors=True)
         os.replace(final, old)
@@ -120,7 +121,7 @@ def _write_tag(engine, ckpt_dir: Path, name: str, client_state: dict, write_more
                fault: tuple[str, int]) -> tuple[Path, float]:
     """Every rank: DeepSpeed's files and write_more's under NAME.tmp, then fsyncs them (each rank its own, and
     those of other ranks it sees: fsync of a clean file is cheap). After a barrier rank 0 fsyncs the directories
-    and renames NAME.tmp into place. Returns the tag's path and rank's seconds in fsync."""
+    and renames NAME.tmp into place. Returns the tag's path and this rank's seconds in fsync."""
     rank = dist.get_rank()
     tmp, final = ckpt_dir / f"{name}.tmp", ckpt_dir / name
     if rank == 0 and tmp.exists():
@@ -186,8 +187,9 @@ def _prune(ckpt_dir: Path, tag: str, previous: str | None, keep: int, log: Calla
     abandoned = [p for p in tags if _step(p.name) > base]
     line = [p for p in tags if _step(p.name) <= base]
     if abandoned:
-        log(f"checkpoint: removing {', '.join(p.name for p in abandoned)}: newer than {previous or 'this run'}, "
-            "where this run line started (a rolled-back or restarted run)")
+        since = "this save" if base == step else f"{TAG.format(base)}, where this run resumed or last saved"
+        log(f"checkpoint: removing {', '.join(p.name for p in abandoned)}: newer than {since} (left by a "
+            "rollback or an earlier run)")
     old = line[:max(0, len(line) - (keep - 1))] if keep > 0 else []
     for path in abandoned + old:
         shutil.rmtree(path, ignore_errors=True)
