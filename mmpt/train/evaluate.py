@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from mmpt.modality import pair_name
+from mmpt.train.checkpoint import write_durable
 
 
 def flatten(prefix: str, result: dict) -> dict:
@@ -95,4 +96,4 @@ class BestTracker:
     def record(self, step: int, metrics: dict, write: bool) -> None:
         self.best = {"step": step, "metric": self.metric, "value": metrics[self.metric], "tag": self.TAG}
         if write:
-            self.path.write_text(json.dumps(self.best, indent=1) + "\n")
+            write_durable(self.path, json.dumps(self.best, indent=1) + "\n")

@@ -278,8 +278,8 @@ def _evaluate(engine, model, cfg: Config, step: int, logger: RunLogger, best: Be
     if cfg.eval.best and cfg.eval.best not in metrics and rank == 0:
         tqdm.write(f"eval.best={cfg.eval.best!r} is not among the eval metrics ({', '.join(sorted(metrics))})")
     if best.improved(metrics):
-        engine.save_checkpoint(str(checkpoint.checkpoint_dir(cfg.train.out_dir)), tag=BestTracker.TAG,
-                               client_state={"step": step, "metric": cfg.eval.best}, save_latest=False)
+        checkpoint.save_best(engine, cfg.train.out_dir, step, {"step": step, "metric": cfg.eval.best},
+                             tag=BestTracker.TAG)
         best.record(step, metrics, write=rank == 0)
 
 
