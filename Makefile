@@ -54,6 +54,7 @@ demo: $(STAMP)
 	  --out $(RUN)/retrieval_video-text.json
 	$(BIN)/mmpt eval retrieval --model $(RUN) --pair video-audio --data data/demo/motion-val \
 	  --out $(RUN)/retrieval_video-audio.json
+	$(BIN)/mmpt eval caption --model $(RUN) --data data/demo/val --out $(RUN)/caption.json > /dev/null
 	$(BIN)/python data_pipelines/demo_report.py $(RUN)
 
 test: $(STAMP)

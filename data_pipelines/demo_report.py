@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import statistics
 import sys
 from pathlib import Path
@@ -31,6 +32,32 @@ def row(run: Path, name: str, what: str, target) -> str:
     top1, n = result["top1"], result["num_samples"]
     mark = "" if target is None else f"  target {target:.2f} {'met' if top1 >= target else 'NOT met'}"
     return f"{what:<56} top-1 {top1:.3f} (chance {result['chance_top1']:.2f}, {n} samples){mark}"
+
+
+DIGITS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
+
+
+def named_digit(text: str):
+    """The digit a caption names, as a word ("four") or a numeral ("handwriting: 4"); None if it names none."""
+    for token in re.findall(r"[a-z]+|\d", text.lower()):
+        if token in DIGITS:
+            return DIGITS.index(token)
+        if token.isdigit():
+            return int(token)
+    return None
+
+
+def caption_row(run: Path) -> str:
+    """Captioning of the held-out images: BLEU-4, CIDEr and how many captions name their reference's digit."""
+    path = run / "caption.json"
+    if not path.is_file():
+        return f"{'captions: held-out handwritten digits':<56} missing: {path}"
+    result = json.loads(path.read_text())
+    samples = result["samples"]
+    digits = [(named_digit(s["hypothesis"]), named_digit(s["references"][0])) for s in samples]
+    right = sum(ref is not None and hyp == ref for hyp, ref in digits)
+    return (f"{'captions: held-out handwritten digits':<56} {right} of {len(samples)} name their digit "
+            f"(BLEU-4 {result['bleu4']:.3f}, CIDEr {result['cider']:.3f})")
 
 
 def over_runs(runs: list, name: str, what: str, target) -> str:
@@ -53,10 +80,13 @@ def main(argv=None) -> int:
         print(f"held-out zero-shot top-1 of {args.runs[0]}:")
         for name, what, target in ROWS:
             print("  " + row(args.runs[0], name, what, target))
+        print("  " + caption_row(args.runs[0]))
         return 0
     print(f"held-out zero-shot top-1 over {len(args.runs)} runs ({', '.join(map(str, args.runs))}):")
     for name, what, target in ROWS:
         print("  " + over_runs(args.runs, name, what, target))
+    for run in args.runs:
+        print("  " + caption_row(run))
     return 0
 
 
