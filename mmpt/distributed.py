@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
 
 import torch
 import torch.distributed as dist
@@ -26,17 +27,22 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
 
 def shield_from_stop_signals(_worker_id: int = 0) -> None:
-    """A loader worker's `worker_init_fn`: the stop signals are the trainer's to handle. torchrun signals each
-    rank's whole process group, loader workers included; a worker that died of it made its rank raise before
-    the step boundary where it would checkpoint. The worker still ends with its loader, or when its rank dies
-    (DataLoader's parent watchdog), or by SIGKILL."""
-    for sig in STOP_SIGNALS:
-        signal.signal(sig, _ignore)
+    """A loader worker's `worker_init_fn`: a stop signal from anyone but the worker's own rank is the rank's to
+    handle. torchrun signals each rank's whole process group, loader workers included, and scancel or an
+    eviction signals every process; a worker that died of it made its rank raise before the step boundary
+    where it would checkpoint. The rank itself still ends its workers with SIGTERM (DataLoader's shutdown,
+    multiprocessing's exit handler, which then waits for them), as torch's own worker handler allows.
+    The signals are blocked and taken by a thread that can see the sender (`sigwaitinfo`), which a Python
+    signal handler cannot."""
+    rank = os.getppid()
+    signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    threading.Thread(target=_take_stop_signals, args=(rank,), name="mmpt-stop-signals", daemon=True).start()
 
 
-def _ignore(signum, frame) -> None:
-    """A Python-level no-op, not SIG_IGN: an ignored disposition would be inherited across exec by anything a
-    decoder starts."""
+def _take_stop_signals(rank: int) -> None:
+    while True:
+        if signal.sigwaitinfo(set(STOP_SIGNALS)).si_pid == rank:
+            os._exit(0)  # as torch's worker handler does on its parent's SIGTERM
 
 
 def dist_info() -> tuple[int, int]:
