@@ -54,7 +54,8 @@ class CaptionDecoder(nn.Module):
         self.sot_id, self.eot_id, self.context_length = cfg.sot_id, cfg.eot_id, cfg.context_length
         self.token = nn.Embedding(cfg.vocab_size, w)
         # Shape (1,), not a scalar: DeepSpeed's broadcast cannot view 0-dim tensors as bytes. A buffer, so a
-        # checkpoint carries the scale its table was trained at.
+        # checkpoint carries the scale its table was trained at; used in the table's dtype, since a float32
+        # buffer beside bf16 weights (DeepSpeed leaves buffers as they are) would promote the activations.
         self.register_buffer("token_scale", torch.full((1,), TOKEN_SCALE))
         self.pos = nn.Parameter(torch.randn(1, cfg.context_length, w) * 0.01)
         hidden = int(w * cfg.mlp_ratio)
@@ -68,11 +69,13 @@ class CaptionDecoder(nn.Module):
 
     def embed(self, tokens: torch.Tensor, start: int = 0) -> torch.Tensor:
         """Token + position embeddings of `tokens`, the first at position `start`."""
-        return self.token(tokens) * self.token_scale + self.pos[:, start: start + tokens.size(1)]
+        x = self.token(tokens)
+        return x * self.token_scale.to(x.dtype) + self.pos[:, start: start + tokens.size(1)]
 
     def lm_weight(self) -> torch.Tensor:
         """(D, V): the LM head, tied to the token table as the embedding uses it."""
-        return (self.token.weight * self.token_scale).t()
+        w = self.token.weight
+        return (w * self.token_scale.to(w.dtype)).t()
 
     def hidden(self, tokens: torch.Tensor, context: torch.Tensor, context_mask: torch.Tensor) -> torch.Tensor:
         x = self.embed(tokens)
