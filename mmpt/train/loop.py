@@ -193,38 +193,40 @@ def _train(cfg: Config, rank: int, world: int, signals: preempt.Preemption) -> d
         _save(engine, cfg, start, skipped, used, loader)
     window = throughput.open_window(cfg, world, engine.device, half_dtype(engine) or torch.float32,
                                     say=tqdm.write if rank == 0 else None)  # the first window starts here
-    while step < cfg.train.steps and not stopped:
-        waited = time.perf_counter()
-        task, batches = loader.take(cfg.train.accumulate)
-        window["wait"] += time.perf_counter() - waited
-        for batch in batches:
-            for kind, counts in batch.pop("_skipped").items():
-                pending[kind].update(counts)
-        terms = loader.loaders[task].task
-        losses = train_step(engine, terms.modalities, batches, cfg, group, terms.loss_weight, terms.drop_token)
-        step += 1
-        faults.maybe("step", step, rank)
-        n = sum(batch["label"].size(0) for batch in batches) * world
-        window["n"] += n
-        _accumulate(window["sums"], task, losses)
-        window["flops"] += window["counter"](batches, terms.modalities, terms.drop_token)
-        used += n
-        bar.update(1)
-        stopped = signals.stop_now()
-        if step % cfg.train.log_every == 0 or step == cfg.train.steps or stopped:
-            for kind, counts in _gather_counts(pending).items():
-                skipped[kind].update(counts)
-                pending[kind].clear()
-            last = _log_step(engine, losses, step, window, logger, bar, task=task,
-                             skipped=sum(skipped["reasons"].values()))
-            check_bad_fraction(skipped, used, cfg.data.bad_sample_limit)
-        if _eval_due(cfg, step):
-            _evaluate(engine, model, cfg, step, logger, best, rank)
-        if step % cfg.train.ckpt_every == 0 or step == cfg.train.steps or stopped:
-            logger.flush()
-            _save(engine, cfg, step, skipped, used, loader)
-    bar.close()
-    logger.close()
+    try:  # the bar ends its line and the metrics reach disk when a step fails, too
+        while step < cfg.train.steps and not stopped:
+            waited = time.perf_counter()
+            task, batches = loader.take(cfg.train.accumulate)
+            window["wait"] += time.perf_counter() - waited
+            for batch in batches:
+                for kind, counts in batch.pop("_skipped").items():
+                    pending[kind].update(counts)
+            terms = loader.loaders[task].task
+            losses = train_step(engine, terms.modalities, batches, cfg, group, terms.loss_weight, terms.drop_token)
+            step += 1
+            faults.maybe("step", step, rank)
+            n = sum(batch["label"].size(0) for batch in batches) * world
+            window["n"] += n
+            _accumulate(window["sums"], task, losses)
+            window["flops"] += window["counter"](batches, terms.modalities, terms.drop_token)
+            used += n
+            bar.update(1)
+            stopped = signals.stop_now()
+            if step % cfg.train.log_every == 0 or step == cfg.train.steps or stopped:
+                for kind, counts in _gather_counts(pending).items():
+                    skipped[kind].update(counts)
+                    pending[kind].clear()
+                last = _log_step(engine, losses, step, window, logger, bar, task=task,
+                                 skipped=sum(skipped["reasons"].values()))
+                check_bad_fraction(skipped, used, cfg.data.bad_sample_limit)
+            if _eval_due(cfg, step):
+                _evaluate(engine, model, cfg, step, logger, best, rank)
+            if step % cfg.train.ckpt_every == 0 or step == cfg.train.steps or stopped:
+                logger.flush()
+                _save(engine, cfg, step, skipped, used, loader)
+    finally:
+        bar.close()
+        logger.close()
     summary = {"steps": step, "samples": used, "skipped": dict(skipped["reasons"]), **last}
     if rank == 0:
         _report_end(out_dir, step, used, skipped, stopped)
