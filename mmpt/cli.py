@@ -23,8 +23,9 @@ import sys
 from pathlib import Path
 from typing import NoReturn
 
-from mmpt.config import ConfigError, import_plugins, load_config
-from mmpt.data.shards import DataError
+from mmpt.config import import_plugins, load_config
+from mmpt.errors import ConfigError
+from mmpt.errors import DataError
 
 
 def cmd_train(args) -> int:

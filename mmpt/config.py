@@ -20,16 +20,9 @@ from typing import Any, Literal, Optional
 
 import yaml
 
+from mmpt.errors import ConfigError, UntrustedPluginError
+
 CONFIG_DIR = Path(__file__).parent / "configs"
-
-
-class ConfigError(ValueError):
-    """A user mistake in a config file or override; the message names the key or file."""
-
-
-class UntrustedPluginError(ConfigError):
-    """A loaded run's, export's or hub repo's config names a plugin module that is not imported yet: importing it
-    would run code the file chose. The message names the module and the opt-in."""
 
 
 @dataclass

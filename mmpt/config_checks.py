@@ -8,7 +8,8 @@ import dataclasses
 import functools
 from typing import Any, Optional
 
-from mmpt.config import AudioAugment, AugmentConfig, Config, ConfigError, ImageAugment, source_augment
+from mmpt.config import AudioAugment, AugmentConfig, Config, ImageAugment, source_augment
+from mmpt.errors import ConfigError
 
 # Sizes, counts and rates; checked first, so no later check (or the model) divides by zero. None (unset) passes.
 _POSITIVE = """data.batch_size data.shuffle_slots data.prefetch data.max_consecutive_bad data.video.num_frames

@@ -26,8 +26,10 @@ from pathlib import Path
 import yaml
 
 from mmpt import modality as registry
-from mmpt.config import Config, ConfigError, config_from_dict, yaml_problem
-from mmpt.data.shards import DataError, read_json
+from mmpt.config import Config, config_from_dict, yaml_problem
+from mmpt.errors import ConfigError
+from mmpt.data.shards import read_json
+from mmpt.errors import DataError
 from mmpt.data.tokenizer import OPENCLIP
 from mmpt.model import build_for_run
 from mmpt.train.checkpoint import checkpoint_dir, consolidated_state_dict

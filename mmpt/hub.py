@@ -30,7 +30,7 @@ from torch import nn
 
 from mmpt import modality as registry
 from mmpt.config import Config
-from mmpt.data.shards import DataError
+from mmpt.errors import DataError
 from mmpt.export import (
     CARD,
     CONFIG,

@@ -21,11 +21,9 @@ import sys
 from collections.abc import Mapping, MutableMapping
 from pathlib import Path
 
+from mmpt.errors import LaunchError
+
 PREEMPTED = "preempted"  # the marker the training loop writes into its out dir (mmpt.train.preempt.MARKER)
-
-
-class LaunchError(ValueError):
-    pass
 
 
 # ---- SLURM ----------------------------------------------------------------------------------------------

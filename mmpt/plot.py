@@ -16,7 +16,7 @@ import json
 import math
 from pathlib import Path
 
-from mmpt.data.shards import DataError
+from mmpt.errors import DataError
 
 Series = tuple[list, list]  # (steps, values)
 Panel = tuple[str, dict]  # (title, {line label: Series})

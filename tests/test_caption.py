@@ -11,7 +11,8 @@ from pycocoevalcap.cider.cider import Cider
 
 from mmpt.cli import main
 from mmpt.config import load_config
-from mmpt.data.shards import DataError, write_shards
+from mmpt.data.shards import write_shards
+from mmpt.errors import DataError
 from mmpt.eval.caption import normalize, read_references, run_caption, score_captions
 from mmpt.eval.zeroshot import run_zeroshot
 from mmpt.model import build_model

@@ -4,7 +4,8 @@ import sys
 
 import pytest
 
-from mmpt.config import ConfigError, load_config
+from mmpt.config import load_config
+from mmpt.errors import ConfigError
 from mmpt.train.engine import deepspeed_config
 
 

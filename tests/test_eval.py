@@ -16,7 +16,8 @@ from safetensors.torch import save_file
 
 from mmpt.config import load_config
 from mmpt.data.build import build_shards, folder_rows
-from mmpt.data.shards import DataError, write_shards
+from mmpt.data.shards import write_shards
+from mmpt.errors import DataError
 from mmpt.eval.data import Classes, eval_batches
 from mmpt.eval.retrieval import (
     embedding_ranks,

@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 from mmpt import modality as registry
 from mmpt.config import load_config
 from mmpt.data.media import DecodeSpec
-from mmpt.data.shards import DataError
+from mmpt.errors import DataError
 from mmpt.export import card_metadata, export, load_pretrained, native_backend
 from mmpt.hub import OpenClipModel, from_pretrained, push
 from mmpt.model import build_for_run

@@ -157,7 +157,8 @@ def test_registration_errors_name_the_problem():
 
 
 def test_unknown_modality_and_plugin_errors_name_the_key():
-    from mmpt.config import ConfigError, load_config
+    from mmpt.config import load_config
+    from mmpt.errors import ConfigError
 
     with pytest.raises(ConfigError, match="unknown modality 'thermal'.*more come from plugins"):
         load_config("demo", ["model.modalities=[thermal, text]"])

@@ -4,7 +4,7 @@ import json
 import pytest
 from PIL import Image
 
-from mmpt.data.shards import DataError
+from mmpt.errors import DataError
 from mmpt.plot import figures, plot_run, read_records
 
 

@@ -9,7 +9,8 @@ import pytest
 from PIL import Image
 
 from mmpt.data.media import DecodeSpec
-from mmpt.data.shards import DataError, list_shards, read_sizes, write_shards
+from mmpt.data.shards import list_shards, read_sizes, write_shards
+from mmpt.errors import DataError
 from mmpt.data.stream import eval_loader
 from mmpt.data.tokenizer import decode
 

@@ -3,7 +3,7 @@ import json
 import pytest
 import torch
 
-from mmpt.config import ConfigError
+from mmpt.errors import ConfigError
 from mmpt.data.tokenizer import Tokenizer, decode
 from mmpt.model.stems import valid_mask
 
@@ -31,7 +31,8 @@ def test_local_huggingface_tokenizer(tmp_path):
     ids = tok.batch(["a digit seven", "a purple digit seven again"])
     assert ids.tolist() == [[1, 4, 5, 6, 2, 0], [1, 4, 3, 5, 6, 2]]
     assert valid_mask(ids, tok.eot_id).sum(1).tolist() == [5, 6]
-    from mmpt.config import ConfigError, load_config
+    from mmpt.config import load_config
+    from mmpt.errors import ConfigError
     from mmpt.data.tokenizer import check_model_fits
 
     cfg = load_config("demo", ["model.context_length=6"]).model

@@ -15,7 +15,8 @@ from PIL import Image
 from safetensors.torch import save_file
 
 import mmpt
-from mmpt.config import UntrustedPluginError, load_config
+from mmpt.config import load_config
+from mmpt.errors import UntrustedPluginError
 from mmpt.export import CONFIG, export, load_pretrained, native_backend, read_config
 from mmpt.hub import from_pretrained
 from mmpt.model import build_for_run
@@ -148,7 +149,7 @@ def test_cli_eval_and_export_need_trust_plugins(tmp_path):
 HUB_SCRIPT = r"""
 import sys
 import mmpt
-from mmpt.config import ConfigError
+from mmpt.errors import ConfigError
 
 spec, name = sys.argv[1:3]
 try:

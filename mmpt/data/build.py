@@ -27,7 +27,8 @@ from pathlib import Path
 
 from mmpt import modality
 from mmpt.data.media import BadSample, probe_warned
-from mmpt.data.shards import DataError, WriteReport, write_shards
+from mmpt.data.shards import WriteReport, write_shards
+from mmpt.errors import DataError
 
 MAX_FILE_BYTES = 2 << 30
 PROBE_REFUSALS = {"zero_length": "empty_file", "oversize": "oversize"}  # any other probe failure: unreadable

@@ -17,7 +17,8 @@ from pathlib import Path
 
 import torch
 
-from mmpt.data.shards import SIZES_FILE, DataError, list_shards
+from mmpt.data.shards import SIZES_FILE, list_shards
+from mmpt.errors import DataError
 
 MAX_DECODED = 16  # decoded recordings kept per process
 KEY = "data.augment.audio.noise_files"

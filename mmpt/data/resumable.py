@@ -18,7 +18,7 @@ import torch
 import webdataset as wds
 
 from mmpt.data.media import BadSample
-from mmpt.data.shards import DataError
+from mmpt.errors import DataError
 
 
 @dataclass

@@ -18,14 +18,12 @@ from pathlib import Path
 
 import webdataset as wds
 
+from mmpt.errors import DataError
+
 SIZES_FILE = "sizes.json"
 MAX_NAMED = 5  # unlisted shards named in the warning
 log = logging.getLogger("mmpt.data")
 _warned: set = set()  # shard dirs this process has warned about
-
-
-class DataError(ValueError):
-    """A user-facing data problem (missing shards, bad manifest); the message names the file."""
 
 
 @dataclass

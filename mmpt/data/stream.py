@@ -21,7 +21,8 @@ from mmpt.config import source_augment
 from mmpt.data.decode import SampleDecoder
 from mmpt.data.media import BadSample, DecodeSpec
 from mmpt.data.resumable import SkipCounter, Source, WorkerStream, batches, collate, rng_for
-from mmpt.data.shards import DataError, list_shards
+from mmpt.data.shards import list_shards
+from mmpt.errors import DataError
 from mmpt.distributed import dist_info, shield_from_stop_signals
 from mmpt.modality import ordered, pair_name
 

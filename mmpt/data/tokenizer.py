@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from mmpt.config import ConfigError
+from mmpt.errors import ConfigError
 
 OPENCLIP = "openclip"
 PACKAGED = Path(__file__).resolve().parent.parent / "configs" / "tokenizers"

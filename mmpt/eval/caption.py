@@ -31,7 +31,8 @@ import webdataset as wds
 
 from mmpt import modality as registry
 from mmpt.data.media import DecodeSpec
-from mmpt.data.shards import DataError, list_shards
+from mmpt.data.shards import list_shards
+from mmpt.errors import DataError
 from mmpt.data.stream import eval_loader
 from mmpt.data.tokenizer import OPENCLIP, decode
 from mmpt.distributed import gather_objects

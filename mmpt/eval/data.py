@@ -34,7 +34,8 @@ from mmpt import modality as registry
 from mmpt.data.build import BAD_JSON, folder_rows
 from mmpt.data.media import BadSample, DecodeSpec
 from mmpt.data.resumable import collate
-from mmpt.data.shards import DataError, read_manifest
+from mmpt.data.shards import read_manifest
+from mmpt.errors import DataError
 from mmpt.data.stream import eval_loader
 from mmpt.distributed import dist_info
 

@@ -28,7 +28,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from mmpt import modality as registry
-from mmpt.data.shards import DataError
+from mmpt.errors import DataError
 from mmpt.distributed import collective_device, gather_objects
 from mmpt.eval.data import check_model, eval_batches, model_inputs, progress, skipped_count
 

@@ -8,7 +8,7 @@ Written for this project in the style of the usual benchmark ensembles: `photo` 
 """
 from __future__ import annotations
 
-from mmpt.data.shards import DataError
+from mmpt.errors import DataError
 
 TEMPLATE_SETS: dict[str, tuple[str, ...]] = {
     "photo": (

@@ -20,7 +20,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from mmpt import modality as registry
-from mmpt.data.shards import DataError, read_json
+from mmpt.data.shards import read_json
+from mmpt.errors import DataError
 from mmpt.data.tokenizer import tokenize
 from mmpt.distributed import collective_device, dist_info
 from mmpt.eval.data import Classes, check_model, eval_batches, model_inputs, progress, skipped_count

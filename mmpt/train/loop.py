@@ -14,8 +14,9 @@ import torch.distributed as dist
 import yaml
 from tqdm import tqdm
 
-from mmpt.config import Config, ConfigError, upgrade_old_keys
-from mmpt.data.shards import DataError
+from mmpt.config import Config, upgrade_old_keys
+from mmpt.errors import ConfigError
+from mmpt.errors import DataError
 from mmpt.data.stream import tasks_from_config, train_loader
 from mmpt.data.tokenizer import check_model_fits
 from mmpt.distributed import (

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from mmpt.config import ConfigError
+from mmpt.errors import ConfigError
 
 SUFFIX = "_universal"
 

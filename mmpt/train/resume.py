@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mmpt.config import ConfigError
+from mmpt.errors import ConfigError
 
 TAG_RE = re.compile(r"step\d{7}")
 # Model keys a resumed run may change: they alter training, not what the parameters mean.
