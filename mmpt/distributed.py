@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 import signal
 import threading
+from collections.abc import MutableMapping
 
 import torch
 import torch.distributed as dist
@@ -61,13 +62,19 @@ def gather_objects(obj) -> list:
     return parts
 
 
+def adopt_launcher_env(env: MutableMapping[str, str] = os.environ) -> None:
+    """Fill in what torchrun sets and other launchers name differently. DeepSpeed's runner
+    (launchers/deepspeed.sh) sets LOCAL_SIZE, not LOCAL_WORLD_SIZE, which contrastive_group_size=-1 (one node)
+    reads. Called before the process group starts (init_distributed)."""
+    if "LOCAL_WORLD_SIZE" not in env and env.get("LOCAL_SIZE"):
+        env["LOCAL_WORLD_SIZE"] = env["LOCAL_SIZE"]
+
+
 def init_distributed() -> tuple[int, int]:
     """Init the process group (gloo without CUDA, nccl with it) once; works with and without torchrun."""
     import deepspeed
 
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
-    from mmpt.launch import adopt_launcher_env
-
     adopt_launcher_env()  # DeepSpeed's runner names LOCAL_WORLD_SIZE differently
     for key, default in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0"),
                          ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", "29511")):

@@ -1,13 +1,15 @@
-"""What the launchers (launchers/*) need from Python: SLURM's environment turned into torchrun arguments, the
-run directory a command line trains into, SIGUSR1 forwarded to torchrun's workers, the DeepSpeed launcher's
-environment completed, and accelerate's DeepSpeed plugin checked against the run config.
+"""What the launchers (launchers/*) need from Python before any rank starts: SLURM's environment turned into
+torchrun arguments, the run directory a command line trains into, SIGUSR1 forwarded to torchrun's workers.
+What a rank does about its launcher runs inside the rank: DeepSpeed's runner's environment is completed by
+mmpt.distributed.adopt_launcher_env, accelerate's DeepSpeed plugin is checked by mmpt.train.accelerate_plugin.
 
     python -m mmpt.launch slurm-args                  # torchrun arguments for this SLURM allocation
     python -m mmpt.launch hostnames 'node[001-004,010],gpu7'
     python -m mmpt.launch out-dir train --config demo train.out_dir=runs/x
     python -m mmpt.launch signal-workers --signal USR1 --job "$SLURM_JOB_ID"
 
-Imports stay light (no torch at module level): the sbatch script runs this in its signal trap.
+Imports stay light (no torch, here or in mmpt.cli and mmpt.config): the sbatch script runs this in its signal
+trap (tests/test_launchers.py checks it).
 """
 from __future__ import annotations
 
@@ -18,13 +20,12 @@ import shlex
 import signal
 import socket
 import sys
-from collections.abc import Mapping, MutableMapping
+from collections.abc import Mapping
 from pathlib import Path
 
+from mmpt.cli import build_parser
+from mmpt.config import import_plugins, load_config
 from mmpt.errors import LaunchError
-
-PREEMPTED = "preempted"  # the marker the training loop writes into its out dir (mmpt.train.preempt.MARKER)
-
 
 # ---- SLURM ----------------------------------------------------------------------------------------------
 
@@ -152,9 +153,6 @@ def slurm_torchrun_args(env: Mapping[str, str] = os.environ) -> list[str]:
 def out_dir(mmpt_args: list[str]) -> str | None:
     """train.out_dir of `mmpt ARGS` as the training will resolve it (the config file, then the overrides);
     None for commands that don't train."""
-    from mmpt.cli import build_parser
-    from mmpt.config import import_plugins, load_config
-
     args = build_parser().parse_args(mmpt_args)
     if args.command != "train":
         return None
@@ -242,15 +240,7 @@ def signal_workers(sig: int = signal.SIGUSR1, job: str | None = None) -> int:
     return sent
 
 
-# ---- launcher environments --------------------------------------------------------------------------------
-
-def adopt_launcher_env(env: MutableMapping[str, str] = os.environ) -> None:
-    """Fill in what torchrun sets and other launchers name differently. DeepSpeed's runner
-    (launchers/deepspeed.sh) sets LOCAL_SIZE, not LOCAL_WORLD_SIZE, which contrastive_group_size=-1 (one node)
-    reads. Call before the process group starts (mmpt.distributed.init_distributed)."""
-    if "LOCAL_WORLD_SIZE" not in env and env.get("LOCAL_SIZE"):
-        env["LOCAL_WORLD_SIZE"] = env["LOCAL_SIZE"]
-
+# ---- DeepSpeed's runner -------------------------------------------------------------------------------
 
 def strip_local_rank(argv: list[str]) -> list[str]:
     """`deepspeed -m mmpt.cli ...` without --no_local_rank appends --local_rank=N; LOCAL_RANK carries it too."""
@@ -264,60 +254,6 @@ def strip_local_rank(argv: list[str]) -> list[str]:
             out.append(arg)
     return out
 
-
-def _precision(ds: dict) -> str:
-    return "bf16" if ds.get("bf16", {}).get("enabled") else "fp16" if ds.get("fp16", {}).get("enabled") else "no"
-
-
-def accelerate_disagreements(cfg, env: Mapping[str, str] = os.environ) -> list[str]:
-    """Where `accelerate launch`'s DeepSpeed plugin (its ACCELERATE_* variables) disagrees with the run config.
-    mmpt builds its DeepSpeed engine from the run config alone, so these plugin values are not applied."""
-    if env.get("ACCELERATE_USE_DEEPSPEED", "").lower() != "true":
-        return []
-    from mmpt.train.engine import deepspeed_config
-
-    ds = deepspeed_config(cfg, 1)
-    zero = ds.get("zero_optimization", {})
-    out = []
-
-    def differ(var: str, theirs, ours, key: str) -> None:
-        if var in env and theirs != ours:
-            out.append(f"{var}={env[var]} vs {key}={ours}")
-
-    differ("ACCELERATE_DEEPSPEED_ZERO_STAGE", int(env.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", "0") or 0),
-           zero.get("stage", 0), "deepspeed.zero_stage")
-    differ("ACCELERATE_GRADIENT_ACCUMULATION_STEPS", int(env.get("ACCELERATE_GRADIENT_ACCUMULATION_STEPS", "1")),
-           ds["gradient_accumulation_steps"], "train.accumulate")
-    if env.get("ACCELERATE_GRADIENT_CLIPPING", "none").lower() not in ("none", "auto"):
-        differ("ACCELERATE_GRADIENT_CLIPPING", float(env["ACCELERATE_GRADIENT_CLIPPING"]), ds["gradient_clipping"],
-               "optim.grad_clip")
-    for what in ("optimizer", "param"):
-        var = f"ACCELERATE_DEEPSPEED_OFFLOAD_{what.upper()}_DEVICE"
-        differ(var, env.get(var, "none").lower(), zero.get(f"offload_{what}", {}).get("device", "none"),
-               f"deepspeed.extra.zero_optimization.offload_{what}.device")
-    # accelerate always sets the precision ("no" by default): "no" counts only when its config file chose it.
-    mixed = env.get("ACCELERATE_MIXED_PRECISION", "no").lower()
-    chosen = "mixed_precision" in env.get("ACCELERATE_CONFIG_DS_FIELDS", "").split(",")
-    if (mixed != "no" or chosen) and mixed != _precision(ds):
-        out.append(f"ACCELERATE_MIXED_PRECISION={mixed} vs deepspeed.bf16={cfg.deepspeed.bf16} "
-                   f"(run precision {_precision(ds)})")
-    if env.get("ACCELERATE_DEEPSPEED_CONFIG_FILE"):
-        out.append(f"ACCELERATE_DEEPSPEED_CONFIG_FILE={env['ACCELERATE_DEEPSPEED_CONFIG_FILE']} is not read: "
-                   "mmpt generates the DeepSpeed JSON from deepspeed.* (add keys under deepspeed.extra)")
-    for var in ("ACCELERATE_DEEPSPEED_ZERO3_INIT", "ACCELERATE_DEEPSPEED_ZERO3_SAVE_16BIT_MODEL"):
-        if env.get(var, "false").lower() == "true":
-            out.append(f"{var}=true is not applied by mmpt")
-    return out
-
-
-def warn_accelerate_disagreements(cfg, rank: int, env: Mapping[str, str] = os.environ) -> list[str]:
-    """One warning (rank 0) naming both sides of each disagreement; the run config wins."""
-    found = accelerate_disagreements(cfg, env)
-    if found and rank == 0:
-        print("mmpt: warning: accelerate's DeepSpeed plugin disagrees with the run config, which is what runs "
-              "(mmpt builds its DeepSpeed engine from it; set the value in the run config instead): "
-              + "; ".join(found), file=sys.stderr, flush=True)
-    return found
 
 
 # ---- command line -----------------------------------------------------------------------------------------

@@ -1,6 +1,7 @@
 """Launchers: SLURM's environment -> torchrun arguments (mmpt.launch), the sbatch script's preemption and requeue
-(run by bash with stand-ins for srun/scontrol/torchrun: there is no SLURM here), accelerate's DeepSpeed plugin
-checked against the run config, and one real 2-process training each through DeepSpeed's runner and
+(run by bash with stand-ins for srun/scontrol/torchrun: there is no SLURM here), DeepSpeed's runner's environment
+(mmpt.distributed), accelerate's DeepSpeed plugin checked against the run config (mmpt.train.accelerate_plugin),
+and one real 2-process training each through DeepSpeed's runner and
 `accelerate launch` (gloo on CPU)."""
 from __future__ import annotations
 
@@ -17,6 +18,8 @@ import pytest
 
 from mmpt import launch
 from mmpt.config import load_config
+from mmpt.distributed import adopt_launcher_env
+from mmpt.train.accelerate_plugin import accelerate_disagreements, warn_accelerate_disagreements
 from mmpt.train.runlog import read_metrics
 from tests.conftest import BIN, ROOT, run
 
@@ -87,6 +90,15 @@ def test_cli_slurm_args_and_hostnames():
     assert proc.returncode == 2 and "SLURM_JOB_NODELIST is not set" in proc.stderr
 
 
+def test_launch_module_does_not_import_torch():
+    """The sbatch script runs `python -m mmpt.launch signal-workers` in its signal trap: seconds of torch import
+    there are seconds of SLURM's warning time gone."""
+    code = "import sys, mmpt.launch; print(sorted(m for m in ('torch', 'deepspeed') if m in sys.modules))"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "[]"
+
+
 def test_out_dir_of_a_command_line():
     assert launch.out_dir(["train", "--config", "demo"]) == "runs/demo"
     assert launch.out_dir(["train", "--config", "demo", "train.steps=3", "train.out_dir=/scratch/x"]) == "/scratch/x"
@@ -109,10 +121,10 @@ def test_which_processes_are_torchrun(cmdline, yes):
 
 def test_adopt_launcher_env_and_local_rank():
     env = {"LOCAL_SIZE": "4"}  # DeepSpeed's runner
-    launch.adopt_launcher_env(env)
+    adopt_launcher_env(env)
     assert env["LOCAL_WORLD_SIZE"] == "4"
     env = {"LOCAL_SIZE": "4", "LOCAL_WORLD_SIZE": "2"}  # torchrun's own value stays
-    launch.adopt_launcher_env(env)
+    adopt_launcher_env(env)
     assert env["LOCAL_WORLD_SIZE"] == "2"
     assert launch.strip_local_rank(["--local_rank=1", "train", "--local_rank", "0", "--config", "demo"]) == [
         "train", "--config", "demo"]
@@ -122,31 +134,31 @@ def test_accelerate_plugin_checked_against_the_run_config(capsys):
     cfg = load_config("demo")  # deepspeed.zero_stage=2, fp32, accumulate 1, grad_clip 1.0
     base = {"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_MIXED_PRECISION": "no",
             "ACCELERATE_CONFIG_DS_FIELDS": "deepspeed_multinode_launcher"}  # launchers/accelerate_deepspeed.yaml
-    assert launch.accelerate_disagreements(cfg, base) == []
+    assert accelerate_disagreements(cfg, base) == []
     agree = {**base, "ACCELERATE_DEEPSPEED_ZERO_STAGE": "2", "ACCELERATE_GRADIENT_ACCUMULATION_STEPS": "1",
              "ACCELERATE_GRADIENT_CLIPPING": "1.0", "ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE": "none"}
-    assert launch.accelerate_disagreements(cfg, agree) == []
+    assert accelerate_disagreements(cfg, agree) == []
     differ = {**base, "ACCELERATE_DEEPSPEED_ZERO_STAGE": "3", "ACCELERATE_GRADIENT_ACCUMULATION_STEPS": "4",
               "ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE": "cpu", "ACCELERATE_MIXED_PRECISION": "bf16"}
-    found = launch.warn_accelerate_disagreements(cfg, 0, differ)
+    found = warn_accelerate_disagreements(cfg, 0, differ)
     assert len(found) == 4
     err = capsys.readouterr().err
     assert err.count("warning") == 1  # one warning naming both sides of each disagreement
     assert "ACCELERATE_DEEPSPEED_ZERO_STAGE=3 vs deepspeed.zero_stage=2" in err
     assert "ACCELERATE_GRADIENT_ACCUMULATION_STEPS=4 vs train.accumulate=1" in err
     assert "ACCELERATE_MIXED_PRECISION=bf16 vs deepspeed.bf16=False" in err
-    launch.warn_accelerate_disagreements(cfg, 1, differ)
+    warn_accelerate_disagreements(cfg, 1, differ)
     assert capsys.readouterr().err == ""  # rank 0 only
     # The run config's own DeepSpeed keys count: deepspeed.extra is merged into the engine's JSON.
     offload = load_config("demo", ["deepspeed.extra={zero_optimization: {offload_optimizer: {device: cpu}}}"])
     same = {**base, "ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE": "cpu"}
-    assert launch.accelerate_disagreements(offload, same) == []
-    assert launch.accelerate_disagreements(cfg, {**differ, "ACCELERATE_USE_DEEPSPEED": "false"}) == []
+    assert accelerate_disagreements(offload, same) == []
+    assert accelerate_disagreements(cfg, {**differ, "ACCELERATE_USE_DEEPSPEED": "false"}) == []
     # accelerate's default "no" precision is only a disagreement when its config file chose it.
     bf16 = load_config("demo", ["deepspeed.bf16=true"])
-    assert launch.accelerate_disagreements(bf16, base) == []
+    assert accelerate_disagreements(bf16, base) == []
     chosen = {**base, "ACCELERATE_CONFIG_DS_FIELDS": "zero_stage,mixed_precision"}
-    assert launch.accelerate_disagreements(bf16, chosen) == ["ACCELERATE_MIXED_PRECISION=no vs deepspeed.bf16=True "
+    assert accelerate_disagreements(bf16, chosen) == ["ACCELERATE_MIXED_PRECISION=no vs deepspeed.bf16=True "
                                                              "(run precision bf16)"]
 
 

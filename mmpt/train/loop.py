@@ -15,8 +15,6 @@ import yaml
 from tqdm import tqdm
 
 from mmpt.config import Config, upgrade_old_keys
-from mmpt.errors import ConfigError
-from mmpt.errors import DataError
 from mmpt.data.stream import tasks_from_config, train_loader
 from mmpt.data.tokenizer import check_model_fits
 from mmpt.distributed import (
@@ -26,10 +24,11 @@ from mmpt.distributed import (
     init_distributed,
     shutdown_distributed,
 )
-from mmpt.launch import warn_accelerate_disagreements
+from mmpt.errors import ConfigError, DataError
 from mmpt.losses.contrastive import rank_groups
 from mmpt.model import build_for_run
 from mmpt.train import checkpoint, faults, preempt, reshard, throughput
+from mmpt.train.accelerate_plugin import warn_accelerate_disagreements
 from mmpt.train.accumulate import accumulated_step
 from mmpt.train.engine import TrainModule, build_engine, clear_grad_partitions, half_dtype, to_engine
 from mmpt.train.evaluate import BestTracker, check_eval_inputs, run_evals
