@@ -23,6 +23,7 @@ import sys
 from pathlib import Path
 from typing import NoReturn
 
+from mmpt.bench import BENCHES, run_bench
 from mmpt.config import import_plugins, load_config
 from mmpt.errors import ConfigError
 from mmpt.errors import DataError
@@ -134,20 +135,7 @@ def cmd_shards_check(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    import contextlib
-    import importlib
-    import inspect
-
-    module = importlib.import_module(f"mmpt.bench.{args.what}")
-    accepted = inspect.signature(module.run).parameters
-    given = {k: getattr(args, k) for k in ("samples", "size", "shape", "steps") if getattr(args, k) is not None}
-    unknown = sorted(set(given) - set(accepted))
-    if unknown:
-        raise ConfigError(f"bench {args.what}: {', '.join('--' + k for k in unknown)} not supported by this bench")
-    with contextlib.redirect_stdout(sys.stderr):  # libraries' chatter must not break "one JSON object on stdout"
-        result = module.run(**given)
-    print(json.dumps(result, indent=None if args.json else 1))
-    return 0
+    return run_bench(args.what, (["--json"] if args.json else []) + args.options)
 
 
 def cmd_model_info(args) -> int:
@@ -263,12 +251,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_shards_check)
 
     p = sub.add_parser("bench", help="benchmarks; each prints one JSON object with its peer measured in the same run")
-    p.add_argument("what", choices=["data", "moe", "loss", "accumulate", "step"])
+    p.add_argument("what", choices=list(BENCHES), help="; ".join(f"{k}: {v}" for k, v in BENCHES.items()))
     p.add_argument("--json", action="store_true", help="one line of JSON (default: indented)")
-    p.add_argument("--samples", type=int)
-    p.add_argument("--size", type=int)
-    p.add_argument("--shape", help="step: the model shape both sides share (demo, b16)")
-    p.add_argument("--steps", type=int, help="step: timed steps per side")
+    p.add_argument("options", nargs=argparse.REMAINDER, help="the bench's own flags (mmpt bench NAME --help)")
     p.set_defaults(func=cmd_bench)
 
     md = sub.add_parser("model", help="model accounting").add_subparsers(dest="model_command", required=True)

@@ -3,7 +3,6 @@ MoE with expert-choice routing in every second layer, DropToken, gradient checkp
 widths, each task at its own batch size and resolution, ZeRO-3 with the native MoE on 2 gloo processes."""
 import json
 import random
-import sys
 
 import pytest
 import torch
@@ -32,7 +31,7 @@ def tiny_imp(demo_data, out_dir) -> list:
             "model.width=32", "model.depth=4", "model.heads=2", "model.patch_size=8", "model.image_size=32",
             "model.context_length=16", "model.embed_dim=32", "model.decoder_layers=1",
             "model.decoder_cross_layers=1", "model.vocab_size=8514", "model.sot_id=8512", "model.eot_id=8513",
-            "model.video={frames: 4, tubelet: 2}", "model.audio={frames: 98, mel: 32, patch: 16}",
+            "model.video={num_frames: 4, tubelet: 2}", "model.audio={fbank_frames: 98, num_mel_bins: 32, patch: 16}",
             "model.moe.num_experts=4", "deepspeed.zero_stage=3", "deepspeed.bf16=false",
             "optim.warmup_steps=2", "train.steps=8", "train.log_every=4", "train.ckpt_every=8",
             f"train.out_dir={out_dir}", "train.peak_tflops=0.05"]
@@ -73,20 +72,3 @@ def test_tiny_imp_moe_trains_all_four_pairs_at_their_own_resolutions_under_zero3
     assert {"tokens_per_s/text"} <= tokens and len(tokens) >= 3
     samples = sum(TASKS[t]["batch_size"] * n for t, n in seen.items()) * 2
     assert f"done: 8 steps, {samples} samples" in proc.stdout + proc.stderr
-
-
-@pytest.mark.slow
-def test_imp_scale_script_reports_step_time_mfu_and_moe_over_dense(demo_data, tmp_path):
-    """The GPU command of the README (data_pipelines/imp_scale.py), at tiny widths on CPU."""
-    out = tmp_path / "scale.json"
-    proc = run([sys.executable, "data_pipelines/imp_scale.py", "--cpu-smoke", "--data", str(demo_data),
-                "--workdir", str(tmp_path / "runs"), "--out", str(out), "--peak-tflops", "0.05"], timeout=900)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
-    result = json.loads(out.read_text())
-    for name in ("imp_b16", "imp_moe_b16"):
-        r = result["configs"][name]
-        assert r["s_per_step"] > 0 and r["samples_per_s"] > 0 and 0 < r["mfu"] and 0 <= r["loader_wait_share"] <= 1
-        assert r["mfu"] == pytest.approx(r["model_tflops_per_s"] / 0.05) and r["mfu_probe"] > 0
-        assert {"image", "text"} <= set(r["tokens_per_s"])
-    assert result["moe_over_dense"] == (result["configs"]["imp_moe_b16"]["s_per_step"]
-                                        / result["configs"]["imp_b16"]["s_per_step"])

@@ -25,6 +25,7 @@ from types import SimpleNamespace
 import torch
 from PIL import Image
 
+from mmpt.bench import count, given
 from mmpt.config import AudioConfig, AugmentConfig, VideoConfig
 from mmpt.data.media import DecodeSpec
 from mmpt.data.resumable import Source
@@ -33,7 +34,7 @@ from mmpt.data.stream import TaskConfig, TaskLoader
 from mmpt.modality import ordered, pixels_to_float
 
 # open_clip's training transform as shipped (image_transform(is_train=True), default aug_cfg): RandomResizedCrop
-# with scale (0.9, 1), torchvision's ratio (3/4, 4/3), no flip, no colour jitter (also data_pipelines/vs_open_clip.py)
+# with scale (0.9, 1), torchvision's ratio (3/4, 4/3), no flip, no colour jitter (also `mmpt bench parity`)
 OPEN_CLIP_CROP = {"crop": "resized", "scale": [0.9, 1.0], "ratio": [0.75, 1.3333], "flip_p": 0.0, "jitter_p": 0.0,
                   "randaugment_ops": 0}
 CAPTIONS = ["a rabbit in a green meadow", "an animated forest scene with trees", "a cartoon character close up"]
@@ -193,3 +194,12 @@ def run(samples: int = 512, size: int = 224, batch_size: int = 32, frames: int =
         "augment_settings": dataclasses.asdict(AugmentConfig()),
         "target": {"vs_open_clip": 1.2},
     }
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--samples", type=count(1), help="image-text samples timed (default 512)")
+    parser.add_argument("--size", type=count(1), help="image and video frame size in pixels (default 224)")
+
+
+def main(args) -> dict:
+    return run(**given(args, "samples", "size"))

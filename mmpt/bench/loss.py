@@ -113,3 +113,11 @@ def run(b: int = 512, d: int = 512, chunk: int = 128, worlds=(2, 4, 8)) -> dict:
            "worlds": {str(n): bench_world(n, b, d, chunk) for n in worlds},
            "targets": {"peak_mb_ratio_at_8": 0.125, "grouped_bytes_ratio": "(g-1)/(N-1)"}}
     return out
+
+
+def add_arguments(parser) -> None:
+    """No flags: rows, width, chunk and process counts are the bench's definition."""
+
+
+def main(args) -> dict:
+    return run()

@@ -37,6 +37,7 @@ from pathlib import Path
 
 import torch
 
+from mmpt.bench import count, given
 from mmpt.bench.common import count_flops, peak_mb
 from mmpt.modality import pixels_to_float
 
@@ -75,7 +76,7 @@ def open_clip_config(shape: dict) -> dict:
     """open_clip's CoCa of the same shape as mmpt's model: separate towers of `depth` layers, one multimodal layer
     (a causal and a cross-attending block); the attentional pooler has a query per image patch, one of whose
     outputs is the contrastive embedding and all of them the decoder's context (mmpt: the patch tokens).
-    Shared with data_pipelines/vs_open_clip.py."""
+    Shared with `mmpt bench parity`."""
     w, h, vocab = shape["width"], shape["heads"], shape.get("vocab_size", BPE["vocab_size"])
     return {
         "embed_dim": shape["embed_dim"],
@@ -225,3 +226,13 @@ def run(shape: str = "demo", size: int | None = None, steps: int | None = None, 
             "vs_open_clip_zero2": zero2["samples_per_s"] / oc["samples_per_s"],
             "moe_over_dense": moe["s_per_step"] / dense["s_per_step"],
             "target": {"vs_open_clip_min": TARGET}, "meets_target": bool(math.isfinite(ratio) and ratio >= TARGET)}
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--shape", choices=list(SHAPES), help="the model shape both sides share (default demo)")
+    parser.add_argument("--size", type=count(1), help="batch size (default 32 for demo, 8 for b16)")
+    parser.add_argument("--steps", type=count(1), help="timed steps per side (default 20 for demo, 3 for b16)")
+
+
+def main(args) -> dict:
+    return run(**given(args, "shape", "size", "steps"))

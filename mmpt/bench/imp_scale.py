@@ -1,8 +1,8 @@
 """The shipped IMP configs at their real widths on one GPU: step time, MFU, peak memory, loader share, MoE / dense.
 
-    python data_pipelines/imp_scale.py --out runs/imp_scale.json                  # one GPU, bf16, 300 steps each
-    python data_pipelines/imp_scale.py --steps 100 --batch 128 --configs imp_b16  # smaller
-    python data_pipelines/imp_scale.py --cpu-smoke --out runs/imp_smoke.json      # tiny widths on CPU (CI)
+    mmpt bench imp-scale --out runs/imp_scale.json                  # one GPU, bf16, 300 steps each
+    mmpt bench imp-scale --steps 100 --batch 128 --configs imp_b16  # smaller
+    mmpt bench imp-scale --cpu-smoke --out runs/imp_smoke.json      # tiny widths on CPU (CI)
 
 Each config (default: imp_b16, then imp_moe_b16) trains for --steps steps with `launchers/torchrun.sh` on one
 process, DeepSpeed ZeRO-2, bf16, on a generated shard set: the embedded demo's digits, spoken words and moving
@@ -16,11 +16,12 @@ From each run's metrics.jsonl (log steps after the first --skip steps): seconds 
 `--peak-tflops` or the table there; None on a CPU without it — and `mfu_probe` over a bf16 matmul probe),
 peak CUDA memory, and the share of the step the loader kept the trainer waiting. `moe_over_dense` = MoE
 s/step / dense s/step at equal active parameters per token (imp_moe_b16 vs imp_b16). Prints one JSON object
-(and writes --out).
+(and writes --out); the exit code is 1 when a config's training failed. Needs a source checkout: it trains
+through launchers/torchrun.sh and builds missing demo shards with data_pipelines/demo_digits.py.
 """
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import json
 import os
 import random
@@ -29,7 +30,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
+from mmpt.bench import count
+from mmpt.config import load_config
+
+REPO = Path(__file__).resolve().parents[2]  # the source checkout: launchers/ and data_pipelines/
 TARGETS = {"mfu_dense_min": 0.45, "moe_over_dense_max": 1.2}
 SMOKE = ["model.width=32", "model.depth=2", "model.heads=2", "model.embed_dim=32", "model.decoder_layers=1",
          "model.decoder_cross_layers=1", "model.image_size=32", "model.patch_size=16", "model.context_length=16",
@@ -48,8 +52,6 @@ def sources(data: Path) -> list:
 
 
 def overrides(args, name: str, out: Path) -> list:
-    from mmpt.config import load_config
-
     over = [f"data.sources={json.dumps(sources(args.data))}", f"data.val={args.data}/val",
             f"data.classes={args.data}/classes.json", f"train.steps={args.steps}", f"train.log_every={args.log_every}",
             f"train.ckpt_every={10 ** 9}", f"train.out_dir={out}", "train.resume=false", "eval.every=0"]
@@ -68,8 +70,6 @@ def overrides(args, name: str, out: Path) -> list:
 
 
 def _terms(terms) -> dict:
-    import dataclasses
-
     return {k: v for k, v in dataclasses.asdict(terms).items() if v is not None}
 
 
@@ -94,42 +94,40 @@ def run_one(args, name: str) -> dict:
     env = {**os.environ, "NPROC": "1", "MASTER_PORT": str(random.randint(20000, 40000)),
            "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}"}
     cmd = ["launchers/torchrun.sh", "train", "--config", name, *overrides(args, name, out)]
-    print(f"imp_scale: {name}: {' '.join(cmd)}", file=sys.stderr, flush=True)
-    proc = subprocess.run(cmd, cwd=REPO, env=env)
+    print(f"bench imp-scale: {name}: {' '.join(cmd)}", file=sys.stderr, flush=True)
+    proc = subprocess.run(cmd, cwd=REPO, env=env, stdout=sys.stderr)  # stdout carries only the result JSON
     if proc.returncode:
         return {"command": cmd, "error": f"training exited with {proc.returncode}"}
     return {"command": cmd, **summarize(out, args.skip)}
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def add_arguments(ap) -> None:
     ap.add_argument("--configs", nargs="+", default=["imp_b16", "imp_moe_b16"])
-    ap.add_argument("--steps", type=int, default=300)
-    ap.add_argument("--log-every", type=int, default=20)
-    ap.add_argument("--skip", type=int, default=40, help="steps left out of the figures (warm-up, compilation)")
-    ap.add_argument("--batch", type=int, help="image-text batch per GPU (other tasks scale with it)")
+    ap.add_argument("--steps", type=count(1), default=300)
+    ap.add_argument("--log-every", type=count(1), default=20)
+    ap.add_argument("--skip", type=count(0), default=40, help="steps left out of the figures (warm-up, compilation)")
+    ap.add_argument("--batch", type=count(1), help="image-text batch per GPU (other tasks scale with it)")
     ap.add_argument("--peak-tflops", type=float, help="the GPU's bf16 dense peak; default: mmpt.train.throughput.PEAKS")
     ap.add_argument("--data", type=Path, default=REPO / "data/demo")
     ap.add_argument("--workdir", type=Path, default=REPO / "runs/imp_scale")
-    ap.add_argument("--out", type=Path)
-    ap.add_argument("--cpu-smoke", action="store_true", help="tiny widths, fp32, for a CPU check of this script")
+    ap.add_argument("--cpu-smoke", action="store_true", help="tiny widths, fp32, for a CPU check of this bench")
     ap.add_argument("--override", nargs="*", default=[], help="more dotted overrides for every config")
-    args = ap.parse_args(argv)
+
+
+def main(args) -> dict:
+    if not (REPO / "launchers" / "torchrun.sh").is_file():
+        raise SystemExit(f"bench imp-scale: needs mmpt's source checkout (launchers/torchrun.sh), not {REPO}")
     if args.cpu_smoke:
         args.steps, args.log_every, args.skip = min(args.steps, 6), 2, 0
     if not (args.data / "train").is_dir():
-        subprocess.run([sys.executable, "data_pipelines/demo_digits.py", "--out", str(args.data)], cwd=REPO, check=True)
+        subprocess.run([sys.executable, "data_pipelines/demo_digits.py", "--out", str(args.data)], cwd=REPO,
+                       check=True, stdout=sys.stderr)
     result = {"configs": {name: run_one(args, name) for name in args.configs}, "targets": TARGETS}
     runs = result["configs"]
     if runs.get("imp_b16", {}).get("s_per_step") and runs.get("imp_moe_b16", {}).get("s_per_step"):
         result["moe_over_dense"] = runs["imp_moe_b16"]["s_per_step"] / runs["imp_b16"]["s_per_step"]
-    text = json.dumps(result, indent=1)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text)
-    print(text)
-    return 0 if all("error" not in r for r in runs.values()) else 1
+    return result
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+def exit_code(result: dict) -> int:
+    return 0 if all("error" not in r for r in result["configs"].values()) else 1

@@ -1,4 +1,4 @@
-"""data_pipelines/vs_open_clip.py: both trainers run on tiny shards and the JSON contract holds."""
+"""mmpt bench parity: both trainers run on tiny shards and the JSON contract holds."""
 from __future__ import annotations
 
 import io
@@ -27,12 +27,12 @@ def digit_samples(start: int, count: int):
                "json": {"label": label}}
 
 
-def test_vs_open_clip_contract(tmp_path):
+def test_bench_parity_contract(tmp_path):
     write_shards(digit_samples(0, 48), tmp_path / "train", "train", shard_size=16)
     write_shards(digit_samples(100, 20), tmp_path / "val", "val", shard_size=10)
     (tmp_path / "classes.json").write_text(json.dumps({"classnames": WORDS, "templates": ["a handwritten {}"]}))
     out = tmp_path / "result.json"
-    proc = run([sys.executable, "data_pipelines/vs_open_clip.py", "--train", str(tmp_path / "train"),
+    proc = run([sys.executable, "-m", "mmpt.cli", "bench", "parity", "--train", str(tmp_path / "train"),
                 "--val", str(tmp_path / "val"), "--classes", str(tmp_path / "classes.json"), "--steps", "4",
                 "--batch", "8", "--warmup", "1", "--lr", "1e-3", "--threads", "1", "--workers", "0", "--seeds", "0,1",
                 "--workdir", str(tmp_path / "work"), "--out", str(out)],
