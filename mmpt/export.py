@@ -8,7 +8,7 @@ An export directory is what `mmpt push` uploads and `mmpt.from_pretrained` loads
     config.json          the resolved run config (plugins included; model.moe.backend as trained)
     tokenizer.json       which tokenizer: open_clip's BPE (its vocab ships in its wheel) or tokenizer/ (a
                          HuggingFace tokenizer, save_pretrained)
-    preprocessing.json   per modality of the model: its decoder and the DecodeSpec settings it is given
+    preprocessing.json   per modality of the model: its decoder and the DecodeSettings settings it is given
     README.md            the model card (model_cards/default.md): metadata, model-index from the eval results
 
 `load_pretrained` reads a run directory (DeepSpeed checkpoints, consolidated) or an export directory. Modules
@@ -112,19 +112,19 @@ def write_tokenizer(cfg: Config, out: Path) -> dict:
 
 
 def preprocessing(cfg: Config, tokenizer: str) -> dict:
-    """Per modality: the registry decoder and the DecodeSpec settings it is given (eval mode).
+    """Per modality: the registry decoder and the DecodeSettings it is given (eval mode).
 
-    A DecodeSpec field named after a modality (data.video, data.audio) is that modality's own section, so it
-    is listed under it alone; the others (image_size, context_length, tokenizer) under every modality.
+    A setting named after a modality (data.video, data.audio) is that modality's own section, so it is listed
+    under it alone; the others (image_size, context_length, tokenizer) under every modality.
     `tokenizer` is "openclip" or a directory relative to the export. Training augmentation is left out."""
-    from mmpt.data.media import MEAN, STD, DecodeSpec
+    from mmpt.data.media import MEAN, STD, DecodeSettings
 
-    spec = {**dataclasses.asdict(DecodeSpec.from_config(cfg)), "tokenizer": tokenizer}
-    del spec["augment"]
+    given = {**DecodeSettings.from_config(cfg).to_dict(), "tokenizer": tokenizer}
+    del given["augment"]
     entries = {}
     for name in registry.ordered(cfg.model.modalities):
         entry = registry.get(name)
-        settings = {k: v for k, v in spec.items() if k not in registry.MODALITIES or k == name}
+        settings = {k: v for k, v in given.items() if k not in registry.MODALITIES or k == name}
         entries[name] = {"decoder": getattr(entry.decode, "__name__", str(entry.decode)),
                          "extensions": list(entry.extensions), "spec": settings}
     # CLIP's normalisation of decoded pixels (images and video frames), for tools that decode themselves.

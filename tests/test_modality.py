@@ -176,7 +176,7 @@ def test_checkpoints_and_configs_from_before_the_registry_load():
     old["model"].update(video_frames=4, tubelet=2, audio_frames=50, audio_mel=64, audio_patch=16)
     del old["model"]["video"], old["model"]["audio"]
     upgraded = config_from_dict(old)
-    assert (upgraded.model.video.frames, upgraded.model.audio.mel) == (4, 64)
+    assert (upgraded.model.video.num_frames, upgraded.model.audio.num_mel_bins) == (4, 64)
 
     model = build_for_run(upgraded)
     state = {k.replace("video-text", "text_video").replace("image-text", "image_text"): v

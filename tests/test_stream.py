@@ -5,7 +5,7 @@ from collections import Counter
 import pytest
 import torch
 
-from mmpt.data.media import DecodeSpec
+from mmpt.data.media import DecodeSettings
 from mmpt.data.resumable import Source
 from mmpt.data.shards import list_shards, write_shards
 from mmpt.errors import DataError
@@ -13,7 +13,7 @@ from mmpt.data.stream import MultiTaskLoader, TaskConfig, TaskLoader, eval_loade
 from mmpt.train.loop import BadDataError, check_bad_fraction
 from tests.media_files import png_bytes
 
-SPEC = DecodeSpec(image_size=8, context_length=8)
+SPEC = DecodeSettings(image_size=8, context_length=8)
 
 
 def make_shards(path, prefix, n, per_shard, bad_every=0):
@@ -132,12 +132,12 @@ def test_a_worker_that_delivers_nothing_is_an_error_not_a_hang(tmp_path):
     """A shard on storage that never answers (a FIFO nobody writes): data.worker_timeout ends it in one line."""
     import os
 
-    from mmpt.config import Config
+    from mmpt.config import default_config
 
     fifo = tmp_path / "hang-000000.tar"
     os.mkfifo(fifo)
     task = TaskConfig("image-text", ["image", "text"], [Source("hang", [str(fifo)], ["image", "text"])], 2)
-    loader = TaskLoader(task, DecodeSpec.from_config(Config()), seed=0, num_workers=1, timeout=2)
+    loader = TaskLoader(task, DecodeSettings.from_config(default_config()), seed=0, num_workers=1, timeout=2)
     with pytest.raises(DataError, match=r"task 'image-text': no batch from its loader worker in 2 s"):
         next(loader)
     loader._it._shutdown_workers()  # the worker is still blocked opening the FIFO

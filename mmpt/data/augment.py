@@ -4,7 +4,7 @@ The stream seeds that RNG per sample from (seed, rank, worker, counter) (`mmpt.d
 augmentation is a pure function of the sample's place in the stream and a resumed run reproduces it bit for
 bit. torchvision's random transforms draw from torch's global RNG; they run here inside
 `torch.random.fork_rng` after seeding torch from the sample's RNG (`torch_seeded`), which leaves the global RNG
-(dropout, DropToken) as it was. The settings are `mmpt.config.ImageAugment` / `VideoAugment` /
+(dropout, DropToken) as it was. The settings are `ImageAugment` (mmpt.modalities.image) / `VideoAugment` /
 `AudioAugment`; each step is skipped at its neutral value and then draws nothing, so switching steps off
 gives exactly the stream mmpt had before augmentation was configurable. Recipes:
 
@@ -35,7 +35,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from mmpt.config import AudioAugment, ImageAugment, VideoAugment
+from mmpt.data.noise import noise_bank
 
 MILD_SCALE = (0.8, 1.0)  # crop "mild": the training crop of images before augmentation was configurable
 
@@ -57,7 +57,7 @@ def uniform(rng: random.Random, bounds) -> float:
 
 # ---- images and video frames ------------------------------------------------------------------------
 
-def crop_box(width: int, height: int, aug: ImageAugment, rng: random.Random) -> tuple[int, int, int, int]:
+def crop_box(width: int, height: int, aug, rng: random.Random) -> tuple[int, int, int, int]:
     """(left, top, crop width, crop height) of an image's training crop."""
     if aug.crop == "resized":
         from torchvision.transforms import RandomResizedCrop
@@ -86,7 +86,7 @@ def _randaugment(num_ops: int, magnitude: int):
     return v2.RandAugment(num_ops, magnitude)
 
 
-def pixel_ops(x: torch.Tensor, aug: ImageAugment, rng: random.Random) -> torch.Tensor:
+def pixel_ops(x: torch.Tensor, aug, rng: random.Random) -> torch.Tensor:
     """(..., 3, H, W) uint8 -> flipped, RandAugment-ed, colour-jittered, with ONE draw of the parameters for the
     whole tensor (a video's frames change alike)."""
     if aug.flip_p and rng.random() < aug.flip_p:
@@ -102,7 +102,7 @@ def pixel_ops(x: torch.Tensor, aug: ImageAugment, rng: random.Random) -> torch.T
     return x
 
 
-def video_frames(frames: torch.Tensor, size: int, aug: VideoAugment, rng: random.Random) -> torch.Tensor:
+def video_frames(frames: torch.Tensor, size: int, aug, rng: random.Random) -> torch.Tensor:
     """(T, 3, H, W) uint8 with min(H, W) >= size -> (T, 3, size, size) uint8, one augmentation for all frames."""
     h, w = frames.shape[-2:]
     if aug.crop == "mild":  # the random size x size window of before
@@ -117,7 +117,7 @@ def video_frames(frames: torch.Tensor, size: int, aug: VideoAugment, rng: random
 
 
 def temporal_indices(n_frames: int, native_fps: float, num_frames: int, fps: Optional[float],
-                     window_seconds: Optional[float], aug: VideoAugment, rng: random.Random) -> list:
+                     window_seconds: Optional[float], aug, rng: random.Random) -> list:
     """Training frame indices with temporal jitter: the stride x f, f ~ U(stride_scale), at a random start.
     Spread over the clip (fps None): T frames over a random f-long part of it (f capped at 1). At `fps`: frames
     f / fps seconds apart from a random start in the clip (a window of window_seconds or the frames' span).
@@ -140,7 +140,7 @@ def _fit(wav: torch.Tensor, n: int) -> torch.Tensor:
     return wav[:, :n] if wav.size(1) >= n else F.pad(wav, (0, n - wav.size(1)))
 
 
-def audio_window(wav: torch.Tensor, n: int, aug: AudioAugment, rng: random.Random,
+def audio_window(wav: torch.Tensor, n: int, aug, rng: random.Random,
                  centre: Optional[float] = None) -> torch.Tensor:
     """(1, L) -> (1, n): a random window (at `centre`: the one centred on that sample, a video's frames), speed-
     perturbed by f (its n·f samples resampled to n: faster and higher at f > 1). At speed [1, 1]: the random window
@@ -190,7 +190,7 @@ def _shape(colour: str, n: int) -> torch.Tensor:
     return weights
 
 
-def add_noise(wav: torch.Tensor, sample_rate: int, aug: AudioAugment, rng: random.Random) -> torch.Tensor:
+def add_noise(wav: torch.Tensor, sample_rate: int, aug, rng: random.Random) -> torch.Tensor:
     """With probability noise_p: noise of a random kind (a colour, or "file": real noise from noise_files)
     scaled to an SNR ~ U(noise_snr_db) against the clip's power (a silent clip stays silent)."""
     if not (aug.noise_p and rng.random() < aug.noise_p):
@@ -198,8 +198,6 @@ def add_noise(wav: torch.Tensor, sample_rate: int, aug: AudioAugment, rng: rando
     kinds = list(aug.noise_colors) + (["file"] if aug.noise_files else [])
     kind, snr = rng.choice(kinds), uniform(rng, aug.noise_snr_db)
     if kind == "file":
-        from mmpt.data.noise import noise_bank
-
         noise = noise_bank(aug.noise_files).clip(wav.size(1), sample_rate, rng)
     else:
         noise = coloured_noise(kind, wav.size(1), rng)
@@ -209,7 +207,7 @@ def add_noise(wav: torch.Tensor, sample_rate: int, aug: AudioAugment, rng: rando
     return wav + noise * torch.sqrt(signal / (power * 10 ** (snr / 10)))
 
 
-def waveform(wav: torch.Tensor, n: int, sample_rate: int, aug: AudioAugment, rng: random.Random,
+def waveform(wav: torch.Tensor, n: int, sample_rate: int, aug, rng: random.Random,
              centre: Optional[float] = None) -> torch.Tensor:
     """(1, L) mono at sample_rate -> (1, n): window (centred on sample `centre` if given) + speed, noise, gain."""
     wav = add_noise(audio_window(wav, n, aug, rng, centre), sample_rate, aug, rng)
@@ -217,14 +215,14 @@ def waveform(wav: torch.Tensor, n: int, sample_rate: int, aug: AudioAugment, rng
     return wav * 10 ** (gain / 20) if gain else wav
 
 
-def pitch_warp(aug: AudioAugment, rng: random.Random) -> float:
+def pitch_warp(aug, rng: random.Random) -> float:
     """Kaldi's VTLN warp factor for a pitch shift of s ~ U(pitch_semitones): 2^(s/12) scales the frequency
     axis of the mel filterbank, so a partial at f lands where one at f·2^(s/12) would (harmonics and formants
     alike, tempo kept; piecewise linear near the band edges)."""
     return 2 ** (uniform(rng, aug.pitch_semitones) / 12)
 
 
-def spec_augment(fbank: torch.Tensor, aug: AudioAugment, rng: random.Random) -> torch.Tensor:
+def spec_augment(fbank: torch.Tensor, aug, rng: random.Random) -> torch.Tensor:
     """(frames, mel) -> the same with SpecAugment's masks: freq_masks bands of U{0..freq_mask_width} mel bins
     and time_masks spans of U{0..time_mask_width} frames, each at a uniform position, set to 0."""
     if not (aug.freq_masks or aug.time_masks):

@@ -11,7 +11,8 @@ import json
 import random
 
 from mmpt import modality
-from mmpt.data.media import BadSample, DecodeSpec
+from mmpt.data.media import DecodeSettings
+from mmpt.data.samples import BadSample
 
 
 def sample_label(sample: dict) -> int:
@@ -50,33 +51,33 @@ class SampleDecoder:
     """Decode the given modalities of a sample (a modality may come from a carrier's file: audio from a
     video's sound track, then cut from the time the carrier's frames cover)."""
 
-    def __init__(self, modalities: list, spec: DecodeSpec, train: bool):
+    def __init__(self, modalities: list, settings: DecodeSettings, train: bool):
         try:
-            self.specs = [modality.get(m) for m in modality.ordered(modalities)]  # carriers before the carried
+            self.entries = [modality.get(m) for m in modality.ordered(modalities)]  # carriers before the carried
         except KeyError as e:
             raise ValueError(e.args[0]) from None
-        self.spec, self.train = spec, train
-        self.carriers = {s.carried_by for s in self.specs if s.in_window is not None} & set(modalities)
+        self.settings, self.train = settings, train
+        self.carriers = {e.carried_by for e in self.entries if e.in_window is not None} & set(modalities)
 
-    def _decode(self, sample: dict, spec: modality.Modality, rng: random.Random, windows: dict):
-        key, carried = modality.sample_key(sample, spec.name)
+    def _decode(self, sample: dict, entry: modality.Modality, rng: random.Random, windows: dict):
+        key, carried = modality.sample_key(sample, entry.name)
         if key is None:
-            raise missing(sample, spec.name)
+            raise missing(sample, entry.name)
         try:
-            if carried and spec.carried_by in windows:
-                return spec.in_window(sample[key], self.spec, self.train, rng, windows[spec.carried_by])
-            if spec.name in self.carriers and spec.timed is not None:
-                out, windows[spec.name] = spec.timed(sample[key], self.spec, self.train, rng)
+            if carried and entry.carried_by in windows:
+                return entry.in_window(sample[key], self.settings, self.train, rng, windows[entry.carried_by])
+            if entry.name in self.carriers and entry.timed is not None:
+                out, windows[entry.name] = entry.timed(sample[key], self.settings, self.train, rng)
                 return out
-            return spec.decode(sample[key], self.spec, self.train, rng)
+            return entry.decode(sample[key], self.settings, self.train, rng)
         except BadSample as e:
-            raise BadSample(f"{e.reason}_{spec.name}", str(e)) from None
+            raise BadSample(f"{e.reason}_{entry.name}", str(e)) from None
 
     def __call__(self, sample: dict) -> dict:
         rng = random.Random(sample.get("__seed__", 0))
         out = {"__key__": sample.get("__key__", "?"), "__url__": sample.get("__url__", "?")}
         windows: dict = {}  # carrier modality -> (start, end) seconds its decoded part covers
-        for spec in self.specs:
-            out[spec.name] = self._decode(sample, spec, rng, windows)
+        for entry in self.entries:
+            out[entry.name] = self._decode(sample, entry, rng, windows)
         out["label"] = sample_label(sample)
         return out

@@ -1,62 +1,85 @@
 """Real decoders for each media type: PIL (image), decord (video), torchaudio via torchcodec (audio), the
 tokenizer (text). The modality registry (`mmpt.modality`) says which decoder serves which modality.
 
-Every decoder is `decode_X(data: bytes, spec: DecodeSpec, train: bool, rng) -> tensor` and raises
-`BadSample(reason)` for input it cannot use. In training (`train=True`) it augments as `spec.augment` says
+Every decoder is `decode_X(data: bytes, settings: DecodeSettings, train: bool, rng) -> tensor` and raises
+`BadSample(reason)` for input it cannot use. In training (`train=True`) it augments as `settings.augment` says
 (`mmpt.data.augment`), drawing only from `rng`; eval decoding is deterministic (centre crops and windows).
 `probe_X(data) -> {stat: number}` checks that a file decodes and returns its metadata (for `mmpt shards build`,
 which refuses what fails, and `mmpt shards check`).
 """
 from __future__ import annotations
 
+import dataclasses
 import io
 import random
 import warnings
-from dataclasses import dataclass, field
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
 from PIL import Image, ImageOps
 
-from mmpt.config import AudioConfig, AugmentConfig, ImageAugment, VideoAugment, VideoConfig
+from mmpt.config import Config, config_class
 from mmpt.data import augment
+from mmpt.data.samples import BadSample, load_waveform, nonempty
 from mmpt.data.tokenizer import get_tokenizer
-from mmpt.modality import CLIP_MEAN, CLIP_STD
+from mmpt.modality import CLIP_MEAN, CLIP_STD, MODALITIES
 
 MAX_IMAGE_PIXELS = 64_000_000  # decompression-bomb guard: refuse, don't allocate
 MAX_VIDEO_FRAMES = 100_000
-MAX_AUDIO_SECONDS = 3600.0
 PROBE_FRAMES = 4  # frames a video probe decodes, spread over the clip (a truncated file fails here)
 MEAN, STD = CLIP_MEAN, CLIP_STD
 
 
-class BadSample(Exception):
-    """A sample that cannot be used; `reason` is a short stable tag used for counting."""
+class DecodeSettings:
+    """What the decoders read: the model's input sizes, each modality's data section (`settings.video` is
+    data.video, by the registry's `data_config`) and the training augmentation of one source (`settings.augment`,
+    train=True only). Sections not given take their defaults."""
 
-    def __init__(self, reason: str, detail: str = ""):
-        super().__init__(f"{reason}: {detail}" if detail else reason)
-        self.reason = reason
+    def __init__(self, image_size: int = 32, context_length: int = 16, tokenizer: str = "openclip",
+                 augment: Optional[Any] = None, jpeg_draft: bool = True, **sections: Any):
+        unknown = [name for name in sections if name not in MODALITIES or MODALITIES[name].data_config is None]
+        if unknown:
+            raise TypeError(f"DecodeSettings: no modality with a data section named {unknown}")
+        self.image_size, self.context_length, self.tokenizer = image_size, context_length, tokenizer
+        # JPEGs decode at 1/2, 1/4 or 1/8 size when that still covers image_size
+        self.jpeg_draft = jpeg_draft
+        self.augment = augment if augment is not None else config_class()().data.augment
+        self.sections = {m.name: sections.get(m.name) or m.data_config() for m in MODALITIES.values()
+                         if m.data_config is not None}
 
+    def __getattr__(self, name: str) -> Any:
+        sections = self.__dict__.get("sections", {})
+        if name in sections:
+            return sections[name]
+        raise AttributeError(f"DecodeSettings has no {name!r} (data sections: {', '.join(sections)})")
 
-@dataclass
-class DecodeSpec:
-    """What the decoders read: the model's input sizes, the data section's per-modality settings and the
-    training augmentation of one source."""
-    image_size: int = 32  # images and video frames (model.image_size)
-    context_length: int = 16
-    tokenizer: str = "openclip"
-    video: VideoConfig = field(default_factory=VideoConfig)
-    audio: AudioConfig = field(default_factory=AudioConfig)
-    augment: AugmentConfig = field(default_factory=AugmentConfig)  # train=True only
-    jpeg_draft: bool = True  # decode JPEGs at 1/2, 1/4 or 1/8 size when that still covers image_size
+    def replace(self, **changes: Any) -> DecodeSettings:
+        kept = {"image_size": self.image_size, "context_length": self.context_length, "tokenizer": self.tokenizer,
+                "augment": self.augment, "jpeg_draft": self.jpeg_draft, **self.sections}
+        return DecodeSettings(**{**kept, **changes})
+
+    def to_dict(self) -> dict:
+        """Plain data (preprocessing.json): the sizes, then each section under its modality's name."""
+        return {"image_size": self.image_size, "context_length": self.context_length, "tokenizer": self.tokenizer,
+                **{name: dataclasses.asdict(section) for name, section in self.sections.items()},
+                "augment": dataclasses.asdict(self.augment), "jpeg_draft": self.jpeg_draft}
 
     @classmethod
-    def from_config(cls, cfg, augment: Optional[AugmentConfig] = None) -> DecodeSpec:
-        """Run Config -> decode spec (sizes follow the model, so data and stems can't disagree); `augment`: a
+    def from_dict(cls, data: dict, tokenizer: str) -> DecodeSettings:
+        """to_dict()'s data back (eval decoding: augmentation left out); keys left out keep their defaults."""
+        kwargs = {k: data[k] for k in ("image_size", "context_length", "jpeg_draft") if k in data}
+        sections = {name: m.data_config(**data[name]) for name, m in MODALITIES.items()
+                    if m.data_config is not None and isinstance(data.get(name), dict)}
+        return cls(**kwargs, tokenizer=tokenizer, **sections)
+
+    @classmethod
+    def from_config(cls, cfg: Config, augment: Optional[Any] = None) -> DecodeSettings:
+        """Run Config -> decode settings (sizes follow the model, so data and stems can't disagree); `augment`: a
         source's own (mmpt.config.source_augment), else data.augment."""
-        return cls(cfg.model.image_size, cfg.model.context_length, cfg.data.tokenizer, cfg.data.video, cfg.data.audio,
-                   augment or cfg.data.augment)
+        sections = {name: getattr(cfg.data, name) for name, m in MODALITIES.items() if m.data_config is not None}
+        return cls(cfg.model.image_size, cfg.model.context_length, cfg.data.tokenizer, augment or cfg.data.augment,
+                   **sections)
 
 
 def probe_warned(probe, data: bytes) -> tuple[dict, list[str]]:
@@ -69,15 +92,10 @@ def probe_warned(probe, data: bytes) -> tuple[dict, list[str]]:
     return meta, [f"{w.category.__name__}: {w.message}" for w in caught]
 
 
-def _nonempty(data: bytes, kind: str) -> None:
-    if not data:
-        raise BadSample("zero_length", f"empty {kind}")
-
-
 # ---- image ------------------------------------------------------------------------------------------
 
 def open_image(data: bytes, target: Optional[int] = None) -> Image.Image:
-    _nonempty(data, "image")
+    nonempty(data, "image")
     try:
         img = Image.open(io.BytesIO(data))
         if img.width * img.height > MAX_IMAGE_PIXELS:
@@ -93,14 +111,12 @@ def open_image(data: bytes, target: Optional[int] = None) -> Image.Image:
     return img
 
 
-def image_to_tensor(img: Image.Image, size: int, train: bool, rng: random.Random,
-                    aug: Optional[ImageAugment] = None) -> torch.Tensor:
-    """Eval: the centre square of the shorter side. Train: the crop `aug` draws (None: the mild crop of
-    ImageAugment.off()), then its flip / RandAugment / colour jitter. Resized to `size` once: (3, size, size)
+def image_to_tensor(img: Image.Image, size: int, train: bool, rng: random.Random, aug: Any = None) -> torch.Tensor:
+    """Eval: the centre square of the shorter side. Train: the crop the image augmentation `aug` draws (an
+    ImageAugment, mmpt.modalities.image), then its flip / RandAugment / colour jitter. Resized to `size` once: (3, size, size)
     uint8 (the model normalises on the device: mmpt.modality.pixels_to_float)."""
     w, h = img.size
     if train:
-        aug = aug or ImageAugment.off()
         left, top, cw, ch = augment.crop_box(w, h, aug, rng)
     else:
         side = min(w, h)
@@ -110,9 +126,9 @@ def image_to_tensor(img: Image.Image, size: int, train: bool, rng: random.Random
     return augment.pixel_ops(x, aug, rng) if train else x
 
 
-def decode_image(data: bytes, spec: DecodeSpec, train: bool, rng: random.Random) -> torch.Tensor:
-    target = spec.image_size if spec.jpeg_draft else None
-    return image_to_tensor(open_image(data, target=target), spec.image_size, train, rng, spec.augment.image)
+def decode_image(data: bytes, settings: DecodeSettings, train: bool, rng: random.Random) -> torch.Tensor:
+    target = settings.image_size if settings.jpeg_draft else None
+    return image_to_tensor(open_image(data, target=target), settings.image_size, train, rng, settings.augment.image)
 
 
 def probe_image(data: bytes) -> dict:
@@ -125,7 +141,7 @@ def probe_image(data: bytes) -> dict:
 def _video_reader(data: bytes, size: Optional[tuple] = None):
     import decord
 
-    _nonempty(data, "video")
+    nonempty(data, "video")
     try:
         kwargs = {"width": size[0], "height": size[1]} if size else {}
         vr = decord.VideoReader(io.BytesIO(data), ctx=decord.cpu(0), num_threads=1, **kwargs)
@@ -138,14 +154,15 @@ def _video_reader(data: bytes, size: Optional[tuple] = None):
     return vr
 
 
-def _frames(data: bytes, size: Optional[tuple], spec: DecodeSpec, train: bool, rng: random.Random) -> tuple:
+def _frames(data: bytes, size: Optional[tuple], settings: DecodeSettings, train: bool, rng: random.Random) -> tuple:
     """(T, 3, H, W) uint8 frames decoded at `size` (None: native) and the seconds they span; `rng` is left as
     it was found when decoding fails, so a retry at another size draws the same frames."""
     state = rng.getstate()
     try:
         vr = _video_reader(data, size)
         fps = vr.get_avg_fps() or 25.0
-        idx = frame_indices(len(vr), fps, spec.video, train, rng, spec.augment.video)
+        v = settings.video
+        idx = frame_indices(len(vr), fps, v.num_frames, v.fps, v.window_seconds, train, rng, settings.augment.video)
         frames = torch.from_numpy(vr.get_batch(idx).asnumpy()).permute(0, 3, 1, 2)
     except BadSample:
         rng.setstate(state)
@@ -164,18 +181,17 @@ def _crop(frames: torch.Tensor, size: int, train: bool, rng: random.Random) -> t
     return frames[..., top:top + size, left:left + size]
 
 
-def frame_indices(n_frames: int, native_fps: float, spec: VideoConfig, train: bool, rng: random.Random,
-                  aug: Optional[VideoAugment] = None) -> list:
-    """Which frames to decode (train with `aug`: temporally jittered, `augment.temporal_indices`). Clips
-    shorter than needed loop (indices wrap) rather than fail."""
+def frame_indices(n_frames: int, native_fps: float, t: int, fps: Optional[float], window_seconds: Optional[float],
+                  train: bool, rng: random.Random, aug: Any = None) -> list:
+    """Which `t` frames to decode (data.video: at `fps` within `window_seconds`, or spread over the clip; train
+    with a VideoAugment `aug`: temporally jittered, `augment.temporal_indices`). Clips shorter than needed loop
+    (indices wrap) rather than fail."""
     if train and aug is not None:
-        return augment.temporal_indices(n_frames, native_fps, spec.num_frames, spec.fps, spec.window_seconds, aug,
-                                        rng)
-    t = spec.num_frames
-    if spec.fps is None:
+        return augment.temporal_indices(n_frames, native_fps, t, fps, window_seconds, aug, rng)
+    if fps is None:
         return [min(n_frames - 1, int((i + 0.5) * n_frames / t)) for i in range(t)]
-    step = max(native_fps / spec.fps, 1e-6)
-    span = (spec.window_seconds or t / spec.fps) * native_fps
+    step = max(native_fps / fps, 1e-6)
+    span = (window_seconds or t / fps) * native_fps
     start_max = max(0.0, n_frames - span)
     start = rng.uniform(0, start_max) if train else start_max / 2
     return [int(start + i * step) % n_frames for i in range(t)]
@@ -185,7 +201,7 @@ def video_size(data: bytes) -> tuple[int, int]:
     """(width, height) from the container headers (PyAV), without decoding a frame."""
     import av
 
-    _nonempty(data, "video")
+    nonempty(data, "video")
     try:
         with av.open(io.BytesIO(data)) as container:
             ctx = container.streams.video[0].codec_context
@@ -196,33 +212,33 @@ def video_size(data: bytes) -> tuple[int, int]:
         raise BadSample("undecodable", f"video: {e or 'no video stream'}") from None
 
 
-def decode_video(data: bytes, spec: DecodeSpec, train: bool, rng: random.Random) -> torch.Tensor:
+def decode_video(data: bytes, settings: DecodeSettings, train: bool, rng: random.Random) -> torch.Tensor:
     """(T, 3, size, size) uint8 frames (normalised by the model, on the device). decord scales while decoding
     (shorter side to `size`, aspect kept: decord rejects other shapes), then one crop for all frames (train: one
     augmentation)."""
-    return decode_video_timed(data, spec, train, rng)[0]
+    return decode_video_timed(data, settings, train, rng)[0]
 
 
-def decode_video_timed(data: bytes, spec: DecodeSpec, train: bool, rng: random.Random) -> tuple:
+def decode_video_timed(data: bytes, settings: DecodeSettings, train: bool, rng: random.Random) -> tuple:
     """decode_video's frames and the (start, end) seconds of the clip they cover: a sound track decoded for the
     same sample takes its window there (VATT's aligned video-audio positives)."""
-    size = spec.image_size
+    size = settings.image_size
     w, h = video_size(data)
     scale = size / min(h, w)
     target = (max(size, round(w * scale)), max(size, round(h * scale)))
     try:
-        frames, span = _frames(data, target if target != (w, h) else None, spec, train, rng)
+        frames, span = _frames(data, target if target != (w, h) else None, settings, train, rng)
     except BadSample:
         if target == (w, h):
             raise
         # decord 0.6's scaler fails on some output sizes (64 px to 16, 24 or 48 px: "from_size == to_size"):
         # decode at the native size and resize below. The draw is redone with the same RNG state.
-        frames, span = _frames(data, None, spec, train, rng)
+        frames, span = _frames(data, None, settings, train, rng)
     if tuple(frames.shape[-2:]) != target[::-1]:  # decord rounded a side, or decoded at the native size
         frames = F.interpolate(frames.float(), size=target[::-1], mode="bilinear", antialias=True)
         frames = frames.round_().clamp_(0, 255).to(torch.uint8)
     if train:
-        return augment.video_frames(frames, size, spec.augment.video, rng), span
+        return augment.video_frames(frames, size, settings.augment.video, rng), span
     return _crop(frames, size, train, rng), span
 
 
@@ -232,7 +248,7 @@ def probe_video(data: bytes) -> dict:
     video_size(data)
     vr = _video_reader(data)
     fps = vr.get_avg_fps() or 0.0
-    idx = frame_indices(len(vr), fps or 25.0, VideoConfig(num_frames=PROBE_FRAMES), False, random.Random(0))
+    idx = frame_indices(len(vr), fps or 25.0, PROBE_FRAMES, None, None, False, random.Random(0))
     try:
         h, w = vr.get_batch(idx).shape[1:3]
     except Exception as e:
@@ -242,57 +258,39 @@ def probe_video(data: bytes) -> dict:
 
 # ---- audio ------------------------------------------------------------------------------------------
 
-def load_waveform(data: bytes) -> tuple[torch.Tensor, int]:
-    """Any container torchcodec reads (wav, flac, mp3, ogg, and the audio track of mp4/mkv/webm)."""
-    import torchaudio
-
-    _nonempty(data, "audio")
-    try:
-        wav, sr = torchaudio.load(io.BytesIO(data))
-    except Exception as e:
-        if "audio stream" in str(e):  # a container (e.g. a silent mp4) without an audio track
-            raise BadSample("missing", "no audio track") from None
-        raise BadSample("undecodable", f"audio: {e}") from None
-    if wav.numel() == 0:
-        raise BadSample("zero_length", "audio has no samples")
-    if wav.size(-1) / sr > MAX_AUDIO_SECONDS:
-        raise BadSample("oversize", f"audio lasts {wav.size(-1) / sr:.0f} s")
-    return wav, sr
-
-
-def decode_audio(data: bytes, spec: DecodeSpec, train: bool, rng: random.Random,
+def decode_audio(data: bytes, settings: DecodeSettings, train: bool, rng: random.Random,
                  window: Optional[tuple] = None) -> torch.Tensor:
     """(1, frames, mel) float16 normalised Kaldi log-mel fbank of a mono, resampled, cropped/padded clip. With a
     `window` (seconds: the frames a video decoded for the same sample) the clip's n samples are centred on it, in
-    training too. Train: a random window, augmented as spec.augment.audio says (speed, noise, gain, pitch warp,
+    training too. Train: a random window, augmented as settings.augment.audio says (speed, noise, gain, pitch warp,
     SpecAugment masks); eval: the centre window."""
     import torchaudio
 
-    aug, spec = spec.augment.audio, spec.audio
+    aug, a = settings.augment.audio, settings.audio
     wav, sr = load_waveform(data)
     wav = wav.mean(0, keepdim=True)
-    if sr != spec.sample_rate:
-        wav = torchaudio.functional.resample(wav, sr, spec.sample_rate)
-    n = int(spec.seconds * spec.sample_rate)
+    if sr != a.sample_rate:
+        wav = torchaudio.functional.resample(wav, sr, a.sample_rate)
+    n = int(a.seconds * a.sample_rate)
     # the video frames' span: the window centred on it, inside the clip; in training the n·f samples a speed
     # change f takes, so the sped-up crop is n real samples, not n / f and silence
-    mid = None if window is None else (window[0] + window[1]) / 2 * spec.sample_rate
+    mid = None if window is None else (window[0] + window[1]) / 2 * a.sample_rate
     if mid is not None and not train:
         wav = augment.centred(wav, n, mid)
     if train:
-        wav = augment.waveform(wav, n, spec.sample_rate, aug, rng, mid)
+        wav = augment.waveform(wav, n, a.sample_rate, aug, rng, mid)
     elif wav.size(1) >= n:
         start = (wav.size(1) - n) // 2
         wav = wav[:, start:start + n]
     else:
         wav = F.pad(wav, (0, n - wav.size(1)))
     fbank = torchaudio.compliance.kaldi.fbank(
-        wav - wav.mean(), htk_compat=True, sample_frequency=spec.sample_rate, use_energy=False,
-        window_type="hanning", num_mel_bins=spec.num_mel_bins, dither=0.0, frame_shift=10,
+        wav - wav.mean(), htk_compat=True, sample_frequency=a.sample_rate, use_energy=False,
+        window_type="hanning", num_mel_bins=a.num_mel_bins, dither=0.0, frame_shift=10,
         vtln_warp=augment.pitch_warp(aug, rng) if train else 1.0)
-    centre = fbank.mean(0, keepdim=True) if spec.norm == "utterance" else spec.norm_mean
-    fbank = (fbank - centre) / (2 * spec.norm_std)
-    fbank = fbank[: spec.num_frames]
+    centre = fbank.mean(0, keepdim=True) if a.norm == "utterance" else a.norm_mean
+    fbank = (fbank - centre) / (2 * a.norm_std)
+    fbank = fbank[: a.fbank_frames]
     fbank = augment.spec_augment(fbank, aug, rng) if train else fbank
     return fbank[None].to(torch.float16)  # half the bytes through shared memory; normalised values stay ~1e-3 exact
 
@@ -311,9 +309,9 @@ def read_text(data: bytes | str) -> str:
     return text.strip()
 
 
-def decode_text(data: bytes | str, spec: DecodeSpec, train: bool, rng: random.Random) -> torch.Tensor:
+def decode_text(data: bytes | str, settings: DecodeSettings, train: bool, rng: random.Random) -> torch.Tensor:
     """(context_length,) token ids: SOT ... EOT, then padding."""
-    return get_tokenizer(spec.tokenizer, spec.context_length).encode(read_text(data))
+    return get_tokenizer(settings.tokenizer, settings.context_length).encode(read_text(data))
 
 
 def probe_text(data: bytes | str) -> dict:

@@ -17,6 +17,8 @@ from pathlib import Path
 
 import torch
 
+from mmpt import modality
+from mmpt.data.samples import BadSample, load_waveform
 from mmpt.data.shards import SIZES_FILE, list_shards
 from mmpt.errors import DataError
 
@@ -25,8 +27,6 @@ KEY = "data.augment.audio.noise_files"
 
 
 def _suffixes() -> set:
-    from mmpt import modality
-
     return {f".{ext}" for ext in modality.get("audio").extensions}
 
 
@@ -57,8 +57,6 @@ def list_noise(path: str) -> list:
 def _decoded(item: tuple, sample_rate: int) -> torch.Tensor:
     """(1, L) mono waveform of one recording at sample_rate."""
     import torchaudio
-
-    from mmpt.data.media import BadSample, load_waveform
 
     file, offset, size = item
     with open(file, "rb") as f:

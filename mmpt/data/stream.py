@@ -9,7 +9,6 @@ Each training batch carries `_skipped` ({"reasons": {...}, "shards": {...}}) sin
 """
 from __future__ import annotations
 
-import dataclasses
 import logging
 from dataclasses import dataclass
 
@@ -17,14 +16,14 @@ import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from mmpt.config import source_augment
+from mmpt.config import source_augment, task_view
 from mmpt.data.decode import SampleDecoder
-from mmpt.data.media import BadSample, DecodeSpec
+from mmpt.data.media import BadSample, DecodeSettings
 from mmpt.data.resumable import SkipCounter, Source, WorkerStream, batches, collate, rng_for
 from mmpt.data.shards import list_shards
 from mmpt.errors import DataError
 from mmpt.distributed import dist_info, shield_from_stop_signals
-from mmpt.modality import ordered, pair_name
+from mmpt.modality import MODALITIES, ordered, pair_name
 
 log = logging.getLogger("mmpt.data")
 
@@ -46,23 +45,13 @@ class TaskConfig:
     batch_size: int
     loss_weight: float = 1.0
     drop_token: dict | None = None  # modality -> DropToken rate for this task; None: the model's
-    spec: DecodeSpec | None = None  # this task's sizes (data.tasks); None: the run's
-
-
-def task_spec(spec: DecodeSpec, terms) -> DecodeSpec:
-    """The run's decode spec at a task's own resolution (data.tasks.<pair>: image_size, num_frames,
-    audio_seconds)."""
-    if terms is None:
-        return spec
-    return dataclasses.replace(
-        spec, image_size=terms.image_size or spec.image_size,
-        video=dataclasses.replace(spec.video, num_frames=terms.num_frames or spec.video.num_frames),
-        audio=dataclasses.replace(spec.audio, seconds=terms.audio_seconds or spec.audio.seconds))
+    settings: DecodeSettings | None = None  # this task's sizes (data.tasks); None: the run's
 
 
 class TaskStream(IterableDataset):
-    def __init__(self, task: TaskConfig, spec: DecodeSpec, seed: int, slots: int, buffer: int, max_bad: int = 1000):
-        self.task, self.spec, self.seed, self.slots, self.buffer = task, spec, seed, slots, buffer
+    def __init__(self, task: TaskConfig, settings: DecodeSettings, seed: int, slots: int, buffer: int,
+                 max_bad: int = 1000):
+        self.task, self.settings, self.seed, self.slots, self.buffer = task, settings, seed, slots, buffer
         self.max_bad = max_bad
         self.resume_states: dict = {}
         self.worker_offset = 0
@@ -80,23 +69,23 @@ class TaskStream(IterableDataset):
         seed = seed if not self.restart else f"{seed}:restart:{self.restart}"
         stream = WorkerStream(self.task.sources, seed, rank, worker, self.slots, self.buffer, counter,
                               self.resume_states.get(worker))
-        decoders = [SampleDecoder(s.modalities, self.source_spec(s), train=True) for s in self.task.sources]
+        decoders = [SampleDecoder(s.modalities, self.source_settings(s), train=True) for s in self.task.sources]
         return batches(stream, decoders, self.task.batch_size, self.task.modalities, counter, worker, self.max_bad)
 
-    def source_spec(self, source: Source) -> DecodeSpec:
-        """The decode spec of one source: the task's, with the source's own augmentation if it has one."""
-        spec = self.task.spec or self.spec
-        return spec if source.augment is None else dataclasses.replace(spec, augment=source.augment)
+    def source_settings(self, source: Source) -> DecodeSettings:
+        """The decode settings of one source: the task's, with the source's own augmentation if it has one."""
+        settings = self.task.settings or self.settings
+        return settings if source.augment is None else settings.replace(augment=source.augment)
 
 
 class TaskLoader:
     """An infinite DataLoader for one task with `state_dict()` / `load_state_dict()` for exact resume."""
 
-    def __init__(self, task: TaskConfig, spec: DecodeSpec, seed: int, num_workers: int = 1, slots: int = 4,
+    def __init__(self, task: TaskConfig, settings: DecodeSettings, seed: int, num_workers: int = 1, slots: int = 4,
                  buffer: int = 256, pin_memory: bool = False, prefetch: int = 2, max_bad: int = 1000,
                  timeout: float = 0.0):
         self.task, self.num_workers, self.timeout = task, num_workers, timeout if num_workers > 0 else 0.0
-        self.dataset = TaskStream(task, spec, seed, slots, buffer, max_bad)
+        self.dataset = TaskStream(task, settings, seed, slots, buffer, max_bad)
         # Our own generator for DataLoader's base seed: drawn from the global one, it would shift the model's
         # RNG (dropout, DropToken) by when each task's loader starts, which differs after a resume.
         self.kw = dict(batch_size=None, num_workers=num_workers, pin_memory=pin_memory,
@@ -203,13 +192,13 @@ class MultiTaskLoader:
             self.loaders[name].load_state_dict(sub)
 
 
-def eval_loader(spec_str: str, modalities: list, spec: DecodeSpec, batch_size: int, num_workers: int = 0):
+def eval_loader(shards: str, modalities: list, settings: DecodeSettings, batch_size: int, num_workers: int = 0):
     """Finite, every sample once across ranks and workers, in shard order; partial last batch kept. Bad samples
     take batch slots and are counted in `_skipped`, so a batch may hold none (`__key__` empty: skip it)."""
-    urls = list_shards(spec_str)
-    warn_few_shards(len(urls), spec_str, num_workers)
+    urls = list_shards(shards)
+    warn_few_shards(len(urls), shards, num_workers)
     counter = SkipCounter(log)
-    decoder = SampleDecoder(modalities, spec, train=False)
+    decoder = SampleDecoder(modalities, settings, train=False)
 
     def decode(sample):
         try:
@@ -233,16 +222,15 @@ def eval_loader(spec_str: str, modalities: list, spec: DecodeSpec, batch_size: i
 
 
 def make_sources(cfg, expand: bool = True) -> list:
-    """data.sources -> Source objects with expanded, checked shard lists (errors name the spec) and each
-    source's resolved augmentation; noise folders or shards it names are listed now (errors name the key).
-    expand=False: no shard is listed (accounting from the config alone)."""
-    from mmpt.data.noise import noise_bank
-
+    """data.sources -> Source objects with expanded, checked shard lists (errors name the pattern) and each
+    source's resolved augmentation; files an augmentation names (audio noise) are listed now (errors name the
+    key). expand=False: no shard is listed (accounting from the config alone)."""
     sources = []
     for i, e in enumerate(cfg.data.sources):
         aug = source_augment(cfg, i)
-        if expand and aug.audio.noise_files and aug.audio.noise_p and "audio" in e.modalities:
-            noise_bank(aug.audio.noise_files)
+        for name in e.modalities if expand else ():
+            if MODALITIES[name].augment_config is not None:
+                MODALITIES[name].prepare(getattr(aug, name))
         sources.append(Source(e.name, list_shards(e.shards) if expand else [], list(e.modalities), e.weight, aug))
     return sources
 
@@ -251,7 +239,6 @@ def tasks_from_config(cfg, expand: bool = True) -> tuple[dict, dict]:
     """Sources feeding the same modality pair form one task, named by the pair ("image-text"); its weight is
     their sum. data.tasks.<pair> sets the task's own batch size, loss weight, resolution and DropToken."""
     tasks, weights = {}, {}
-    spec = DecodeSpec.from_config(cfg)
     for src in make_sources(cfg, expand):
         name = pair_name(*src.modalities)
         if name not in tasks:
@@ -259,7 +246,7 @@ def tasks_from_config(cfg, expand: bool = True) -> tuple[dict, dict]:
             tasks[name] = TaskConfig(name, ordered(src.modalities), [],
                                      (terms and terms.batch_size) or cfg.data.batch_size,
                                      terms.loss_weight if terms else 1.0, terms.drop_token if terms else None,
-                                     task_spec(spec, terms))
+                                     DecodeSettings.from_config(task_view(cfg, terms)))
         task = tasks[name]
         task.sources.append(src)
         weights[name] = weights.get(name, 0.0) + src.weight
@@ -269,7 +256,7 @@ def tasks_from_config(cfg, expand: bool = True) -> tuple[dict, dict]:
 def train_loader(cfg, seed: int) -> MultiTaskLoader:
     d = cfg.data
     tasks, weights = tasks_from_config(cfg)
-    spec = DecodeSpec.from_config(cfg)
-    loaders = {name: TaskLoader(task, spec, seed, d.num_workers, d.shuffle_slots, d.shuffle_buffer, d.pin_memory,
+    settings = DecodeSettings.from_config(cfg)
+    loaders = {name: TaskLoader(task, settings, seed, d.num_workers, d.shuffle_slots, d.shuffle_buffer, d.pin_memory,
                                 d.prefetch, d.max_consecutive_bad, d.worker_timeout) for name, task in tasks.items()}
     return MultiTaskLoader(loaders, weights, seed)

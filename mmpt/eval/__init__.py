@@ -1,1 +1,8 @@
-"""Evaluation: zero-shot classification, retrieval and captioning, single process or under torchrun."""
+"""Evaluation: zero-shot classification, retrieval and captioning, single process or under torchrun.
+
+Each eval is one file that registers itself in the eval registry (mmpt.evals): importing this package
+registers the built-ins.
+"""
+from mmpt.eval import retrieval, zeroshot
+
+__all__ = ["retrieval", "zeroshot"]

@@ -30,7 +30,7 @@ import torch
 import webdataset as wds
 
 from mmpt import modality as registry
-from mmpt.data.media import DecodeSpec
+from mmpt.data.media import DecodeSettings
 from mmpt.data.shards import list_shards
 from mmpt.errors import DataError
 from mmpt.data.stream import eval_loader
@@ -120,7 +120,7 @@ def run_caption(model, cfg, modality: str, data: str, batch_size: int | None = N
     result files hold every caption, so `--out` can be inspected sample by sample)."""
     _check(model, cfg, modality, num_beams, max_len)
     model.eval()
-    loader = eval_loader(data, [modality, registry.TEXT], DecodeSpec.from_config(cfg),
+    loader = eval_loader(data, [modality, registry.TEXT], DecodeSettings.from_config(cfg),
                          batch_size or cfg.eval.batch_size, cfg.eval.workers if workers is None else workers)
     records, skipped = generate_captions(model, loader, modality, num_beams, max_len, cfg.model.context_length,
                                          cfg.data.tokenizer)

@@ -32,7 +32,7 @@ from tqdm import tqdm
 
 from mmpt import modality as registry
 from mmpt.data.build import BAD_JSON, folder_rows
-from mmpt.data.media import BadSample, DecodeSpec
+from mmpt.data.media import BadSample, DecodeSettings
 from mmpt.data.resumable import collate
 from mmpt.data.shards import read_manifest
 from mmpt.errors import DataError
@@ -131,7 +131,7 @@ def file_rows(data: str, labels: bool, classes: Classes | None = None) -> tuple[
 class FileEvalSet(Dataset):
     """This rank's rows of a folder or manifest, decoded with the registry's decoders (eval mode)."""
 
-    def __init__(self, rows: list, base: Path, modalities: list, spec: DecodeSpec):
+    def __init__(self, rows: list, base: Path, modalities: list, spec: DecodeSettings):
         rank, world = dist_info()
         self.rows, self.base, self.modalities, self.spec = rows[rank::world], base, modalities, spec
 
@@ -189,7 +189,7 @@ def eval_batches(data: str, modalities: list, cfg, batch_size: int, workers: int
                  classes: Classes | None = None):
     """Batches of this rank's share of `data` (see the module docstring). labels: a folder's files are labelled
     by their class folder, mapped onto `classes` (shards and manifests carry their own labels)."""
-    spec = DecodeSpec.from_config(cfg)
+    spec = DecodeSettings.from_config(cfg)
     if data_kind(data) == "shards":
         return eval_loader(data, list(modalities), spec, batch_size, workers)
     rows, base = file_rows(data, labels, classes)

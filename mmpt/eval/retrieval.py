@@ -23,12 +23,16 @@ sample counts once and every rank computes the same result as one process.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
 from mmpt import modality as registry
 from mmpt.errors import DataError
+from mmpt.evals import Eval, register
 from mmpt.distributed import collective_device, gather_objects
 from mmpt.eval.data import check_model, eval_batches, model_inputs, progress, skipped_count
 
@@ -134,3 +138,25 @@ def run_retrieval(model, cfg, modalities: list, data: str, batch_size: int | Non
     return {"pair": registry.pair_name(a, b), "num_samples": len(keys),
             f"{a}_to_{b}": rank_metrics(embedding_ranks(emb_a, emb_b)),
             f"{b}_to_{a}": rank_metrics(embedding_ranks(emb_b, emb_a)), "skipped": skipped, "data": data}
+
+
+@dataclass
+class RetrievalEval:
+    """One retrieval eval in both directions over paired samples (eval.retrieval[i]; `mmpt eval retrieval`)."""
+    modalities: list[str] = field(default_factory=lambda: ["image", "text"])
+    data: Optional[str] = None  # shards of paired samples; None: data.val
+
+
+def _check(cfg, item: RetrievalEval) -> Optional[str]:
+    mods = cfg.model.modalities
+    if len(set(item.modalities)) != 2 or any(x not in mods for x in item.modalities):
+        return f"modalities={item.modalities}: must name two different modalities of model.modalities={mods}"
+    return None
+
+
+def _run(model, cfg, item: RetrievalEval, **options) -> dict:
+    return run_retrieval(model, cfg, list(item.modalities), item.data or cfg.data.val, **options)
+
+
+register(Eval("retrieval", RetrievalEval, _run, check=_check,
+              label=lambda cfg, item: f"{registry.pair_name(*item.modalities)}/{Path(item.data or cfg.data.val).name}"))

@@ -13,6 +13,8 @@ dropless (`mmpt.model.routing`), so nothing depends on the batch size or on whic
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Optional
 from pathlib import Path
 
 import torch
@@ -22,6 +24,7 @@ import torch.nn.functional as F
 from mmpt import modality as registry
 from mmpt.data.shards import read_json
 from mmpt.errors import DataError
+from mmpt.evals import Eval, register
 from mmpt.data.tokenizer import tokenize
 from mmpt.distributed import collective_device, dist_info
 from mmpt.eval.data import Classes, check_model, eval_batches, model_inputs, progress, skipped_count
@@ -194,3 +197,28 @@ def run_zeroshot(model, cfg, modality: str, data: str | None = None, classes: st
         plot_confusion(result["confusion"], classnames, png, f"zero-shot {modality}: {Path(str(data)).name} "
                        f"(top-1 {result['top1']:.3f})")
     return result
+
+
+@dataclass
+class ZeroShotEval:
+    """One zero-shot classification eval (eval.zeroshot[i]; `mmpt eval zeroshot`)."""
+    modality: str = "image"
+    data: Optional[str] = None  # shards, a folder per class, or a CSV/JSONL manifest with labels; None: data.val
+    classes: Optional[str] = None  # {"classnames": [...], "templates": [...] (optional)}; None: data.classes
+    templates: Optional[str] = None  # a shipped template set (photo, action, sound, speech) over the file's
+
+
+def _check(cfg, item: ZeroShotEval) -> Optional[str]:
+    mods = cfg.model.modalities
+    if item.modality not in mods or item.modality == registry.TEXT or registry.TEXT not in mods:
+        return f"modality={item.modality!r}: needs text and a non-text modality of model.modalities={mods}"
+    return None
+
+
+def _run(model, cfg, item: ZeroShotEval, **options) -> dict:
+    return run_zeroshot(model, cfg, item.modality, data=item.data, classes=item.classes, templates=item.templates,
+                        **options)
+
+
+register(Eval("zeroshot", ZeroShotEval, _run, check=_check, metrics=("top1", "top5"),
+              label=lambda cfg, item: f"{item.modality}/{Path(item.data or cfg.data.val).name}"))

@@ -1,22 +1,23 @@
 """What a config field's type cannot say: ranges, sizes that must divide, modalities and MoE settings that must
 agree. `validate(cfg)` runs on every loaded config (`mmpt.config.load_config`, `config_from_dict`) and raises
-`ConfigError` naming the key, so `mmpt train` stops with one line before any process group starts.
+`ConfigError` naming the key, so `mmpt train` stops with one line before any process group starts. A modality's
+own sections are checked by the rules its registry entry brings (`Modality.rules`, `augment_rules`, `positive`).
 """
 from __future__ import annotations
 
-import dataclasses
 import functools
 from typing import Any, Optional
 
-from mmpt.config import AudioAugment, AugmentConfig, Config, ImageAugment, source_augment
+from mmpt.config.build import source_augment
+from mmpt.config.schema import Config, replaced, task_twins
 from mmpt.errors import ConfigError
+from mmpt.evals import EVALS
+from mmpt.modality import MODALITIES, TEXT, pair_name
 
 # Sizes, counts and rates; checked first, so no later check (or the model) divides by zero. None (unset) passes.
-_POSITIVE = """data.batch_size data.shuffle_slots data.prefetch data.max_consecutive_bad data.video.num_frames
-    data.video.fps data.video.window_seconds data.audio.sample_rate data.audio.seconds data.audio.num_mel_bins
-    data.audio.norm_std model.width model.depth model.heads model.mlp_ratio model.patch_size model.image_size
-    model.vocab_size model.embed_dim model.video.frames model.video.tubelet model.audio.frames model.audio.mel
-    model.audio.patch model.moe.top_k model.moe.ep_size model.moe.capacity_factor model.moe.eval_capacity_factor
+_POSITIVE = """data.batch_size data.shuffle_slots data.prefetch data.max_consecutive_bad
+    model.width model.depth model.heads model.mlp_ratio model.patch_size model.image_size
+    model.vocab_size model.embed_dim model.moe.top_k model.moe.ep_size model.moe.capacity_factor model.moe.eval_capacity_factor
     loss.init_temperature loss.max_logit_scale loss.contrastive_chunk optim.lr optim.eps train.steps
     train.log_every train.ckpt_every train.accumulate eval.batch_size""".split()
 _NON_NEGATIVE = """data.num_workers data.worker_timeout data.shuffle_buffer data.bad_sample_limit model.decoder_layers
@@ -31,9 +32,10 @@ Rule = tuple[str, object, bool, str]  # (key, value, holds, what it needs)
 
 def _sign_rules(cfg: Config) -> list[Rule]:
     rules = []
-    for key in _POSITIVE + _NON_NEGATIVE:
+    positive_keys = _POSITIVE + [key for m in MODALITIES.values() for key in m.positive]
+    for key in positive_keys + _NON_NEGATIVE:
         value: Any = functools.reduce(getattr, key.split("."), cfg)
-        positive = key in _POSITIVE
+        positive = key in positive_keys
         holds = value is None or (value > 0 if positive else value >= 0)
         rules.append((key, value, holds, "must be positive" if positive else "must be >= 0"))
     return rules
@@ -51,9 +53,7 @@ def _value_problem(cfg: Config) -> Optional[tuple[str, object, str]]:
 def _rules(cfg: Config) -> list[Rule]:
     """Built after `_sign_rules` hold, so nothing here divides by zero."""
     d, m, o, e = cfg.data, cfg.model, cfg.optim, cfg.eval
-    video, audio = "video" in m.modalities, "audio" in m.modalities
-    fbank = min(d.audio.num_mel_bins, d.audio.num_frames)
-    return [
+    return [r for entry in MODALITIES.values() for r in entry.rules(cfg)] + [
         ("data.bad_sample_limit", d.bad_sample_limit, d.bad_sample_limit <= 1, "must be in [0, 1]"),
         ("model.dropout", m.dropout, m.dropout < 1, "must be in [0, 1)"),
         ("optim.betas", o.betas, len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas),
@@ -63,19 +63,9 @@ def _rules(cfg: Config) -> list[Rule]:
         ("model.width", m.width, m.width % m.heads == 0, f"must be divisible by model.heads={m.heads}"),
         ("model.image_size", m.image_size, m.image_size % m.patch_size == 0,
          f"must be divisible by model.patch_size={m.patch_size}"),
-        ("model.video.frames", m.video.frames, m.video.frames % m.video.tubelet == 0,
-         f"must be divisible by model.video.tubelet={m.video.tubelet}"),
         ("loss.contrastive_group_size", cfg.loss.contrastive_group_size, cfg.loss.contrastive_group_size >= -1,
          "must be >= 0, or -1 for the ranks of one node"),
-        # A stem's patch larger than what the decoders give it fails at the first batch, not here.
-        ("data.audio.seconds", d.audio.seconds, d.audio.num_frames >= 1, "shorter than one 25 ms fbank window"),
-        ("data.video.num_frames", d.video.num_frames, not video or d.video.num_frames >= m.video.tubelet,
-         f"fewer than model.video.tubelet={m.video.tubelet} frames"),
-        ("model.audio.patch", m.audio.patch, not audio or m.audio.patch <= fbank,
-         f"larger than data.audio's fbank ({d.audio.num_mel_bins} mel bins x {d.audio.num_frames} frames)"),
         ("model.patch_size", m.patch_size, m.stem != "conv" or _power_of_two(m.patch_size),
-         "must be a power of two >= 2 with model.stem=conv (one stride-2 convolution per halving)"),
-        ("model.audio.patch", m.audio.patch, m.stem != "conv" or not audio or _power_of_two(m.audio.patch),
          "must be a power of two >= 2 with model.stem=conv (one stride-2 convolution per halving)"),
     ]
 
@@ -84,46 +74,10 @@ def _power_of_two(n: int) -> bool:
     return n >= 2 and n & (n - 1) == 0
 
 
-def _interval(key: str, value: list, lo: float, hi: float, what: str = "") -> Rule:
-    """[a, b] with lo <= a <= b <= hi; lo = 0.0 means 0 < a (a positive lower end)."""
-    holds = len(value) == 2 and (value[0] > 0 if lo == 0.0 else value[0] >= lo) and value[0] <= value[1] <= hi
-    low = "0 < min" if lo == 0.0 else f"{lo:g} <= min"
-    high = "" if hi == float("inf") else f" <= {hi:g}"
-    return key, value, holds, f"needs [min, max] with {low} <= max{high}{what}"
-
-
-def _pixel_rules(p: str, a: ImageAugment) -> list[Rule]:
-    """Image and video augmentation (video adds its stride_scale)."""
-    rules = [_interval(f"{p}.scale", a.scale, 0.0, 1.0, " (fractions of the image area)"),
-             _interval(f"{p}.ratio", a.ratio, 0.0, float("inf"), " (width / height)"),
-             (f"{p}.hue", a.hue, 0 <= a.hue <= 0.5, "must be in [0, 0.5]"),
-             (f"{p}.randaugment_magnitude", a.randaugment_magnitude, 0 <= a.randaugment_magnitude <= 30,
-              "must be in [0, 30] (31 bins)")]
-    rules += [(f"{p}.{k}", getattr(a, k), 0 <= getattr(a, k) <= 1, "must be a probability in [0, 1]")
-              for k in ("flip_p", "jitter_p")]
-    rules += [(f"{p}.{k}", getattr(a, k), getattr(a, k) >= 0, "must be >= 0")
-              for k in ("brightness", "contrast", "saturation", "randaugment_ops")]
-    if hasattr(a, "stride_scale"):
-        rules.append(_interval(f"{p}.stride_scale", a.stride_scale, 0.0, 4.0))
-    return rules
-
-
-def _audio_rules(p: str, a: AudioAugment) -> list[Rule]:
-    rules = [_interval(f"{p}.speed", a.speed, 0.5, 2.0),
-             _interval(f"{p}.pitch_semitones", a.pitch_semitones, -6.0, 6.0),
-             _interval(f"{p}.gain_db", a.gain_db, -60.0, 60.0),
-             _interval(f"{p}.noise_snr_db", a.noise_snr_db, -30.0, 100.0),
-             (f"{p}.noise_p", a.noise_p, 0 <= a.noise_p <= 1, "must be a probability in [0, 1]"),
-             (f"{p}.noise_colors", a.noise_colors, not a.noise_p or bool(a.noise_colors or a.noise_files),
-              "is empty and noise_files unset: no noise to mix at noise_p > 0")]
-    return rules + [(f"{p}.{k}", getattr(a, k), getattr(a, k) >= 0, "must be >= 0")
-                    for k in ("freq_masks", "freq_mask_width", "time_masks", "time_mask_width")]
-
-
-def augment_rules(prefix: str, aug: AugmentConfig) -> list[Rule]:
+def augment_rules(prefix: str, aug: Any) -> list[Rule]:
     """The rules of one resolved augmentation (data.augment, or a source's: data.sources[i].augment)."""
-    return (_pixel_rules(f"{prefix}.image", aug.image) + _pixel_rules(f"{prefix}.video", aug.video)
-            + _audio_rules(f"{prefix}.audio", aug.audio))
+    return [r for m in MODALITIES.values() if m.augment_config is not None
+            for r in m.augment_rules(f"{prefix}.{m.name}", getattr(aug, m.name))]
 
 
 def _augment_rules(cfg: Config) -> list[Rule]:
@@ -150,23 +104,15 @@ def _raise(problem: Optional[tuple[str, object, str]]) -> None:
         raise ConfigError(f"{key}={value}: {need}")
 
 
-# data.tasks.<pair> terms that stand in for a run-wide key; the task's view of the run (that key replaced) goes
-# through the same rules as the run, so a task term is held to what its twin is (signs, patch multiples, fbank
-# frames against the audio patch, ...).
-TASK_TWINS = {"batch_size": "data.batch_size", "image_size": "model.image_size",
-              "num_frames": "data.video.num_frames", "audio_seconds": "data.audio.seconds"}
-
-
-def _replaced(node: Any, path: list[str], value: object) -> Any:
-    """A copy of the dataclass tree `node` with the field at `path` set to `value`."""
-    inner = value if len(path) == 1 else _replaced(getattr(node, path[0]), path[1:], value)
-    return dataclasses.replace(node, **{path[0]: inner})
+# data.tasks.<pair> terms stand in for a run-wide key (mmpt.config.schema.task_twins); the task's view of the run
+# (that key replaced) goes through the same rules as the run, so a task term is held to what its twin is (signs,
+# patch multiples, fbank frames against the audio patch, ...).
 
 
 def _check_task_term(cfg: Config, pair: str, term: str, value: object) -> None:
     """Raise naming data.tasks.<pair>.<term> when the run, with the term in its twin's place, breaks a rule."""
-    twin = TASK_TWINS[term]
-    problem = _value_problem(_replaced(cfg, twin.split("."), value))
+    twin = task_twins()[term]
+    problem = _value_problem(replaced(cfg, twin.split("."), value))
     if problem is not None:
         key, broken, need = problem
         where = f"data.tasks.{pair}.{term}={value}"
@@ -182,8 +128,6 @@ def _drop_token_rules(prefix: str, rates: dict, allowed, what: str) -> list[Rule
 def _validate_tasks(cfg: Config) -> None:
     """data.tasks: keys are the pairs data.sources feed, spelled as mmpt.modality spells them; each term held to
     its run-wide twin's rules."""
-    from mmpt.modality import pair_name
-
     fed = {pair_name(*s.modalities) for s in cfg.data.sources}
     for key, t in cfg.data.tasks.items():
         names = key.split("-")
@@ -191,7 +135,7 @@ def _validate_tasks(cfg: Config) -> None:
         if key not in fed:
             hint = f"; it is spelled '{spelled}'" if spelled and spelled != key else ""
             raise ConfigError(f"data.tasks.{key}: no source feeds this pair (tasks: {', '.join(sorted(fed))}){hint}")
-        for term in TASK_TWINS:
+        for term in task_twins():
             if getattr(t, term) is not None:
                 _check_task_term(cfg, key, term, getattr(t, term))
         # No run-wide twin: loss.*_weight weigh loss terms, this weighs a whole task (0 would train it for nothing)
@@ -201,8 +145,6 @@ def _validate_tasks(cfg: Config) -> None:
 
 
 def _validate_modalities(cfg: Config) -> None:
-    from mmpt.modality import MODALITIES
-
     m, known = cfg.model, ", ".join(MODALITIES)
     for mod in m.modalities:
         if mod not in MODALITIES:
@@ -218,14 +160,11 @@ def _validate_modalities(cfg: Config) -> None:
             raise ConfigError(f"data.sources[{i}].modalities: {missing} not in model.modalities={m.modalities}")
         if src.weight <= 0:
             raise ConfigError(f"data.sources[{i}].weight={src.weight}: must be positive")
-    for i, z in enumerate(cfg.eval.zeroshot):
-        if z.modality not in m.modalities or z.modality == "text" or "text" not in m.modalities:
-            raise ConfigError(f"eval.zeroshot[{i}].modality={z.modality!r}: needs text and a non-text modality of "
-                              f"model.modalities={m.modalities}")
-    for i, r in enumerate(cfg.eval.retrieval):
-        if len(set(r.modalities)) != 2 or any(x not in m.modalities for x in r.modalities):
-            raise ConfigError(f"eval.retrieval[{i}].modalities={r.modalities}: must name two different modalities "
-                              f"of model.modalities={m.modalities}")
+    for name, entry in EVALS.items():
+        for i, item in enumerate(getattr(cfg.eval, name)):
+            problem = entry.check(cfg, item)
+            if problem:
+                raise ConfigError(f"eval.{name}[{i}].{problem}")
 
 
 def _validate_moe(cfg: Config) -> None:
@@ -233,7 +172,7 @@ def _validate_moe(cfg: Config) -> None:
     if moe.backend == "deepspeed" and moe.num_experts > 1 and cfg.deepspeed.zero_stage > 2:
         raise ConfigError("model.moe.backend=deepspeed needs deepspeed.zero_stage <= 2 (DeepSpeed refuses its MoE "
                           "under ZeRO-3); use model.moe.backend=native")
-    if moe.backend == "deepspeed" and moe.ep_size > 1 and cfg.eval.every and (cfg.eval.zeroshot or cfg.eval.retrieval):
+    if moe.backend == "deepspeed" and moe.ep_size > 1 and cfg.eval.every and any(getattr(cfg.eval, n) for n in EVALS):
         raise ConfigError("eval.every with model.moe.backend=deepspeed and ep_size > 1: expert all_to_all needs the "
                           "same batches on every rank, eval splits differ; set eval.every=0 and evaluate the export")
     if moe.backend == "deepspeed" and moe.router == "expert_choice":

@@ -1,0 +1,125 @@
+"""Audio: FLAC/WAV/MP3/OGG/M4A (or a video's sound track) decoded by torchaudio into a Kaldi log-mel fbank, cut
+into patch x patch tokens like a one-channel image.
+
+Config: `data.audio` (resampling, clip length, fbank and its normalisation), `model.audio` (the patch and the fbank
+size its position embedding is laid out for), `data.augment.audio` (waveform and fbank augmentation), and the task
+term `data.tasks.<pair>.audio_seconds`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal, Optional
+
+import torch
+
+from mmpt.data import media
+from mmpt.data.noise import noise_bank
+from mmpt.modalities.image import interval
+from mmpt.model.stems import PatchStem
+from mmpt.modality import Modality, register
+
+
+@dataclass
+class AudioConfig:
+    """How audio is decoded (data.audio): mono, resampled, cropped/padded, Kaldi log-mel fbank."""
+    sample_rate: int = 16000
+    seconds: float = 1.0
+    num_mel_bins: int = 128
+    norm_mean: float = -4.27  # AST/ImageBind AudioSet statistics of the log-mel fbank
+    norm_std: float = 4.57
+    # dataset: (fbank - norm_mean) / (2 norm_std), AST's. utterance: each mel bin's mean over the clip is
+    # removed first (cepstral mean normalisation), which takes out a voice's or a channel's fixed spectral
+    # envelope, then the same scale.
+    norm: Literal["dataset", "utterance"] = "dataset"
+
+    @property
+    def fbank_frames(self) -> int:
+        """Kaldi fbank frames of the fixed-length clip: 25 ms windows every 10 ms, edges snipped."""
+        n, win, hop = int(self.seconds * self.sample_rate), int(0.025 * self.sample_rate), int(0.01 * self.sample_rate)
+        return 1 + (n - win) // hop
+
+
+@dataclass
+class AudioStemConfig:
+    """The audio stem (model.audio): the log-mel spectrogram as a one-channel image cut in patch x patch."""
+    fbank_frames: int = 98  # fbank frames the position embedding is laid out for (other durations interpolate)
+    num_mel_bins: int = 128  # mel bins it is laid out for
+    patch: int = 16
+
+
+@dataclass
+class AudioAugment:
+    """Training augmentation of audio (data.augment.audio): waveform (speed, noise, gain), then fbank (pitch
+    warp, SpecAugment masks). Each is off at its neutral value, noted on the right. See mmpt.data.augment."""
+    speed: list[float] = field(default_factory=lambda: [0.9, 1.1])  # factor, resampled in 0.01 steps; [1, 1]
+    noise_p: float = 0.5  # probability of mixing background noise; 0
+    noise_snr_db: list[float] = field(default_factory=lambda: [10.0, 40.0])  # signal-to-noise ratio drawn
+    noise_colors: list[Literal["white", "pink", "brown"]] = field(default_factory=lambda: ["white", "pink", "brown"])
+    noise_files: Optional[str] = None  # real noise too: a folder of audio files, or a shard pattern of audio
+    gain_db: list[float] = field(default_factory=lambda: [-6.0, 6.0])  # [0, 0]
+    pitch_semitones: list[float] = field(default_factory=lambda: [-1.0, 1.0])  # fbank frequency warp; [0, 0]
+    freq_masks: int = 1  # SpecAugment: masks of U{0..width} mel bins; 0
+    freq_mask_width: int = 24
+    time_masks: int = 2  # ... and of U{0..width} frames (10 ms each); 0
+    time_mask_width: int = 20
+
+    @classmethod
+    def minimal(cls):
+        """The least a training sample gets (`augment: false`): a random window of the clip, nothing else."""
+        return cls(speed=[1.0, 1.0], noise_p=0.0, gain_db=[0.0, 0.0], pitch_semitones=[0.0, 0.0], freq_masks=0,
+                   time_masks=0)
+
+
+def _augment_rules(p: str, a: AudioAugment) -> list:
+    rules = [interval(f"{p}.speed", a.speed, 0.5, 2.0),
+             interval(f"{p}.pitch_semitones", a.pitch_semitones, -6.0, 6.0),
+             interval(f"{p}.gain_db", a.gain_db, -60.0, 60.0),
+             interval(f"{p}.noise_snr_db", a.noise_snr_db, -30.0, 100.0),
+             (f"{p}.noise_p", a.noise_p, 0 <= a.noise_p <= 1, "must be a probability in [0, 1]"),
+             (f"{p}.noise_colors", a.noise_colors, not a.noise_p or bool(a.noise_colors or a.noise_files),
+              "is empty and noise_files unset: no noise to mix at noise_p > 0")]
+    return rules + [(f"{p}.{k}", getattr(a, k), getattr(a, k) >= 0, "must be >= 0")
+                    for k in ("freq_masks", "freq_mask_width", "time_masks", "time_mask_width")]
+
+
+def _power_of_two(n: int) -> bool:
+    return n >= 2 and n & (n - 1) == 0
+
+
+def _rules(cfg) -> list:
+    d, m = cfg.data, cfg.model
+    used = "audio" in m.modalities
+    fbank = min(d.audio.num_mel_bins, d.audio.fbank_frames)
+    # A stem's patch larger than what the decoder gives it would fail at the first batch, not here.
+    return [("data.audio.seconds", d.audio.seconds, d.audio.fbank_frames >= 1, "shorter than one 25 ms fbank window"),
+            ("model.audio.patch", m.audio.patch, not used or m.audio.patch <= fbank,
+             f"larger than data.audio's fbank ({d.audio.num_mel_bins} mel bins x {d.audio.fbank_frames} frames)"),
+            ("model.audio.patch", m.audio.patch, m.stem != "conv" or not used or _power_of_two(m.audio.patch),
+             "must be a power of two >= 2 with model.stem=conv (one stride-2 convolution per halving)")]
+
+
+def _prepare(aug: AudioAugment) -> None:
+    if aug.noise_files and aug.noise_p:
+        noise_bank(aug.noise_files)
+
+
+def _grid(cfg) -> tuple[int, int]:
+    return cfg.audio.fbank_frames // cfg.audio.patch, cfg.audio.num_mel_bins // cfg.audio.patch
+
+
+ENTRY = register(Modality(
+    "audio", ("flac", "wav", "mp3", "ogg", "m4a"), media.decode_audio, media.probe_audio,
+    stem=lambda c: PatchStem(c.width, 1, (1, c.audio.patch, c.audio.patch), (1, *_grid(c)),
+                             c.drop_token.get("audio", 0.0), c.stem),
+    tokens=lambda c: _grid(c)[0] * _grid(c)[1],
+    stem_input=lambda x, repeat: x.unsqueeze(2),  # (B, 1, F, M) spectrogram -> one-frame volume
+    sample_shape=lambda d: (1, d.audio.fbank_frames, d.audio.num_mel_bins), sample_dtype=torch.float16,
+    in_window=media.decode_audio,
+    inputs_per_token=lambda c: c.audio.patch ** 2,
+    templates=("the sound of {}.", "a sound of a {}.", "a recording of {}."),
+    carried_by="video",
+    data_config=AudioConfig, model_config=AudioStemConfig, augment_config=AudioAugment,
+    task_terms={"audio_seconds": ("data.audio.seconds", Optional[float])},
+    rules=_rules, augment_rules=_augment_rules, prepare=_prepare,
+    positive=("data.audio.sample_rate", "data.audio.seconds", "data.audio.num_mel_bins", "data.audio.norm_std",
+              "model.audio.fbank_frames", "model.audio.num_mel_bins", "model.audio.patch")))
