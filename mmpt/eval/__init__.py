@@ -3,6 +3,6 @@
 Each eval is one file that registers itself in the eval registry (mmpt.evals): importing this package
 registers the built-ins.
 """
-from mmpt.eval import retrieval, zeroshot
+from mmpt.eval import caption, retrieval, zeroshot
 
-__all__ = ["retrieval", "zeroshot"]
+__all__ = ["caption", "retrieval", "zeroshot"]

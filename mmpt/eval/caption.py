@@ -2,6 +2,7 @@
 against the sample's reference captions with BLEU-4 and CIDEr (pycocoevalcap's scorers).
 
     mmpt eval caption --model runs/demo --modality image --beams 3 --out runs/demo/caption.json
+    eval: {every: 100, caption: [{modality: image, data: data/demo/val}]}   # during training: eval/caption/...
 
 The result (and `--out`) holds the scores and, like a COCO result file, every sample's hypothesis with its
 references, so each caption can be inspected.
@@ -25,6 +26,9 @@ from __future__ import annotations
 
 import json
 import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
 
 import torch
 import webdataset as wds
@@ -32,11 +36,12 @@ import webdataset as wds
 from mmpt import modality as registry
 from mmpt.data.media import DecodeSettings
 from mmpt.data.shards import list_shards
-from mmpt.errors import DataError
 from mmpt.data.stream import eval_loader
 from mmpt.data.tokenizer import OPENCLIP, decode
 from mmpt.distributed import gather_objects
+from mmpt.errors import DataError
 from mmpt.eval.data import model_inputs, progress
+from mmpt.evals import Eval, count, register
 
 _PUNCT = re.compile(r"[^\w\s]")
 
@@ -97,7 +102,7 @@ def generate_captions(model, loader, modality: str, num_beams: int, max_len: int
     return records, skipped
 
 
-def _check(model, cfg, modality: str, num_beams: int, max_len: int | None) -> None:
+def _check_model(model, cfg, modality: str, num_beams: int, max_len: int | None) -> None:
     others = [m for m in cfg.model.modalities if m != registry.TEXT]
     if getattr(model, "decoder", None) is None:
         raise DataError(f"caption eval: the model has no caption decoder (model.modalities={cfg.model.modalities}, "
@@ -118,12 +123,16 @@ def run_caption(model, cfg, modality: str, data: str, batch_size: int | None = N
     model.context_length. Returns {"bleu4", "cider", "num_samples", "modality", "num_beams", "max_len", "data",
     "skipped", "samples": every sample by key as {"key", "hypothesis", "references"}} (all of them, as COCO
     result files hold every caption, so `--out` can be inspected sample by sample)."""
-    _check(model, cfg, modality, num_beams, max_len)
+    _check_model(model, cfg, modality, num_beams, max_len)
+    was_training = model.training
     model.eval()
-    loader = eval_loader(data, [modality, registry.TEXT], DecodeSettings.from_config(cfg),
-                         batch_size or cfg.eval.batch_size, cfg.eval.workers if workers is None else workers)
-    records, skipped = generate_captions(model, loader, modality, num_beams, max_len, cfg.model.context_length,
-                                         cfg.data.tokenizer)
+    try:
+        loader = eval_loader(data, [modality, registry.TEXT], DecodeSettings.from_config(cfg),
+                             batch_size or cfg.eval.batch_size, cfg.eval.workers if workers is None else workers)
+        records, skipped = generate_captions(model, loader, modality, num_beams, max_len, cfg.model.context_length,
+                                             cfg.data.tokenizer)
+    finally:
+        model.train(was_training)
     refs = read_references(data)
     # A sample missing from the second pass (its shard changed meanwhile) keeps its tokenised caption.
     local = [(key, hyp, refs.get(key) or [text]) for key, hyp, text in records]
@@ -141,3 +150,55 @@ def run_caption(model, cfg, modality: str, data: str, batch_size: int | None = N
     result.update(num_samples=len(keys), modality=modality, num_beams=num_beams,
                   max_len=max_len or cfg.model.context_length, data=data, skipped=total_skipped, samples=samples)
     return result
+
+
+@dataclass
+class CaptionEval:
+    """One captioning eval (eval.caption[i]; `mmpt eval caption`): greedy (num_beams 1) is the cheap one to run
+    during training."""
+    modality: str = "image"
+    data: Optional[str] = None  # shards with captions; None: data.val
+    num_beams: int = 1
+    max_len: Optional[int] = None  # generated tokens at most; None: model.context_length
+
+
+def _check(cfg, item: CaptionEval) -> Optional[str]:
+    m = cfg.model
+    if registry.TEXT not in m.modalities or m.decoder_cross_layers < 1:  # the model builds no decoder then
+        return (f"modality={item.modality!r}: captioning needs the caption decoder, which needs text in "
+                f"model.modalities={m.modalities} and model.decoder_cross_layers >= 1 (it is "
+                f"{m.decoder_cross_layers})")
+    others = [x for x in m.modalities if x != registry.TEXT]
+    if item.modality not in others:
+        return f"modality={item.modality!r}: must be a non-text modality of model.modalities={m.modalities}"
+    if item.num_beams < 1:
+        return f"num_beams={item.num_beams}: must be at least 1"
+    if item.max_len is not None and not 2 <= item.max_len <= m.context_length:
+        return f"max_len={item.max_len}: must be in 2..{m.context_length} (model.context_length)"
+    return None
+
+
+def _inputs(cfg, item: CaptionEval) -> None:
+    list_shards(item.data or cfg.data.val)  # references are read from shards only
+
+
+def _run(model, cfg, item: CaptionEval, out: str | None = None, **options) -> dict:
+    return run_caption(model, cfg, item.modality, item.data or cfg.data.val, num_beams=item.num_beams,
+                       max_len=item.max_len, **options)
+
+
+def _flags(p) -> None:
+    p.add_argument("--modality", default="image")
+    p.add_argument("--data", help="shards with captions (default: data.val)")
+    p.add_argument("--beams", dest="num_beams", metavar="BEAMS", type=count(1), default=1, help="1: greedy")
+    p.add_argument("--max-len", dest="max_len", type=count(2))
+
+
+def _summary(result: dict) -> str:
+    return f"caption BLEU-4 {result['bleu4']:.3f} CIDEr {result['cider']:.3f} on {result['num_samples']} samples"
+
+
+register(Eval("caption", CaptionEval, _run, check=_check, inputs=_inputs, metrics=("bleu4", "cider"),
+              label=lambda cfg, item: f"{item.modality}/{Path(item.data or cfg.data.val).name}",
+              task=("{modality}-to-text", "{modality} captioning"), summary=_summary, cli=_flags,
+              help="captions generated for a modality, BLEU-4 and CIDEr"))

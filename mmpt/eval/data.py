@@ -1,4 +1,4 @@
-"""Evaluation data for zero-shot and retrieval: shards, a folder per class, or a manifest, as batch dicts.
+"""Evaluation data (zero-shot, retrieval, plugin evals): shards, a folder per class, or a manifest, as batch dicts.
 
     classes = Classes(["dog", "rain", ...], "esc50.json")  # names a folder per class; manifests carry labels
     for batch in eval_batches("data/esc50", ["audio"], cfg, 64, workers=2, labels=True, classes=classes): ...
@@ -34,10 +34,10 @@ from mmpt import modality as registry
 from mmpt.data.build import BAD_JSON, folder_rows
 from mmpt.data.media import BadSample, DecodeSettings
 from mmpt.data.resumable import collate
-from mmpt.data.shards import read_manifest
-from mmpt.errors import DataError
+from mmpt.data.shards import list_shards, read_manifest
 from mmpt.data.stream import eval_loader
 from mmpt.distributed import dist_info
+from mmpt.errors import DataError
 
 log = logging.getLogger("mmpt.eval")
 MANIFEST_SUFFIXES = (".csv", ".jsonl")
@@ -52,6 +52,13 @@ def data_kind(data: str) -> str:
     if path.is_dir() and not (path / "sizes.json").exists() and not any(path.glob("*.tar")):
         return "folder"
     return "shards"
+
+
+def require_data(data: str) -> None:
+    """At training start: the eval data must be there. A path that is no folder or manifest is a shard spec, so
+    listing its shards names a missing one."""
+    if data_kind(data) == "shards":
+        list_shards(data)
 
 
 def _label(value, where: str) -> int:

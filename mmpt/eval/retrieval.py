@@ -23,18 +23,20 @@ sample counts once and every rank computes the same result as one process.
 """
 from __future__ import annotations
 
+import argparse
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
+
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
 from mmpt import modality as registry
-from mmpt.errors import DataError
-from mmpt.evals import Eval, register
 from mmpt.distributed import collective_device, gather_objects
-from mmpt.eval.data import check_model, eval_batches, model_inputs, progress, skipped_count
+from mmpt.errors import DataError
+from mmpt.eval.data import check_model, eval_batches, model_inputs, progress, require_data, skipped_count
+from mmpt.evals import Eval, register
 
 KS = (1, 5, 10)
 TIE = 1e-6  # cosine similarities this close to the positive's count as ties (won by the query)
@@ -154,9 +156,36 @@ def _check(cfg, item: RetrievalEval) -> Optional[str]:
     return None
 
 
-def _run(model, cfg, item: RetrievalEval, **options) -> dict:
+def _inputs(cfg, item: RetrievalEval) -> None:
+    require_data(item.data or cfg.data.val)
+
+
+def _run(model, cfg, item: RetrievalEval, out: str | None = None, **options) -> dict:
     return run_retrieval(model, cfg, list(item.modalities), item.data or cfg.data.val, **options)
 
 
-register(Eval("retrieval", RetrievalEval, _run, check=_check,
-              label=lambda cfg, item: f"{registry.pair_name(*item.modalities)}/{Path(item.data or cfg.data.val).name}"))
+class _Pair(argparse.Action):
+    """--pair image-text -> modalities [image, text]; another spelling is the parser's one-line error."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        parts = str(values).split("-")
+        if len(parts) != 2:
+            parser.error(f"{option_string} {values!r}: expected two modalities joined by '-', e.g. image-text")
+        setattr(namespace, self.dest, parts)
+
+
+def _flags(p) -> None:
+    p.add_argument("--pair", dest="modalities", action=_Pair, metavar="A-B",
+                   help="two modalities of the model, e.g. image-text, video-audio (default: image-text)")
+    p.add_argument("--data", help="shards of paired samples (default: data.val)")
+
+
+def _summary(result: dict) -> str:
+    ways = [f"{k.replace('_to_', '->')} R@1 {v['R@1']:.3f}" for k, v in result.items() if isinstance(v, dict)]
+    return f"retrieval {result['pair']} on {result['num_samples']} samples: " + ", ".join(ways)
+
+
+register(Eval("retrieval", RetrievalEval, _run, check=_check, inputs=_inputs,
+              label=lambda cfg, item: f"{registry.pair_name(*item.modalities)}/{Path(item.data or cfg.data.val).name}",
+              task=("{pair}-retrieval", "{pair} retrieval"), summary=_summary, cli=_flags,
+              help="R@1/5/10 and median rank in both directions"))

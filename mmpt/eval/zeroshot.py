@@ -14,8 +14,8 @@ dropless (`mmpt.model.routing`), so nothing depends on the batch size or on whic
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
 from pathlib import Path
+from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -23,12 +23,12 @@ import torch.nn.functional as F
 
 from mmpt import modality as registry
 from mmpt.data.shards import read_json
-from mmpt.errors import DataError
-from mmpt.evals import Eval, register
 from mmpt.data.tokenizer import tokenize
 from mmpt.distributed import collective_device, dist_info
-from mmpt.eval.data import Classes, check_model, eval_batches, model_inputs, progress, skipped_count
+from mmpt.errors import DataError
+from mmpt.eval.data import Classes, check_model, eval_batches, model_inputs, progress, require_data, skipped_count
 from mmpt.eval.templates import template_set
+from mmpt.evals import Eval, register
 
 
 def load_classes(path: str | Path, modality: str, templates: str | None = None) -> tuple[list, list]:
@@ -215,10 +215,32 @@ def _check(cfg, item: ZeroShotEval) -> Optional[str]:
     return None
 
 
-def _run(model, cfg, item: ZeroShotEval, **options) -> dict:
+def _inputs(cfg, item: ZeroShotEval) -> None:
+    load_classes(item.classes or cfg.data.classes, item.modality, item.templates)
+    require_data(item.data or cfg.data.val)
+
+
+def _run(model, cfg, item: ZeroShotEval, out: str | None = None, png: str | None = None, **options) -> dict:
+    """png: the confusion matrix (the CLI's default: beside --out)."""
+    png = png or (str(Path(out).with_suffix(".png")) if out else None)
     return run_zeroshot(model, cfg, item.modality, data=item.data, classes=item.classes, templates=item.templates,
-                        **options)
+                        png=png, **options)
 
 
-register(Eval("zeroshot", ZeroShotEval, _run, check=_check, metrics=("top1", "top5"),
-              label=lambda cfg, item: f"{item.modality}/{Path(item.data or cfg.data.val).name}"))
+def _flags(p) -> None:
+    p.add_argument("--modality", default="image", help="what is classified: any of the model's modalities but text")
+    p.add_argument("--data", help="shards, a folder per class, or a CSV/JSONL manifest (default: data.val)")
+    p.add_argument("--classes", help="classes JSON: classnames (+ templates); default: data.classes")
+    p.add_argument("--templates", help="a shipped template set instead: photo, action, sound or speech")
+    p.add_argument("--png", help="confusion matrix PNG (default: beside --out)")
+
+
+def _summary(result: dict) -> str:
+    return (f"zero-shot top-1 {result['top1']:.3f} (chance {result['chance_top1']:.3f}) "
+            f"on {result['num_samples']} samples")
+
+
+register(Eval("zeroshot", ZeroShotEval, _run, check=_check, inputs=_inputs, metrics=("top*",),
+              label=lambda cfg, item: f"{item.modality}/{Path(item.data or cfg.data.val).name}",
+              task=("zero-shot-{modality}-classification", "zero-shot {modality} classification"),
+              summary=_summary, cli=_flags, help="zero-shot classification from text prompts"))
