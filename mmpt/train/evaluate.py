@@ -1,12 +1,16 @@
-"""Evaluation inside a training run: every `eval.every` steps (and after the last step) every rank runs the
-configured zero-shot and retrieval evals on its split of the data, the counts are reduced, and the flat
-metrics go to metrics.jsonl and tensorboard. The best value of `eval.best` marks a checkpoint tagged `best`.
+"""Evaluation inside a training run: every `eval.every` steps (and after the last step) every rank runs every
+configured eval of the registry (mmpt.evals: zero-shot, retrieval, caption, plugins' evals) on its split of the
+data, and the flat metrics go to metrics.jsonl and tensorboard. The best value of `eval.best` marks a checkpoint
+tagged `best`.
 
     eval: {every: 100, best: eval/zeroshot/image/val/top1,
            zeroshot: [{modality: image}],                      # data.val with data.classes
-           retrieval: [{modalities: [image, text], data: data/demo/val}]}
+           retrieval: [{modalities: [image, text], data: data/demo/val}],
+           caption: [{modality: image}]}
 
-Metric keys: eval/zeroshot/<modality>/<data folder>/top1, eval/retrieval/<pair>/<data folder>/<a>_to_<b>/R@1.
+Metric keys: eval/<name>/<label>/<metric>, the label and the metrics chosen by the eval's entry:
+eval/zeroshot/<modality>/<data folder>/top1, eval/retrieval/<pair>/<data folder>/<a>_to_<b>/R@1,
+eval/caption/<modality>/<data folder>/cider.
 """
 from __future__ import annotations
 
@@ -16,66 +20,52 @@ from pathlib import Path
 
 import torch
 
-from mmpt.modality import pair_name
+import mmpt.eval  # noqa: F401  (registers the built-in evals)
+from mmpt.evals import EVALS
 from mmpt.train.checkpoint import write_durable
 
 
-def flatten(prefix: str, result: dict) -> dict:
-    """Numbers of a (nested) result dict as `prefix/key/...` metrics; lists and strings are left out."""
-    out = {}
-    for key, value in result.items():
-        if isinstance(value, dict):
-            out.update(flatten(f"{prefix}/{key}", value))
-        elif isinstance(value, (int, float)) and not isinstance(value, bool):
-            out[f"{prefix}/{key}"] = float(value)
-    return out
+def configured(cfg) -> list:
+    """(entry, item) of every eval the config lists, in registry order."""
+    return [(entry, item) for name, entry in EVALS.items() for item in getattr(cfg.eval, name, None) or []]
+
+
+def eval_due(cfg, step: int) -> bool:
+    """Evals run at every eval.every-th step and after the last step, when any is configured."""
+    if cfg.eval.every <= 0 or not configured(cfg):
+        return False
+    return step % cfg.eval.every == 0 or step == cfg.train.steps
 
 
 def check_eval_inputs(cfg) -> None:
-    """At start, not at the first eval hours later: every eval's data and classes file must be there (DataError
-    naming the file)."""
-    if not (cfg.eval.every > 0 and (cfg.eval.zeroshot or cfg.eval.retrieval)):
+    """At start, not at the first eval hours later: every eval's inputs must be there (each entry's `inputs`
+    raises naming the missing file)."""
+    if cfg.eval.every <= 0:
         return
-    from mmpt.data.shards import list_shards
-    from mmpt.eval.data import data_kind
-    from mmpt.eval.zeroshot import load_classes
-
-    for z in cfg.eval.zeroshot:
-        load_classes(z.classes or cfg.data.classes, z.modality, z.templates)
-    specs = [z.data or cfg.data.val for z in cfg.eval.zeroshot] + [r.data or cfg.data.val for r in cfg.eval.retrieval]
-    for data in specs:
-        if data_kind(data) == "shards":
-            list_shards(data)
-        elif not Path(data).exists():
-            raise FileNotFoundError(f"eval data {data}: no such file or directory")
+    for entry, item in configured(cfg):
+        entry.inputs(cfg, item)
 
 
 def _gathered(model, zero_stage: int):
     """ZeRO-3 partitions parameters; eval calls model.encode outside the engine's forward, so gather them."""
     if zero_stage < 3:
         return contextlib.nullcontext()
-    import deepspeed
+    import deepspeed  # deferred: only ZeRO-3 runs need it here
 
     return deepspeed.zero.GatheredParameters(list(model.parameters()))
 
 
 def run_evals(model, cfg) -> dict:
     """Every configured eval once, on all ranks; returns flat metrics (identical on every rank)."""
-    from mmpt.eval.retrieval import run_retrieval
-    from mmpt.eval.zeroshot import run_zeroshot
-
     metrics, was_training = {}, model.training
     model.eval()
-    with torch.no_grad(), _gathered(model, cfg.deepspeed.zero_stage):
-        for z in cfg.eval.zeroshot:
-            result = run_zeroshot(model, cfg, z.modality, data=z.data, classes=z.classes, templates=z.templates)
-            keep = {k: v for k, v in result.items() if k.startswith("top")}
-            metrics.update(flatten(f"eval/zeroshot/{z.modality}/{Path(z.data or cfg.data.val).name}", keep))
-        for r in cfg.eval.retrieval:
-            data = r.data or cfg.data.val
-            result = run_retrieval(model, cfg, list(r.modalities), data)
-            metrics.update(flatten(f"eval/retrieval/{pair_name(*r.modalities)}/{Path(data).name}", result))
-    model.train(was_training)
+    try:
+        with torch.no_grad(), _gathered(model, cfg.deepspeed.zero_stage):
+            for entry, item in configured(cfg):
+                prefix = entry.key(cfg, item)
+                metrics.update({f"{prefix}/{k}": v for k, v in entry.values(entry.run(model, cfg, item)).items()})
+    finally:
+        model.train(was_training)
     return metrics
 
 
