@@ -4,11 +4,13 @@
     torchrun --nproc_per_node=2 -m mmpt.cli train --config demo
     mmpt eval zeroshot --model runs/demo --out runs/demo/zeroshot.json
     mmpt eval retrieval --model runs/demo --pair image-text
+    mmpt eval caption --model runs/demo --data data/demo/val --out runs/demo/caption.json
     NPROC=2 launchers/torchrun.sh eval zeroshot --model hf-hub:org/name --modality audio --data data/esc50
     mmpt shards build --manifest pairs.jsonl --out data/mine --prefix mine --workers 8
     mmpt shards check data/mine --json
     mmpt model info imp_moe_b16 --json
     mmpt --plugin my_pkg.depth shards check data/depth    (a module registering a modality)
+    mmpt --plugin my_pkg.evals eval mine --model runs/demo   (a module registering an eval: mmpt.evals)
     mmpt export --run runs/demo --out exports/demo --results runs/demo/zeroshot.json
     mmpt push exports/demo --repo org/name
     mmpt plot runs/demo
@@ -17,23 +19,37 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import os
 import sys
+import types
+import typing
 from pathlib import Path
 from typing import NoReturn
 
+import torch
+import yaml
+
+import mmpt.eval  # noqa: F401  (registers the built-in evals: `mmpt eval NAME` for each)
 from mmpt.bench import BENCHES, run_bench
 from mmpt.config import import_plugins, load_config
-from mmpt.errors import ConfigError
-from mmpt.errors import DataError
+from mmpt.data.build import build_shards, folder_rows
+from mmpt.data.check import check_shards, format_report
+from mmpt.data.shards import read_manifest
+from mmpt.data.tokenizer import check_model_fits
+from mmpt.distributed import dist_info, init_distributed, shutdown_distributed
+from mmpt.errors import ConfigError, DataError
+from mmpt.evals import EVALS, Eval, count
+from mmpt.export import export
+from mmpt.hub import load_model, push
+from mmpt.model.info import run_info
+from mmpt.plot import plot_run
+from mmpt.train.loop import train
 
 
 def cmd_train(args) -> int:
     cfg = load_config(args.config, args.overrides)
-    from mmpt.data.tokenizer import check_model_fits
-    from mmpt.train.loop import train
-
     check_model_fits(cfg.data.tokenizer, cfg.model)  # a bad tokenizer is one line before any process group
     train(cfg)
     return 0
@@ -43,11 +59,6 @@ def cmd_train(args) -> int:
 def _eval_session(args):
     """The model of --model on its device; under torchrun a process group, so every rank evaluates its split.
     Library chatter goes to stderr: stdout carries only the result JSON."""
-    import torch
-
-    from mmpt.distributed import init_distributed, shutdown_distributed
-    from mmpt.hub import load_model
-
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
     if distributed:
         init_distributed()
@@ -63,8 +74,6 @@ def _eval_session(args):
 
 
 def _report(args, result: dict, line: str) -> int:
-    from mmpt.distributed import dist_info
-
     if dist_info()[0] != 0:
         return 0
     text = json.dumps(result, indent=1)
@@ -76,44 +85,20 @@ def _report(args, result: dict, line: str) -> int:
     return 0
 
 
-def cmd_eval_zeroshot(args) -> int:
-    from mmpt.eval.zeroshot import run_zeroshot
-
-    png = args.png or (str(Path(args.out).with_suffix(".png")) if args.out else None)
+def cmd_eval(args) -> int:
+    """`mmpt eval NAME`: the registered eval NAME on the model of --model, its result JSON on stdout (and --out)."""
+    entry = EVALS[args.eval_command]
+    fields = {f.name for f in dataclasses.fields(entry.config)}
+    item = entry.config(**{k: getattr(args, k) for k in fields if getattr(args, k) is not None})
+    options = {k: getattr(args, k) for k in args.eval_flags if k not in fields}
     with _eval_session(args) as (model, cfg):
-        result = run_zeroshot(model, cfg, args.modality, data=args.data, classes=args.classes,
-                              templates=args.templates, batch_size=args.batch_size, workers=args.workers, png=png)
-    return _report(args, result, f"zero-shot top-1 {result['top1']:.3f} (chance {result['chance_top1']:.3f}) "
-                                 f"on {result['num_samples']} samples")
-
-
-def cmd_eval_retrieval(args) -> int:
-    from mmpt.eval.retrieval import run_retrieval
-
-    modalities = args.pair.split("-")
-    if len(modalities) != 2:
-        raise ConfigError(f"--pair {args.pair!r}: expected two modalities joined by '-', e.g. image-text")
-    with _eval_session(args) as (model, cfg):
-        result = run_retrieval(model, cfg, modalities, args.data or cfg.data.val, batch_size=args.batch_size,
-                               workers=args.workers)
-    ways = [f"{k.replace('_to_', '->')} R@1 {v['R@1']:.3f}" for k, v in result.items() if isinstance(v, dict)]
-    return _report(args, result, f"retrieval {result['pair']} on {result['num_samples']} samples: " + ", ".join(ways))
-
-
-def cmd_eval_caption(args) -> int:
-    from mmpt.eval.caption import run_caption
-
-    with _eval_session(args) as (model, cfg):
-        result = run_caption(model, cfg, args.modality, args.data or cfg.data.val, batch_size=args.batch_size,
-                             num_beams=args.beams, max_len=args.max_len, workers=args.workers)
-    return _report(args, result, f"caption BLEU-4 {result['bleu4']:.3f} CIDEr {result['cider']:.3f} "
-                                 f"on {result['num_samples']} samples")
+        result = entry.run(model, cfg, item, batch_size=args.batch_size, workers=args.workers, out=args.out,
+                           **options)
+    result.setdefault("eval", entry.name)  # the model card tells result files apart by it
+    return _report(args, result, entry.line(result))
 
 
 def cmd_shards_build(args) -> int:
-    from mmpt.data.build import build_shards, folder_rows
-    from mmpt.data.shards import read_manifest
-
     if bool(args.manifest) == bool(args.folder):
         raise DataError("give exactly one of --manifest or --folder")
     rows = list(read_manifest(args.manifest)) if args.manifest else folder_rows(args.folder, args.labels_from_folders)
@@ -127,8 +112,6 @@ def cmd_shards_build(args) -> int:
 
 
 def cmd_shards_check(args) -> int:
-    from mmpt.data.check import check_shards, format_report
-
     report = check_shards(args.spec, args.workers)
     print(json.dumps(report, indent=1) if args.json else format_report(report))
     return 1 if report["bad_fraction"] > args.max_bad else 0
@@ -139,8 +122,6 @@ def cmd_bench(args) -> int:
 
 
 def cmd_model_info(args) -> int:
-    from mmpt.model.info import run_info
-
     info = run_info(load_config(args.config))
     if args.json:
         print(json.dumps(info))
@@ -161,22 +142,16 @@ def cmd_model_info(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from mmpt.export import export
-
     print(export(args.run, args.out, args.results, trust_plugins=args.trust_plugins))
     return 0
 
 
 def cmd_push(args) -> int:
-    from mmpt.hub import push
-
     print(push(args.export_dir, args.repo, private=args.private, revision=args.revision))
     return 0
 
 
 def cmd_plot(args) -> int:
-    from mmpt.plot import plot_run
-
     for path in plot_run(args.run_dir, args.out):
         print(path)
     return 0
@@ -190,24 +165,11 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
-def _count(minimum: int):
-    """An argparse type: an integer >= minimum (--workers -1 would otherwise fail deep in a DataLoader)."""
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"invalid int value: {text!r}") from None
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"{value}: must be >= {minimum}")
-        return value
-    return parse
-
-
 def build_parser() -> argparse.ArgumentParser:
     ap = _Parser(prog="mmpt", description="Distributed multimodal pretraining.",
                  formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     ap.add_argument("--plugin", action="append", default=[], metavar="MODULE",
-                    help="import a module that registers modalities (mmpt.modality.register); repeatable")
+                    help="import a module that registers modalities or evals (mmpt.modality / mmpt.evals); repeatable")
     sub = ap.add_subparsers(dest="command", required=True)
     p = sub.add_parser("train", help="train a model (launch with torchrun for several processes)")
     p.add_argument("--config", required=True, help="shipped config name (demo) or YAML path")
@@ -216,20 +178,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     ev = sub.add_parser("eval", help="evaluate a trained model (under torchrun: every rank its split)")
     ev = ev.add_subparsers(dest="eval_command", required=True)
-    p = _eval_parser(ev, "zeroshot", "zero-shot classification from text prompts", cmd_eval_zeroshot)
-    p.add_argument("--modality", default="image", help="what is classified: any of the model's modalities but text")
-    p.add_argument("--data", help="shards, a folder per class, or a CSV/JSONL manifest (default: data.val)")
-    p.add_argument("--classes", help="classes JSON: classnames (+ templates); default: data.classes")
-    p.add_argument("--templates", help="a shipped template set instead: photo, action, sound or speech")
-    p.add_argument("--png", help="confusion matrix PNG (default: beside --out)")
-    p = _eval_parser(ev, "retrieval", "R@1/5/10 and median rank in both directions", cmd_eval_retrieval)
-    p.add_argument("--pair", default="image-text", help="two modalities of the model, e.g. image-text, video-audio")
-    p.add_argument("--data", help="shards of paired samples (default: data.val)")
-    p = _eval_parser(ev, "caption", "captions generated for a modality, BLEU-4 and CIDEr", cmd_eval_caption)
-    p.add_argument("--modality", default="image")
-    p.add_argument("--data", help="shards with captions (default: data.val)")
-    p.add_argument("--beams", type=_count(1), default=1, help="1: greedy")
-    p.add_argument("--max-len", type=_count(2))
+    for entry in EVALS.values():
+        _eval_parser(ev, entry)
 
     sh = sub.add_parser("shards", help="build webdataset shards").add_subparsers(dest="shards_command", required=True)
     p = sh.add_parser("build", help="manifest (CSV/JSONL) or folder of media + captions -> tar shards + sizes.json")
@@ -238,14 +188,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--labels-from-folders", action="store_true", help="parent folder names become class labels")
     p.add_argument("--out", required=True)
     p.add_argument("--prefix", required=True)
-    p.add_argument("--shard-size", type=_count(1), default=1000)
-    p.add_argument("--workers", type=_count(0), default=1)
+    p.add_argument("--shard-size", type=count(1), default=1000)
+    p.add_argument("--workers", type=count(0), default=1)
     p.add_argument("--seed", type=int, default=0, help="seed of the sample order shuffle")
     p.add_argument("--no-shuffle", action="store_true", help="keep the manifest order")
     p.set_defaults(func=cmd_shards_build)
     p = sh.add_parser("check", help="decode every sample; report bad ones and statistics")
     p.add_argument("spec", help="shard directory, brace pattern or glob")
-    p.add_argument("--workers", type=_count(0), default=1)
+    p.add_argument("--workers", type=count(0), default=1)
     p.add_argument("--json", action="store_true")
     p.add_argument("--max-bad", type=float, default=0.0, help="bad fraction above which the exit code is 1")
     p.set_defaults(func=cmd_shards_check)
@@ -284,18 +234,43 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
-def _eval_parser(ev, name: str, summary: str, func) -> argparse.ArgumentParser:
-    p = ev.add_parser(name, help=summary)
+def _eval_parser(ev, entry: Eval) -> argparse.ArgumentParser:
+    """`mmpt eval NAME`: the flags every eval takes, the entry's own (its `cli` hook), then a --field-name flag
+    for each field of its config that no flag sets."""
+    p = ev.add_parser(entry.name, help=entry.help or f"{entry.name} (registered by {entry.run.__module__})")
     p.add_argument("--model", "--run", dest="model", required=True,
                    help="run dir, export dir, hf-hub:ORG/NAME[@rev] or local-dir:PATH")
-    p.add_argument("--batch-size", type=_count(1))
-    p.add_argument("--workers", type=_count(0), help="decoding processes (default: eval.workers)")
+    p.add_argument("--batch-size", type=count(1))
+    p.add_argument("--workers", type=count(0), help="decoding processes (default: eval.workers)")
     p.add_argument("--out", help="write the result JSON here")
     p.add_argument("--device", default="auto", choices=["auto", "cpu"], help="auto: the GPU when there is one")
     p.add_argument("--trust-plugins", action="store_true",
                    help="import the modules the model's saved config names in `plugins` (code chosen by its files)")
-    p.set_defaults(func=func)
+    common = {a.dest for a in p._actions}  # argparse keeps no public list of a parser's flags
+    if entry.cli is not None:
+        entry.cli(p)
+    hints = typing.get_type_hints(entry.config)
+    for f in dataclasses.fields(entry.config):
+        if f.name not in {a.dest for a in p._actions}:
+            _field_flag(p, f.name, hints[f.name])
+    p.set_defaults(func=cmd_eval, eval_flags=sorted({a.dest for a in p._actions} - common))
     return p
+
+
+def _field_flag(p, name: str, tp) -> None:
+    """--name for a config field: its type parses the value (a list takes several); None keeps the default."""
+    flag = "--" + name.replace("_", "-")
+    args = [a for a in typing.get_args(tp) if a is not type(None)]
+    if typing.get_origin(tp) in (typing.Union, types.UnionType) and len(args) == 1:
+        tp = args[0]
+    if tp is bool:
+        p.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction)
+    elif tp in (int, float, str):
+        p.add_argument(flag, dest=name, type=tp)
+    elif typing.get_origin(tp) is list and typing.get_args(tp) and typing.get_args(tp)[0] in (int, float, str):
+        p.add_argument(flag, dest=name, type=typing.get_args(tp)[0], nargs="+")
+    else:
+        p.add_argument(flag, dest=name, type=yaml.safe_load, help="a YAML value")
 
 
 # User errors: a bad config or data, or a path that is missing, unreadable or the wrong kind of file. Anything
@@ -309,15 +284,31 @@ def command_name(args) -> str:
     return f"{args.command} {sub}" if sub else args.command
 
 
+def parse_args(argv=None) -> argparse.Namespace:
+    """The command line, parsed after importing its --plugin modules: the evals they register are `mmpt eval`
+    subcommands too."""
+    argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
+    pre = _Parser(prog="mmpt", add_help=False, allow_abbrev=False)  # --plugin alone, wherever it stands
+    pre.add_argument("--plugin", action="append", default=[])
+    import_plugins(pre.parse_known_args(argv)[0].plugin)
+    return build_parser().parse_args(argv)
+
+
+def _user_error(command: str, error: Exception) -> int:
+    message = " ".join(line.strip() for line in str(error).splitlines() if line.strip())  # one line, always
+    print(f"{command}: error: {message}", file=sys.stderr)
+    return 2
+
+
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
     try:
-        import_plugins(args.plugin)
+        args = parse_args(argv)
+    except USER_ERRORS as e:  # a --plugin module that cannot be imported
+        return _user_error("mmpt", e)
+    try:
         return args.func(args)
     except USER_ERRORS as e:
-        message = " ".join(line.strip() for line in str(e).splitlines() if line.strip())  # one line, always
-        print(f"mmpt {command_name(args)}: error: {message}", file=sys.stderr)
-        return 2
+        return _user_error(f"mmpt {command_name(args)}", e)
 
 
 if __name__ == "__main__":
