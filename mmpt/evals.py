@@ -53,12 +53,13 @@ class Eval:
         label = self.label(cfg, item)
         return f"eval/{self.name}/{label}" if label else f"eval/{self.name}"
 
+    def is_metric(self, path: str) -> bool:
+        """Whether the number at a result's key path ("top1", "image_to_text/R@1") is one of its metrics."""
+        return not self.metrics or any(fnmatch.fnmatchcase(path, p) for p in self.metrics)
+
     def values(self, result: dict) -> dict[str, float]:
-        """The result's metrics by key path ("top1", "image_to_text/R@1"): its numbers matching `metrics`."""
-        found = numbers(result)
-        if not self.metrics:
-            return found
-        return {k: v for k, v in found.items() if any(fnmatch.fnmatchcase(k, p) for p in self.metrics)}
+        """The result's metrics by key path: its numbers matching `metrics`."""
+        return {k: v for k, v in numbers(result).items() if self.is_metric(k)}
 
     def line(self, result: dict) -> str:
         """One line on what a result says, for stderr."""

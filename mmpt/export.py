@@ -18,20 +18,22 @@ imported already: a downloaded file must not choose code to run (mmpt.config.imp
 from __future__ import annotations
 
 import copy
-import dataclasses
 import json
 from importlib import resources
 from pathlib import Path
 
 import yaml
 
+import mmpt.eval  # noqa: F401  (registers the built-in evals, whose results the model card lists)
 from mmpt import modality as registry
 from mmpt.config import Config, config_from_dict, yaml_problem
-from mmpt.errors import ConfigError
+from mmpt.data.media import MEAN, STD, DecodeSettings
 from mmpt.data.shards import read_json
-from mmpt.errors import DataError
-from mmpt.data.tokenizer import OPENCLIP
+from mmpt.data.tokenizer import OPENCLIP, Tokenizer, resolve
+from mmpt.errors import ConfigError, DataError
+from mmpt.evals import COUNTS, EVALS, Eval, numbers
 from mmpt.model import build_for_run
+from mmpt.model.info import model_info
 from mmpt.train.checkpoint import checkpoint_dir, consolidated_state_dict
 
 WEIGHTS, CONFIG, TOKENIZER, PREPROCESSING, CARD = (
@@ -96,8 +98,6 @@ def load_pretrained(path: str | Path, tag: str | None = None, trust_plugins: boo
 
 def write_tokenizer(cfg: Config, out: Path) -> dict:
     """tokenizer.json (+ tokenizer/ for a HuggingFace tokenizer directory); returns what tokenizer.json says."""
-    from mmpt.data.tokenizer import Tokenizer, resolve
-
     tok = Tokenizer(cfg.data.tokenizer, cfg.model.context_length)
     info = {"kind": OPENCLIP, "context_length": cfg.model.context_length, "sot_id": tok.sot_id,
             "eot_id": tok.eot_id, "vocab_size": tok.vocab_size}
@@ -117,8 +117,6 @@ def preprocessing(cfg: Config, tokenizer: str) -> dict:
     A setting named after a modality (data.video, data.audio) is that modality's own section, so it is listed
     under it alone; the others (image_size, context_length, tokenizer) under every modality.
     `tokenizer` is "openclip" or a directory relative to the export. Training augmentation is left out."""
-    from mmpt.data.media import MEAN, STD, DecodeSettings
-
     given = {**DecodeSettings.from_config(cfg).to_dict(), "tokenizer": tokenizer}
     del given["augment"]
     entries = {}
@@ -133,32 +131,21 @@ def preprocessing(cfg: Config, tokenizer: str) -> dict:
 
 # ---- model card --------------------------------------------------------------------------------------------
 
-# What a result file measured, from a key it holds (first match wins): the model-index task type and name.
-_TASK_KINDS = (("pair", "{pair}-retrieval", "{pair} retrieval"),
-               ("bleu4", "{modality}-to-text", "{modality} captioning"),
-               ("cider", "{modality}-to-text", "{modality} captioning"),
-               ("top1", "zero-shot-{modality}-classification", "zero-shot {modality} classification"))
-# Counts, settings and per-class detail in result files (mmpt.eval's zero-shot, retrieval, caption): no metric.
-_NOT_METRICS = {"num_samples", "num_classes", "chance_top1", "skipped", "templates", "num_beams", "max_len",
-                "per_class_accuracy"}
-
-
 class _Blank(dict):
     def __missing__(self, key):
         return ""
 
 
-def _metrics(result: dict, prefix: str = "") -> list[tuple[str, float]]:
-    """Numeric leaves as (key path, value); nested dicts (retrieval directions) join their keys with '/'."""
-    out = []
-    for key, value in result.items():
-        if key in _NOT_METRICS:
-            continue
-        if isinstance(value, dict):
-            out += _metrics(value, f"{prefix}{key}/")
-        elif isinstance(value, (int, float)) and not isinstance(value, bool):
-            out.append((f"{prefix}{key}", float(value)))
-    return out
+def result_eval(stem: str, result: dict) -> Eval | None:
+    """The registered eval a result came from: its "eval" key (`mmpt eval` writes it), else the eval that starts
+    the file's name (zeroshot_audio.json), else the one whose metric patterns its numbers match; None if none."""
+    if result.get("eval") in EVALS:
+        return EVALS[result["eval"]]
+    named = [e for name, e in EVALS.items() if stem == name or stem.startswith((f"{name}_", f"{name}-"))]
+    if named:
+        return named[0]
+    keys = [k for k in numbers(result) if k not in COUNTS]
+    return next((e for e in EVALS.values() if e.metrics and any(e.is_metric(k) for k in keys)), None)
 
 
 def _dataset(spec: str) -> str:
@@ -167,16 +154,21 @@ def _dataset(spec: str) -> str:
 
 
 def eval_rows(results: list[tuple[str, dict]]) -> list[dict]:
-    """(file stem, result) -> one row per metric: task type and name, dataset, samples, metric, value."""
+    """(file stem, result) -> one row per metric (the eval's entry says which numbers are metrics; counts are the
+    samples column): task type and name, dataset, samples, metric, value."""
     rows = []
     for stem, result in results:
+        entry = result_eval(stem, result)
         fill = _Blank({k: v for k, v in result.items() if isinstance(v, str)})
-        kind = next((k for k in _TASK_KINDS if k[0] in result), (None, stem, stem))
-        task_type, task = (kind[1].format_map(fill).strip("-"), kind[2].format_map(fill).strip())
+        kind = entry.task if entry is not None else ("", "")
+        name = entry.name if entry is not None else stem
+        task_type, task = ((kind[0] or name).format_map(fill).strip("-"), (kind[1] or name).format_map(fill).strip())
+        values = entry.values(result) if entry is not None else numbers(result)
         dataset = _dataset(str(result.get("data") or result.get("dataset") or ""))
-        for metric, value in _metrics(result):
-            rows.append({"task_type": task_type, "task": task, "dataset": dataset, "metric": metric,
-                         "value": value, "samples": result.get("num_samples", "")})
+        for metric, value in values.items():
+            if metric not in COUNTS:
+                rows.append({"task_type": task_type, "task": task, "dataset": dataset, "metric": metric,
+                             "value": value, "samples": result.get("num_samples", "")})
     return rows
 
 
@@ -225,8 +217,6 @@ def _architecture(cfg: Config, info: dict) -> dict:
 
 def render_model_card(cfg: Config, results: list[tuple[str, dict]] | None = None) -> str:
     """README.md from model_cards/default.md. results: (file stem, eval result dict) pairs."""
-    from mmpt.model.info import model_info
-
     rows = eval_rows(results or [])
     template = resources.files("mmpt.model_cards").joinpath("default.md").read_text()
     mods = registry.ordered(cfg.model.modalities)

@@ -14,7 +14,6 @@ trust_remote_code).
 """
 from __future__ import annotations
 
-import dataclasses
 import functools
 import json
 import random
@@ -30,6 +29,8 @@ from torch import nn
 
 from mmpt import modality as registry
 from mmpt.config import Config
+from mmpt.data.media import DecodeSettings
+from mmpt.data.tokenizer import get_tokenizer
 from mmpt.errors import DataError
 from mmpt.export import (
     CARD,
@@ -167,8 +168,6 @@ class TextTokenizer:
     """texts (a string or a list) -> (N, context_length) int64 token ids, as training tokenized captions."""
 
     def __init__(self, name: str, context_length: int):
-        from mmpt.data.tokenizer import get_tokenizer
-
         self.name, self.context_length = name, context_length
         self._tok = get_tokenizer(name, context_length)
 
@@ -181,8 +180,6 @@ def _decode(decoder: Callable, settings, data: bytes) -> torch.Tensor:
 
 
 def _preprocessors(path: Path, cfg) -> dict:
-    from mmpt.data.media import DecodeSettings
-
     saved = path / PREPROCESSING
     entries = json.loads(saved.read_text())["modalities"] if saved.is_file() else {}
     of_run = DecodeSettings.from_config(cfg)  # a run directory: the run config's settings

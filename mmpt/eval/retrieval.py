@@ -36,7 +36,7 @@ from mmpt import modality as registry
 from mmpt.distributed import collective_device, gather_objects
 from mmpt.errors import DataError
 from mmpt.eval.data import check_model, eval_batches, model_inputs, progress, require_data, skipped_count
-from mmpt.evals import Eval, register
+from mmpt.evals import COUNTS, Eval, register
 
 KS = (1, 5, 10)
 TIE = 1e-6  # cosine similarities this close to the positive's count as ties (won by the query)
@@ -185,7 +185,7 @@ def _summary(result: dict) -> str:
     return f"retrieval {result['pair']} on {result['num_samples']} samples: " + ", ".join(ways)
 
 
-register(Eval("retrieval", RetrievalEval, _run, check=_check, inputs=_inputs,
+register(Eval("retrieval", RetrievalEval, _run, check=_check, inputs=_inputs, metrics=("*_to_*/*", *COUNTS),
               label=lambda cfg, item: f"{registry.pair_name(*item.modalities)}/{Path(item.data or cfg.data.val).name}",
               task=("{pair}-retrieval", "{pair} retrieval"), summary=_summary, cli=_flags,
               help="R@1/5/10 and median rank in both directions"))
