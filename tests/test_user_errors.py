@@ -78,7 +78,7 @@ ROWS = [
     ("eval_data", ["train", "--config", "demo",
                    "data.sources=[{{name: d, shards: {data}/train, modalities: [image, text]}}]",
                    "model.modalities=[image, text]", "eval.every=5", "data.val={tmp}/nope",
-                   "data.classes={data}/classes.json"], "shard spec '{tmp}/nope': no such directory or file"),
+                   "data.classes={data}/classes.json"], "shards '{tmp}/nope': no such directory or file"),
     # shards
     ("sizes_shape", ["shards", "check", "{tmp}/badsizes"], "badsizes/sizes.json: expected an object"),
     ("manifest_line", ["shards", "build", "--manifest", "{tmp}/rows.jsonl", "--out", "{tmp}/s", "--prefix", "s"],

@@ -5,8 +5,8 @@ augmentation is a pure function of the sample's place in the stream and a resume
 bit. torchvision's random transforms draw from torch's global RNG; they run here inside
 `torch.random.fork_rng` after seeding torch from the sample's RNG (`torch_seeded`), which leaves the global RNG
 (dropout, DropToken) as it was. The settings are `ImageAugment` (mmpt.modalities.image) / `VideoAugment` /
-`AudioAugment`; each step is skipped at its neutral value and then draws nothing, so switching steps off
-gives exactly the stream mmpt had before augmentation was configurable. Recipes:
+`AudioAugment`; each step is skipped at its neutral value and then draws nothing, so a step switched off
+leaves every other draw of the stream unchanged (the sections' minimal(): random crop or window only). Recipes:
 
 - Images: RandomResizedCrop (Szegedy et al. 2015; torchvision's parameter draw: an area fraction and a
   log-uniform aspect ratio, 10 tries, then a centre crop), cut from the decoded PIL image and resized once;
@@ -37,7 +37,7 @@ import torch.nn.functional as F
 
 from mmpt.data.noise import noise_bank
 
-MILD_SCALE = (0.8, 1.0)  # crop "mild": the training crop of images before augmentation was configurable
+MILD_SCALE = (0.8, 1.0)  # crop "mild": a square of the shorter side x sqrt(U(0.8, 1)): framing kept, scale varied
 
 
 @contextlib.contextmanager

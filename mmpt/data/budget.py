@@ -4,8 +4,8 @@
 
 Each task has its own DataLoader (mmpt.data.stream) whose workers hand batches to the trainer through shared
 memory: `data.num_workers x data.prefetch` batches in flight per task, so a rank holds the sum over tasks.
-Media travel compact (uint8 pixels, float16 fbank; the model normalises on its device); `float32_bytes` is
-the same batch as float32 media, as mmpt's loaders sent it before. Device memory holds one task's batch at a
+Media travel compact (uint8 pixels, float16 fbank; the model normalises on its device) because float32 media
+would take 4x (2x) the shared memory; `float32_bytes` is that batch as float32, for comparison. Device memory holds one task's batch at a
 time (one task per step), so it is bounded by the largest task.
 """
 from __future__ import annotations
@@ -15,6 +15,7 @@ import math
 import torch
 
 from mmpt import modality as registry
+from mmpt.data.stream import tasks_from_config
 
 
 def _bytes(shape: tuple, dtype: torch.dtype) -> int:
@@ -23,13 +24,13 @@ def _bytes(shape: tuple, dtype: torch.dtype) -> int:
 
 def task_memory(task) -> dict:
     """One TaskConfig (mmpt.data.stream) -> bytes of one batch, compact and as float32 media."""
-    spec = task.spec
+    settings = task.settings
     compact = float32 = 0
     for m in task.modalities:
         entry = registry.get(m)
         if entry.sample_shape is None:
             continue
-        shape = entry.sample_shape(spec)
+        shape = entry.sample_shape(settings)
         compact += _bytes(shape, entry.sample_dtype)
         float32 += _bytes(shape, entry.sample_dtype if m == registry.TEXT else torch.float32)
     return {"batch_size": task.batch_size, "batch_bytes": compact * task.batch_size,
@@ -38,8 +39,6 @@ def task_memory(task) -> dict:
 
 def loader_memory(cfg) -> dict:
     """Per task and per rank in flight (workers x prefetch batches of every task), compact and float32."""
-    from mmpt.data.stream import tasks_from_config
-
     tasks, _ = tasks_from_config(cfg, expand=False)
     per = {name: task_memory(t) for name, t in tasks.items()}
     flight = max(1, cfg.data.num_workers) * cfg.data.prefetch

@@ -144,13 +144,13 @@ def _encode_row(job: tuple, warned: list) -> tuple:
         return "refused", "unknown_extension", row["unknown"]
     if BAD_JSON in row:
         return "refused", "bad_json", row[BAD_JSON]
-    files = {m: row[m] for m, spec in modality.MODALITIES.items() if not spec.inline and row.get(m)}
+    files = {m: row[m] for m, entry in modality.MODALITIES.items() if not entry.inline and row.get(m)}
     for name, value in files.items():
         status, key, data = _file_entry(name, str(value), base, warned)
         if status != "ok":
             return status, key, data
         sample[key] = data
-    for name in (m for m, spec in modality.MODALITIES.items() if spec.inline and m in row):
+    for name in (m for m, entry in modality.MODALITIES.items() if entry.inline and m in row):
         content = str(row[name] or "").strip()
         if not content:
             return "refused", f"empty_{name}", str(next(iter(files.values()), index))

@@ -24,21 +24,21 @@ from mmpt.data.shards import list_shards, read_sizes, some_names, unlisted_shard
 MAX_LISTED = 100
 
 
-def _probe(sample: dict, spec: modality.Modality, stats: dict) -> str | None:
+def _probe(sample: dict, entry: modality.Modality, stats: dict) -> str | None:
     """Probe one modality of a sample; its stats go under `<name>_...` (`<name>_track_...` when another
     modality's file carries it, as a video's sound track), library warnings to stats["warnings"]. Returns what
     was found, if anything."""
-    key, carried = modality.sample_key(sample, spec.name)
+    key, carried = modality.sample_key(sample, entry.name)
     if key is None:
         return None
     try:
-        meta, warned = probe_warned(spec.probe, sample[key])
+        meta, warned = probe_warned(entry.probe, sample[key])
         stats["warnings"] += [(f"{sample.get('__url__', '?')}:{sample.get('__key__', '?')}", w) for w in warned]
     except BadSample as e:
         if carried:  # a video without sound is still a good video
             return None
-        raise BadSample(f"{e.reason}_{spec.name}", str(e)) from None
-    found = f"{spec.name}_track" if carried else spec.name
+        raise BadSample(f"{e.reason}_{entry.name}", str(e)) from None
+    found = f"{entry.name}_track" if carried else entry.name
     for stat, value in meta.items():
         stats[f"{found}_{stat}"].append(value)
     return found
@@ -50,7 +50,7 @@ def _check_sample(sample: dict, stats: dict) -> None:
     unknown = [k for k in keys if k not in modality.known_keys()]
     if unknown:
         raise BadSample("unknown_extension", f"keys {unknown}")
-    found = [f for f in (_probe(sample, spec, stats) for spec in modality.MODALITIES.values()) if f]
+    found = [f for f in (_probe(sample, entry, stats) for entry in modality.MODALITIES.values()) if f]
     # A labelled sample with one modality is a classification eval sample, as `shards build` writes them.
     if len(found) < (1 if sample_label(sample) >= 0 else 2):
         raise BadSample("fewer_than_two_modalities", f"keys {keys}")
@@ -86,8 +86,8 @@ def _summary(values: list) -> dict:
     return out
 
 
-def check_shards(spec: str, workers: int = 1) -> dict:
-    urls = list_shards(spec)
+def check_shards(pattern: str, workers: int = 1) -> dict:
+    urls = list_shards(pattern)
     if workers > 1:
         with Pool(workers) as pool:
             parts = pool.map(check_shard, urls)
@@ -100,9 +100,9 @@ def check_shards(spec: str, workers: int = 1) -> dict:
         for key, values in part["stats"].items():
             merged[key] += values
     samples = sum(p["samples"] for p in parts)
-    unlisted = unlisted_shards(spec, read_sizes(spec)) if os.path.isdir(spec) else []
+    unlisted = unlisted_shards(pattern, read_sizes(pattern)) if os.path.isdir(pattern) else []
     return {
-        "spec": spec, "shards": len(urls), "unlisted_shards": unlisted, "samples": samples, "bad": len(bad),
+        "pattern": pattern, "shards": len(urls), "unlisted_shards": unlisted, "samples": samples, "bad": len(bad),
         "bad_fraction": len(bad) / samples if samples else 0.0,
         "bad_by_reason": dict(Counter(b["reason"] for b in bad)),
         "bad_by_shard": dict(Counter(b["shard"] for b in bad).most_common()),
@@ -114,7 +114,7 @@ def check_shards(spec: str, workers: int = 1) -> dict:
 
 
 def format_report(report: dict) -> str:
-    lines = [f"{report['spec']}: {report['shards']} shards, {report['samples']} samples, "
+    lines = [f"{report['pattern']}: {report['shards']} shards, {report['samples']} samples, "
              f"{report['bad']} bad ({100 * report['bad_fraction']:.2f}%)",
              "per modality: " + ", ".join(f"{m}={n}" for m, n in sorted(report["samples_per_modality"].items()))]
     if report["unlisted_shards"]:  # not checked, and training would not read them either

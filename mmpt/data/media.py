@@ -113,8 +113,8 @@ def open_image(data: bytes, target: Optional[int] = None) -> Image.Image:
 
 def image_to_tensor(img: Image.Image, size: int, train: bool, rng: random.Random, aug: Any = None) -> torch.Tensor:
     """Eval: the centre square of the shorter side. Train: the crop the image augmentation `aug` draws (an
-    ImageAugment, mmpt.modalities.image), then its flip / RandAugment / colour jitter. Resized to `size` once: (3, size, size)
-    uint8 (the model normalises on the device: mmpt.modality.pixels_to_float)."""
+    ImageAugment, mmpt.modalities.image), then its flip / RandAugment / colour jitter. Resized to `size` once:
+    (3, size, size) uint8 (the model normalises on the device: mmpt.modalities.image.pixels_to_float)."""
     w, h = img.size
     if train:
         left, top, cw, ch = augment.crop_box(w, h, aug, rng)

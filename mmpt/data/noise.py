@@ -1,7 +1,7 @@
 """Real background noise for audio augmentation (`data.augment.audio.noise_files`, see `mmpt.data.augment`).
 
 `noise_files` is a folder of audio files (searched recursively; e.g. MUSAN's noise/ or a DEMAND folder) or
-webdataset shards (a shard spec: a directory with sizes.json, a brace pattern or a glob of local tars), whose
+webdataset shards (a shard pattern: a directory with sizes.json, a brace pattern or a glob of local tars), whose
 audio members are the noise. Recordings are listed once per process (by offset inside a tar, so a pick reads
 one member) and decoded with the training decoder's `load_waveform` (mono, resampled); the last
 `MAX_DECODED` decoded recordings stay in memory per worker. Which recording and which part of it a sample

@@ -27,7 +27,7 @@ class Source:
     urls: list
     modalities: list
     weight: float = 1.0
-    augment: Any = None  # this source's AugmentConfig (mmpt.config.source_augment); None: the loader's spec's
+    augment: Any = None  # this source's AugmentConfig (mmpt.config.source_augment); None: the loader's settings'
 
 
 def rng_for(*parts) -> random.Random:

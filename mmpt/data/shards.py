@@ -116,28 +116,28 @@ def _warn_unlisted(shard_dir: str, sizes: dict) -> None:
                 "with `mmpt shards build`)", shard_dir, len(unlisted), SIZES_FILE, some_names(unlisted), SIZES_FILE)
 
 
-def list_shards(spec: str) -> list[str]:
-    """Expand a shard spec: a directory with sizes.json, a brace pattern, a glob, or a pipe:/http URL pattern.
+def list_shards(pattern: str) -> list[str]:
+    """Expand a shard pattern: a directory with sizes.json, a brace pattern, a glob, or a pipe:/http URL pattern.
 
     Local files that do not exist are an error here, before any training starts.
     """
-    plain = not any(ch in spec for ch in "*?[{") and "://" not in spec and not spec.startswith("pipe:")
-    if plain and not os.path.exists(spec):
-        raise DataError(f"shard spec '{spec}': no such directory or file")
-    if os.path.isdir(spec):
-        sizes = read_sizes(spec)
-        urls = [os.path.join(spec, name) for name in sizes]
-        _warn_unlisted(spec, sizes)
-    elif any(ch in spec for ch in "*?[") and "://" not in spec:
-        urls = sorted(glob.glob(spec))
+    plain = not any(ch in pattern for ch in "*?[{") and "://" not in pattern and not pattern.startswith("pipe:")
+    if plain and not os.path.exists(pattern):
+        raise DataError(f"shards '{pattern}': no such directory or file")
+    if os.path.isdir(pattern):
+        sizes = read_sizes(pattern)
+        urls = [os.path.join(pattern, name) for name in sizes]
+        _warn_unlisted(pattern, sizes)
+    elif any(ch in pattern for ch in "*?[") and "://" not in pattern:
+        urls = sorted(glob.glob(pattern))
     else:
-        urls = wds.shardlists.expand_urls(spec)
+        urls = wds.shardlists.expand_urls(pattern)
     if not urls:
-        raise DataError(f"shard spec '{spec}' matches no shards")
+        raise DataError(f"shards '{pattern}' matches no shards")
     local = [u for u in urls if "://" not in u and not u.startswith("pipe:")]
     missing = [u for u in local if not os.path.isfile(u)]
     if missing:
-        raise DataError(f"shard spec '{spec}': {len(missing)} shard(s) missing, first: {missing[0]}")
+        raise DataError(f"shards '{pattern}': {len(missing)} shard(s) missing, first: {missing[0]}")
     return urls
 
 

@@ -21,8 +21,8 @@ from mmpt.data.decode import SampleDecoder
 from mmpt.data.media import BadSample, DecodeSettings
 from mmpt.data.resumable import SkipCounter, Source, WorkerStream, batches, collate, rng_for
 from mmpt.data.shards import list_shards
-from mmpt.errors import DataError
 from mmpt.distributed import dist_info, shield_from_stop_signals
+from mmpt.errors import DataError
 from mmpt.modality import MODALITIES, ordered, pair_name
 
 log = logging.getLogger("mmpt.data")

@@ -14,6 +14,8 @@ import copy
 import torch
 
 from mmpt import modality as registry
+from mmpt.data.budget import loader_memory
+from mmpt.model.model import build_model
 from mmpt.model.moe import is_moe_layer
 from mmpt.model.routing import capacity
 
@@ -93,8 +95,6 @@ def stem_of(model, modality: str):
 def meta_model(model_cfg):
     """The model built on the meta device (no memory, no distributed setup, the CPU RNG untouched): its
     structure for accounting."""
-    from mmpt.model import build_model
-
     model_cfg = copy.deepcopy(model_cfg)
     model_cfg.moe.backend = "native"  # same parameters; the deepspeed backend needs a process group
     with torch.random.fork_rng(devices=[]), torch.device("meta"):
@@ -125,6 +125,4 @@ def model_info(cfg) -> dict:
 
 def run_info(cfg) -> dict:
     """model_info plus what the loaders hold in shared memory (mmpt.data.budget)."""
-    from mmpt.data.budget import loader_memory
-
     return {**model_info(cfg), "loader_memory": loader_memory(cfg)}

@@ -48,10 +48,10 @@ class MultimodalModel(nn.Module):
 
     def encode(self, modality: str, x: torch.Tensor, drop_token: Optional[float] = None) -> dict:
         """drop_token: this call's DropToken rate (a task's, data.tasks); None: the stem's own."""
-        stem, frames = self.plan[modality]
-        spec = registry.get(modality)
-        x = spec.to_float(x, next(self.stems[stem].parameters()).dtype)  # uint8 media normalised here, on device
-        volume = spec.stem_input(x, frames)
+        stem, repeat = self.plan[modality]
+        entry = registry.get(modality)
+        x = entry.to_float(x, next(self.stems[stem].parameters()).dtype)  # uint8 media normalised here, on device
+        volume = entry.stem_input(x, repeat)
         # A plugin's stem may not take a rate; it is only passed when a task sets one.
         tokens, mask = self.stems[stem](volume) if drop_token is None else self.stems[stem](volume, drop_token)
         trunk = self.trunk(tokens + self.modality[stem], mask)
