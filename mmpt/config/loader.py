@@ -116,9 +116,10 @@ def upgrade_old_keys(data: dict) -> dict:
 
 
 def _section(data: dict, path: list[str]) -> Any:
+    node: Any = data
     for part in path:
-        data = data.get(part) if isinstance(data, dict) else None
-    return data
+        node = node.get(part) if isinstance(node, dict) else None
+    return node
 
 
 def _from_dict(data: dict, trust_plugins: bool = True) -> Config:
