@@ -5,11 +5,11 @@ import random
 import torch
 
 from mmpt.config import augment_class
-from mmpt.modalities.audio import AudioAugment, AudioConfig
+from mmpt.data.decode import SampleDecoder
+from mmpt.data.media import DecodeSettings
+from mmpt.modalities.audio import AudioAugment, AudioConfig, decode_audio
 from mmpt.modalities.image import ImageAugment
 from mmpt.modalities.video import VideoAugment, VideoConfig
-from mmpt.data.decode import SampleDecoder
-from mmpt.data.media import DecodeSettings, decode_audio
 from tests.media_files import ffmpeg
 
 
@@ -69,7 +69,7 @@ def test_sped_up_aligned_crop_is_real_sound_to_its_end(tmp_path):
            "-f", "lavfi", "-i", "sine=frequency=1000:sample_rate=16000:duration=4",
            "-c:v", "libx264", "-pix_fmt", "yuv420p", "-c:a", "aac", "-shortest", str(path))
     audio = dataclasses.replace(AudioAugment.minimal(), speed=[1.1, 1.1])
-    fast = dataclasses.replace(spec(), augment=augment_class()(ImageAugment.minimal(), VideoAugment.minimal(), audio))
+    fast = spec().replace(augment=augment_class()(ImageAugment.minimal(), VideoAugment.minimal(), audio))
     decoder = SampleDecoder(["video", "audio"], fast, train=True)
     for seed in range(6):  # windows anywhere in the clip, the last ones shifted to stay inside it
         fbank = decoder({"mp4": path.read_bytes(), "__seed__": seed, "__key__": str(seed)})["audio"][0].float()

@@ -14,13 +14,15 @@ from PIL import Image
 
 from mmpt.config import SourceConfig, augment_class, default_config, load_config, source_augment
 from mmpt.data import augment
-from mmpt.data import media as _media
 from mmpt.data.media import MEAN, STD, DecodeSettings
 from mmpt.data.noise import noise_bank
 from mmpt.data.shards import write_shards
 from mmpt.data.stream import tasks_from_config, train_loader
 from mmpt.data.tokenizer import get_tokenizer
 from mmpt.errors import ConfigError
+from mmpt.modalities import audio as _audio
+from mmpt.modalities import image as _image
+from mmpt.modalities import video as _video
 from mmpt.modalities.audio import AudioAugment, AudioConfig
 from mmpt.modalities.image import ImageAugment, pixels_to_float
 from mmpt.modalities.video import VideoAugment, VideoConfig
@@ -32,15 +34,15 @@ SR = 16000
 # The loaders' compact media (uint8 pixels, float16 fbank) as the model sees them after its on-device
 # normalisation, so the checks below read in normalised units.
 def decode_image(*args):
-    return pixels_to_float(_media.decode_image(*args), torch.float32)
+    return pixels_to_float(_image.decode_image(*args), torch.float32)
 
 
 def decode_video(*args):
-    return pixels_to_float(_media.decode_video(*args), torch.float32)
+    return pixels_to_float(_video.decode_video(*args), torch.float32)
 
 
 def decode_audio(*args):
-    return _media.decode_audio(*args).float()
+    return _audio.decode_audio(*args).float()
 
 
 DECODE = {"image": decode_image, "video": decode_video, "audio": decode_audio}

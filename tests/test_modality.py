@@ -17,7 +17,7 @@ import torch
 import yaml
 
 from mmpt import modality
-from mmpt.data.media import BadSample
+from mmpt.data.samples import BadSample
 from mmpt.model.stems import PatchStem
 from tests.conftest import run
 

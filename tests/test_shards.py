@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mmpt.data.media import DecodeSpec
+from mmpt.data.media import DecodeSettings
 from mmpt.data.shards import list_shards, read_sizes, write_shards
-from mmpt.errors import DataError
 from mmpt.data.stream import eval_loader
 from mmpt.data.tokenizer import decode
+from mmpt.errors import DataError
 
 
 def png(value: int, size: int = 20) -> bytes:
@@ -22,7 +22,7 @@ def png(value: int, size: int = 20) -> bytes:
 
 
 def read_all(spec, batch_size=4):
-    loader = eval_loader(spec, ["image", "text"], DecodeSpec(image_size=16, context_length=16), batch_size)
+    loader = eval_loader(spec, ["image", "text"], DecodeSettings(image_size=16, context_length=16), batch_size)
     keys, labels, texts, skipped = [], [], [], {}
     for batch in loader:
         for reason, n in batch["_skipped"]["reasons"].items():

@@ -8,8 +8,8 @@ import torch
 from mmpt.data.media import DecodeSettings
 from mmpt.data.resumable import Source
 from mmpt.data.shards import list_shards, write_shards
-from mmpt.errors import DataError
 from mmpt.data.stream import MultiTaskLoader, TaskConfig, TaskLoader, eval_loader
+from mmpt.errors import DataError
 from mmpt.train.loop import BadDataError, check_bad_fraction
 from tests.media_files import png_bytes
 

@@ -3,8 +3,8 @@ import json
 import pytest
 import torch
 
-from mmpt.errors import ConfigError
 from mmpt.data.tokenizer import Tokenizer, decode
+from mmpt.errors import ConfigError
 from mmpt.model.stems import valid_mask
 
 
@@ -32,8 +32,8 @@ def test_local_huggingface_tokenizer(tmp_path):
     assert ids.tolist() == [[1, 4, 5, 6, 2, 0], [1, 4, 3, 5, 6, 2]]
     assert valid_mask(ids, tok.eot_id).sum(1).tolist() == [5, 6]
     from mmpt.config import load_config
-    from mmpt.errors import ConfigError
     from mmpt.data.tokenizer import check_model_fits
+    from mmpt.errors import ConfigError
 
     cfg = load_config("demo", ["model.context_length=6"]).model
     try:

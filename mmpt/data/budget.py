@@ -5,8 +5,8 @@
 Each task has its own DataLoader (mmpt.data.stream) whose workers hand batches to the trainer through shared
 memory: `data.num_workers x data.prefetch` batches in flight per task, so a rank holds the sum over tasks.
 Media travel compact (uint8 pixels, float16 fbank; the model normalises on its device) because float32 media
-would take 4x (2x) the shared memory; `float32_bytes` is that batch as float32, for comparison. Device memory holds one task's batch at a
-time (one task per step), so it is bounded by the largest task.
+would take 4x (2x) the shared memory; `float32_bytes` is that batch as float32, for comparison. Device memory
+holds one task's batch at a time (one task per step), so it is bounded by the largest task.
 """
 from __future__ import annotations
 

@@ -26,7 +26,8 @@ from multiprocessing import Pool
 from pathlib import Path
 
 from mmpt import modality
-from mmpt.data.media import BadSample, probe_warned
+from mmpt.data.media import probe_warned
+from mmpt.data.samples import BadSample
 from mmpt.data.shards import WriteReport, write_shards
 from mmpt.errors import DataError
 

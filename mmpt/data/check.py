@@ -18,7 +18,8 @@ import webdataset as wds
 from mmpt import modality
 from mmpt.data.build import LibraryWarnings
 from mmpt.data.decode import sample_label
-from mmpt.data.media import BadSample, probe_warned
+from mmpt.data.media import probe_warned
+from mmpt.data.samples import BadSample
 from mmpt.data.shards import list_shards, read_sizes, some_names, unlisted_shards
 
 MAX_LISTED = 100

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 import webdataset as wds
 
-from mmpt.data.media import BadSample
+from mmpt.data.samples import BadSample
 from mmpt.errors import DataError
 
 

@@ -18,8 +18,9 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from mmpt.config import source_augment, task_view
 from mmpt.data.decode import SampleDecoder
-from mmpt.data.media import BadSample, DecodeSettings
+from mmpt.data.media import DecodeSettings
 from mmpt.data.resumable import SkipCounter, Source, WorkerStream, batches, collate, rng_for
+from mmpt.data.samples import BadSample
 from mmpt.data.shards import list_shards
 from mmpt.distributed import dist_info, shield_from_stop_signals
 from mmpt.errors import DataError

@@ -7,16 +7,20 @@ term `data.tasks.<pair>.audio_seconds`.
 """
 from __future__ import annotations
 
+import random
 from dataclasses import dataclass, field
 from typing import Literal, Optional
 
 import torch
+import torch.nn.functional as F
 
-from mmpt.data import media
+from mmpt.data import augment
+from mmpt.data.media import DecodeSettings
 from mmpt.data.noise import noise_bank
+from mmpt.data.samples import load_waveform
 from mmpt.modalities.image import interval
-from mmpt.model.stems import PatchStem
 from mmpt.modality import Modality, register
+from mmpt.model.stems import PatchStem
 
 
 @dataclass
@@ -107,14 +111,56 @@ def _grid(cfg) -> tuple[int, int]:
     return cfg.audio.fbank_frames // cfg.audio.patch, cfg.audio.num_mel_bins // cfg.audio.patch
 
 
+def decode_audio(data: bytes, settings: DecodeSettings, train: bool, rng: random.Random,
+                 window: Optional[tuple] = None) -> torch.Tensor:
+    """(1, frames, mel) float16 normalised Kaldi log-mel fbank of a mono, resampled, cropped/padded clip. With a
+    `window` (seconds: the frames a video decoded for the same sample) the clip's n samples are centred on it, in
+    training too. Train: a random window, augmented as settings.augment.audio says (speed, noise, gain, pitch warp,
+    SpecAugment masks); eval: the centre window."""
+    import torchaudio
+
+    aug, a = settings.augment.audio, settings.audio
+    wav, sr = load_waveform(data)
+    wav = wav.mean(0, keepdim=True)
+    if sr != a.sample_rate:
+        wav = torchaudio.functional.resample(wav, sr, a.sample_rate)
+    n = int(a.seconds * a.sample_rate)
+    # the video frames' span: the window centred on it, inside the clip; in training the n·f samples a speed
+    # change f takes, so the sped-up crop is n real samples, not n / f and silence
+    mid = None if window is None else (window[0] + window[1]) / 2 * a.sample_rate
+    if mid is not None and not train:
+        wav = augment.centred(wav, n, mid)
+    if train:
+        wav = augment.waveform(wav, n, a.sample_rate, aug, rng, mid)
+    elif wav.size(1) >= n:
+        start = (wav.size(1) - n) // 2
+        wav = wav[:, start:start + n]
+    else:
+        wav = F.pad(wav, (0, n - wav.size(1)))
+    fbank = torchaudio.compliance.kaldi.fbank(
+        wav - wav.mean(), htk_compat=True, sample_frequency=a.sample_rate, use_energy=False,
+        window_type="hanning", num_mel_bins=a.num_mel_bins, dither=0.0, frame_shift=10,
+        vtln_warp=augment.pitch_warp(aug, rng) if train else 1.0)
+    centre = fbank.mean(0, keepdim=True) if a.norm == "utterance" else a.norm_mean
+    fbank = (fbank - centre) / (2 * a.norm_std)
+    fbank = fbank[: a.fbank_frames]
+    fbank = augment.spec_augment(fbank, aug, rng) if train else fbank
+    return fbank[None].to(torch.float16)  # half the bytes through shared memory; normalised values stay ~1e-3 exact
+
+
+def probe_audio(data: bytes) -> dict:
+    wav, sr = load_waveform(data)
+    return {"sample_rate": sr, "channels": wav.size(0), "duration": wav.size(-1) / sr}
+
+
 ENTRY = register(Modality(
-    "audio", ("flac", "wav", "mp3", "ogg", "m4a"), media.decode_audio, media.probe_audio,
+    "audio", ("flac", "wav", "mp3", "ogg", "m4a"), decode_audio, probe_audio,
     stem=lambda c: PatchStem(c.width, 1, (1, c.audio.patch, c.audio.patch), (1, *_grid(c)),
                              c.drop_token.get("audio", 0.0), c.stem),
     tokens=lambda c: _grid(c)[0] * _grid(c)[1],
     stem_input=lambda x, repeat: x.unsqueeze(2),  # (B, 1, F, M) spectrogram -> one-frame volume
     sample_shape=lambda d: (1, d.audio.fbank_frames, d.audio.num_mel_bins), sample_dtype=torch.float16,
-    in_window=media.decode_audio,
+    in_window=decode_audio,
     inputs_per_token=lambda c: c.audio.patch ** 2,
     templates=("the sound of {}.", "a sound of a {}.", "a recording of {}."),
     carried_by="video",

@@ -5,14 +5,19 @@ so data and stem cannot disagree; a task may train at its own `data.tasks.<pair>
 """
 from __future__ import annotations
 
+import io
+import random
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal, Optional
 
 import torch
+from PIL import Image, ImageOps
 
-from mmpt.data import media
-from mmpt.model.stems import PatchStem
+from mmpt.data import augment
+from mmpt.data.media import DecodeSettings
+from mmpt.data.samples import BadSample, nonempty
 from mmpt.modality import CLIP_MEAN, CLIP_STD, Modality, register
+from mmpt.model.stems import PatchStem
 
 
 @dataclass
@@ -87,8 +92,53 @@ def _video_stem(cfg):
     return None
 
 
+MAX_IMAGE_PIXELS = 64_000_000  # decompression-bomb guard: refuse, don't allocate
+
+
+def open_image(data: bytes, target: Optional[int] = None) -> Image.Image:
+    nonempty(data, "image")
+    try:
+        img = Image.open(io.BytesIO(data))
+        if img.width * img.height > MAX_IMAGE_PIXELS:
+            raise BadSample("oversize", f"image {img.width}x{img.height}")
+        if target and img.format == "JPEG":
+            # DCT-domain downscaling: decode a 1/2, 1/4 or 1/8 size image that still covers the target.
+            img.draft("RGB", (target, target))
+        img = ImageOps.exif_transpose(img).convert("RGB")
+    except BadSample:
+        raise
+    except Exception as e:
+        raise BadSample("undecodable", f"image: {e}") from None
+    return img
+
+
+def image_to_tensor(img: Image.Image, size: int, train: bool, rng: random.Random, aug: Any = None) -> torch.Tensor:
+    """Eval: the centre square of the shorter side. Train: the crop the image augmentation `aug` draws (an
+    ImageAugment, mmpt.modalities.image), then its flip / RandAugment / colour jitter. Resized to `size` once:
+    (3, size, size) uint8 (the model normalises on the device: mmpt.modalities.image.pixels_to_float)."""
+    w, h = img.size
+    if train:
+        left, top, cw, ch = augment.crop_box(w, h, aug, rng)
+    else:
+        side = min(w, h)
+        left, top, cw, ch = (w - side) // 2, (h - side) // 2, side, side
+    img = img.resize((size, size), Image.BILINEAR, box=(left, top, left + cw, top + ch), reducing_gap=2.0)
+    x = torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8).view(size, size, 3).permute(2, 0, 1)
+    return augment.pixel_ops(x, aug, rng) if train else x
+
+
+def decode_image(data: bytes, settings: DecodeSettings, train: bool, rng: random.Random) -> torch.Tensor:
+    target = settings.image_size if settings.jpeg_draft else None
+    return image_to_tensor(open_image(data, target=target), settings.image_size, train, rng, settings.augment.image)
+
+
+def probe_image(data: bytes) -> dict:
+    img = open_image(data)
+    return {"width": img.width, "height": img.height}
+
+
 ENTRY = register(Modality(
-    "image", ("jpg", "jpeg", "png", "webp"), media.decode_image, media.probe_image,
+    "image", ("jpg", "jpeg", "png", "webp"), decode_image, probe_image,
     stem=lambda c: PatchStem(c.width, 3, (1, c.patch_size, c.patch_size), (1, grid(c), grid(c)),
                              c.drop_token.get("image", 0.0), c.stem),
     tokens=lambda c: grid(c) ** 2, stem_input=_repeat_in_time, to_float=pixels_to_float,
