@@ -85,12 +85,18 @@ def _report(args, result: dict, line: str) -> int:
     return 0
 
 
-def cmd_eval(args) -> int:
-    """`mmpt eval NAME`: the registered eval NAME on the model of --model, its result JSON on stdout (and --out)."""
+def eval_request(args) -> tuple[Eval, object, dict]:
+    """`mmpt eval NAME ...` -> the entry, its config item (from the flags that set its fields; the others keep
+    their defaults) and the run's options from its other flags."""
     entry = EVALS[args.eval_command]
     fields = {f.name for f in dataclasses.fields(entry.config)}
     item = entry.config(**{k: getattr(args, k) for k in fields if getattr(args, k) is not None})
-    options = {k: getattr(args, k) for k in args.eval_flags if k not in fields}
+    return entry, item, {k: getattr(args, k) for k in args.eval_flags if k not in fields}
+
+
+def cmd_eval(args) -> int:
+    """`mmpt eval NAME`: the registered eval NAME on the model of --model, its result JSON on stdout (and --out)."""
+    entry, item, options = eval_request(args)
     with _eval_session(args) as (model, cfg):
         result = entry.run(model, cfg, item, batch_size=args.batch_size, workers=args.workers, out=args.out,
                            **options)
