@@ -2,7 +2,7 @@
 #   make demo   install, build the embedded demo shards, train with torchrun on 2 processes, zero-shot and
 #               retrieval evals
 #   make test   install, run the test suite
-#   make lint   install, ruff check + mypy on the typed modules (CI runs it before the tests)
+#   make lint   install, ruff check + mypy on the typed modules + lint-imports (CI runs it before the tests)
 # Both are idempotent: the venv is reinstalled only when pyproject.toml or constraints.txt change, demo
 # shards are built once, and a finished demo run resumes from its last checkpoint with nothing left to do.
 PYTHON ?= python3
@@ -63,6 +63,7 @@ test: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/mypy
+	$(BIN)/lint-imports --no-cache
 
 clean:
 	rm -rf $(VENV) runs data/demo
