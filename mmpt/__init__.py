@@ -5,8 +5,8 @@ the data path, the model and the CLI find them by name.
 """
 __version__ = "0.1.0"
 
-from mmpt import modalities as _modalities  # noqa: E402,F401  (registers image, video, audio, text)
 from mmpt import eval as _evals  # noqa: E402,F401,I001  (registers zeroshot, retrieval, caption)
+from mmpt import modalities as _modalities  # noqa: E402,F401  (registers image, video, audio, text)
 
 
 def from_pretrained(source: str, trust_plugins: bool = False):

@@ -39,7 +39,7 @@ import torch
 
 from mmpt.bench import count, given
 from mmpt.bench.common import count_flops, peak_mb
-from mmpt.modality import pixels_to_float
+from mmpt.modalities.image import pixels_to_float
 
 TARGET = 1.5
 SHAPES = {  # shared by both sides; demo = mmpt/configs/demo.yaml's image-text shape

@@ -12,12 +12,13 @@ from mmpt.config.build import source_augment
 from mmpt.config.schema import Config, replaced, task_twins
 from mmpt.errors import ConfigError
 from mmpt.evals import EVALS
-from mmpt.modality import MODALITIES, TEXT, pair_name
+from mmpt.modality import MODALITIES, pair_name
 
 # Sizes, counts and rates; checked first, so no later check (or the model) divides by zero. None (unset) passes.
 _POSITIVE = """data.batch_size data.shuffle_slots data.prefetch data.max_consecutive_bad
     model.width model.depth model.heads model.mlp_ratio model.patch_size model.image_size
-    model.vocab_size model.embed_dim model.moe.top_k model.moe.ep_size model.moe.capacity_factor model.moe.eval_capacity_factor
+    model.vocab_size model.embed_dim model.moe.top_k model.moe.ep_size model.moe.capacity_factor
+    model.moe.eval_capacity_factor
     loss.init_temperature loss.max_logit_scale loss.contrastive_chunk optim.lr optim.eps train.steps
     train.log_every train.ckpt_every train.accumulate eval.batch_size""".split()
 _NON_NEGATIVE = """data.num_workers data.worker_timeout data.shuffle_buffer data.bad_sample_limit model.decoder_layers
