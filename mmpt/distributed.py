@@ -17,6 +17,7 @@ import os
 import signal
 import threading
 from collections.abc import MutableMapping
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -98,8 +99,6 @@ def _init_after_restart(backend: str) -> None:
     """After torchrun --max-restarts restarted the group: torchrun's store outlives the restart and still holds
     the dead group's addresses, which the new group would read (gloo: "connectFullMesh failed ... Connection
     refused"). A key prefix per attempt keeps the groups apart."""
-    from datetime import timedelta
-
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world, is_master=False,
                           timeout=timedelta(minutes=30))

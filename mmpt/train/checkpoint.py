@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from mmpt.train import faults
+from mmpt.train import faults, reshard
 from mmpt.train.resume import (
     TAG_RE,
     choose_tag,
@@ -210,8 +210,6 @@ def resume(engine, out_dir: str | Path, tag: str, before: int, universal: bool, 
     ckpt_dir = checkpoint_dir(out_dir)
     rank, world = dist.get_rank(), dist.get_world_size()
     if universal:
-        from mmpt.train import reshard
-
         client_state = reshard.load(engine, ckpt_dir, reshard.convert(ckpt_dir, tag, print), zero_stage)
     else:
         path, client_state = engine.load_checkpoint(str(ckpt_dir), tag=tag)

@@ -10,14 +10,15 @@ import math
 import torch
 from torch import nn
 
-from mmpt.losses import objective
-from mmpt.train.accumulate import surrogate
+from mmpt.data.stream import tasks_from_config
+from mmpt.losses.accumulate import surrogate
+from mmpt.losses.objective import PAIR_PARAMS, objective
 
 
 class TrainModule(nn.Module):
     """What the DeepSpeed engine wraps: batch dict in, loss dict out. The two keyword modes serve
     accumulated steps (`mmpt.train.accumulate`): encode_only returns embeddings without the decoder, cached
-    returns the micro-batch's surrogate loss for the cached gradients."""
+    returns the micro-batch's surrogate loss for the cached gradients (`mmpt.losses.accumulate.surrogate`)."""
 
     def __init__(self, model: nn.Module, loss_cfg, group=None):
         super().__init__()
@@ -28,7 +29,7 @@ class TrainModule(nn.Module):
         """drop_token: the task's DropToken rates by modality (data.tasks), over the model's own."""
         if encode_only:
             out = self.model(batch, caption=False, drop_token=drop_token)
-            keep = ("emb", "logit_scale", "logit_bias")
+            keep = ("emb", *PAIR_PARAMS)
             return {**{k: out[k] for k in keep if k in out}, "caption_tokens": out.get("caption_tokens", 0)}
         out = self.model(batch, drop_token=drop_token)
         losses = surrogate(out, cached, self.loss_cfg) if cached is not None else objective(out, self.loss_cfg,
@@ -75,8 +76,6 @@ def _merge(base: dict, extra: dict) -> dict:
 
 def largest_task_batch(cfg) -> int:
     """The largest batch per rank of the run's tasks (data.tasks.<pair>.batch_size, else data.batch_size)."""
-    from mmpt.data.stream import tasks_from_config
-
     tasks, _ = tasks_from_config(cfg, expand=False)
     return max((task.batch_size for task in tasks.values()), default=cfg.data.batch_size)
 

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from mmpt.errors import ConfigError
+from mmpt.modality import pair_name
 
 TAG_RE = re.compile(r"step\d{7}")
 # Model keys a resumed run may change: they alter training, not what the parameters mean.
@@ -105,8 +106,6 @@ def _flat(data: dict, prefix: str = "") -> dict:
 
 
 def _tasks(data: dict) -> list:
-    from mmpt.modality import pair_name
-
     return sorted({pair_name(*s["modalities"]) for s in data.get("data", {}).get("sources", [])})
 
 
