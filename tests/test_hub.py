@@ -19,7 +19,7 @@ from safetensors.torch import load_file, save_file
 
 from mmpt import modality as registry
 from mmpt.config import load_config
-from mmpt.data.media import DecodeSpec
+from mmpt.data.media import DecodeSettings
 from mmpt.errors import DataError
 from mmpt.export import card_metadata, export, load_pretrained, native_backend
 from mmpt.hub import OpenClipModel, from_pretrained, push
@@ -86,7 +86,7 @@ def media(tmp_path_factory):
 def reference_embeddings(run_dir, media) -> dict:
     """Each modality decoded from the run config (eval mode) and encoded by the run's model."""
     model, cfg = load_pretrained(run_dir)
-    spec = DecodeSpec.from_config(cfg)
+    spec = DecodeSettings.from_config(cfg)
     with torch.no_grad():
         return {m: model.encode(m, registry.get(m).decode(path.read_bytes(), spec, False, random.Random(0))[None])
                 ["emb"] for m, path in media.items()}
