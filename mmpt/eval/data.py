@@ -32,8 +32,9 @@ from tqdm import tqdm
 
 from mmpt import modality as registry
 from mmpt.data.build import BAD_JSON, folder_rows
-from mmpt.data.media import BadSample, DecodeSettings
+from mmpt.data.media import DecodeSettings
 from mmpt.data.resumable import collate
+from mmpt.data.samples import BadSample
 from mmpt.data.shards import list_shards, read_manifest
 from mmpt.data.stream import eval_loader
 from mmpt.distributed import dist_info
