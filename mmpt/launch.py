@@ -8,8 +8,9 @@ mmpt.distributed.adopt_launcher_env, accelerate's DeepSpeed plugin is checked by
     python -m mmpt.launch out-dir train --config demo train.out_dir=runs/x
     python -m mmpt.launch signal-workers --signal USR1 --job "$SLURM_JOB_ID"
 
-Imports stay light (no torch, here or in mmpt.cli and mmpt.config): the sbatch script runs this in its signal
-trap (tests/test_launchers.py checks it).
+The sbatch script runs signal-workers in its SIGUSR1 trap, which SLURM fires 180 s ahead of the end
+(--signal=B:USR1@180). Importing mmpt registers the built-in modalities and evals (torch included): a few
+seconds of those 180, the price of one registry that every entry point sees the same way.
 """
 from __future__ import annotations
 
@@ -23,8 +24,8 @@ import sys
 from collections.abc import Mapping
 from pathlib import Path
 
-from mmpt.cli import build_parser
-from mmpt.config import import_plugins, load_config
+from mmpt.cli import parse_args
+from mmpt.config import load_config
 from mmpt.errors import LaunchError
 
 # ---- SLURM ----------------------------------------------------------------------------------------------
@@ -153,10 +154,9 @@ def slurm_torchrun_args(env: Mapping[str, str] = os.environ) -> list[str]:
 def out_dir(mmpt_args: list[str]) -> str | None:
     """train.out_dir of `mmpt ARGS` as the training will resolve it (the config file, then the overrides);
     None for commands that don't train."""
-    args = build_parser().parse_args(mmpt_args)
+    args = parse_args(mmpt_args)  # imports its --plugin modules (their evals are subcommands)
     if args.command != "train":
         return None
-    import_plugins(args.plugin)
     return load_config(args.config, args.overrides).train.out_dir
 
 

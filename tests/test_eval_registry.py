@@ -24,6 +24,7 @@ from mmpt.eval.retrieval import RetrievalEval
 from mmpt.eval.zeroshot import ZeroShotEval
 from mmpt.evals import EVALS, Eval
 from mmpt.export import eval_rows
+from mmpt.train import loop
 from mmpt.train.evaluate import check_eval_inputs, eval_due, run_evals
 from mmpt.train.runlog import read_metrics
 from tests.conftest import run
@@ -189,6 +190,8 @@ def test_training_keys_due_steps_and_inputs_come_from_the_entries(monkeypatch, t
     assert run_evals(model, cfg) == {"eval/knobs/p-q/score": 0.5, "eval/knobs/p-q/nested/a": 1.0}
     assert model.training
     assert [s for s in range(1, 11) if eval_due(cfg, s)] == [3, 6, 9, 10]
+    # the training loop asks the same question, so a run with only a plugin or caption eval evaluates too
+    assert [s for s in range(1, 11) if loop.eval_due(cfg, s)] == [3, 6, 9, 10]
     cfg.eval.knobs = []
     assert not any(eval_due(cfg, s) for s in range(1, 11))
     cfg.eval.caption = [CaptionEval(data=str(tmp_path / "nope"))]

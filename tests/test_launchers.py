@@ -90,13 +90,15 @@ def test_cli_slurm_args_and_hostnames():
     assert proc.returncode == 2 and "SLURM_JOB_NODELIST is not set" in proc.stderr
 
 
-def test_launch_module_does_not_import_torch():
-    """The sbatch script runs `python -m mmpt.launch signal-workers` in its signal trap: seconds of torch import
-    there are seconds of SLURM's warning time gone."""
-    code = "import sys, mmpt.launch; print(sorted(m for m in ('torch', 'deepspeed') if m in sys.modules))"
+def test_signal_workers_runs_without_deepspeed_and_finds_no_stranger():
+    """The sbatch trap's command: it must not start DeepSpeed (its import probes accelerators and may build ops)
+    and, outside a job, finds no torchrun of ours to signal."""
+    code = ("import sys, mmpt.launch; sys.argv = ['x', 'signal-workers', '--job', 'no-such-job']; "
+            "rc = mmpt.launch.main(); print('deepspeed' in sys.modules, rc)")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.strip() == "[]"
+    assert "no torchrun workers found of job no-such-job" in proc.stdout
+    assert proc.stdout.strip().splitlines()[-1].startswith("False")
 
 
 def test_out_dir_of_a_command_line():
