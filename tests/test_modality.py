@@ -183,6 +183,15 @@ def test_fifth_modality_settings_come_from_yaml(tmp_path):
         load_config(sensor_yaml(tmp_path, "s", length=32), ["model.sensor.size=3"])
 
 
+def test_a_registered_modality_the_run_does_not_use_stays_out_of_its_saved_config():
+    """With the sensor plugin imported here, a demo run's config.yaml / export must still load where it is not."""
+    from mmpt.config import load_config
+
+    saved = load_config("demo").to_dict()
+    assert "sensor" not in saved["data"] and "sensor" not in saved["model"] and "sensor" not in saved["data"]["augment"]
+    assert {"video", "audio"} <= set(saved["data"]) and "image" in saved["data"]["augment"]  # the run's own stay
+
+
 def test_model_info_counts_the_fifth_modality():
     from mmpt.config import load_config
     from mmpt.model.info import model_info

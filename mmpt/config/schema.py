@@ -189,7 +189,15 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        """Plain data, as a run directory and an export store it. A registered modality the run does not use
+        leaves its sections out: a plugin imported in this process must not become a key that a process without
+        it (an eval of the run, a hub download) would refuse."""
+        data = dataclasses.asdict(self)
+        unused = set(modality.MODALITIES) - set(self.model.modalities)
+        for section in (data["data"], data["data"]["augment"], data["model"]):
+            for name in unused & set(section):
+                del section[name]
+        return data
 
 
 
