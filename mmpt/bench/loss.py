@@ -26,6 +26,7 @@ import torch.nn.functional as F
 
 from mmpt.bench.common import PeakMemory, median_ms
 from mmpt.distributed import CountBytes
+from mmpt.losses.contrastive import contrastive_loss, rank_groups
 
 
 def _measure(step, input_bytes: int) -> dict:
@@ -44,7 +45,6 @@ def _rank(rank: int, world: int, init: str, b: int, d: int, chunk: int, queue) -
     dist.init_process_group("gloo", init_method=f"file://{init}", rank=rank, world_size=world)
     from open_clip.loss import ClipLoss, SigLipLoss
 
-    from mmpt.losses.contrastive import contrastive_loss, rank_groups
 
     group = rank_groups(max(1, world // 2))
     gen = torch.Generator().manual_seed(rank)

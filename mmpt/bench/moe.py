@@ -13,6 +13,7 @@ import torch
 
 from mmpt.bench.common import median_ms
 from mmpt.config import MoEConfig
+from mmpt.distributed import init_distributed, shutdown_distributed
 from mmpt.model.moe import DeepSpeedMoE, NativeMoE, copy_native_to_deepspeed
 from mmpt.model.trunk import MLP
 
@@ -46,7 +47,6 @@ def timed(layer, x: torch.Tensor, repeats: int) -> dict:
 
 
 def run(tokens: int = 4096, width: int = 256, experts: int = 8, repeats: int = 7) -> dict:
-    from mmpt.distributed import init_distributed, shutdown_distributed
 
     init_distributed()  # the DeepSpeed layer needs a process group; one local rank is enough
     torch.manual_seed(0)

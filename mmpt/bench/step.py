@@ -39,7 +39,12 @@ import torch
 
 from mmpt.bench import count, given
 from mmpt.bench.common import count_flops, peak_mb
+from mmpt.config import load_config
+from mmpt.distributed import init_distributed, shutdown_distributed
 from mmpt.modalities.image import pixels_to_float
+from mmpt.model import build_for_run
+from mmpt.train.engine import TrainModule, build_engine
+from mmpt.train.loop import train_step
 
 TARGET = 1.5
 SHAPES = {  # shared by both sides; demo = mmpt/configs/demo.yaml's image-text shape
@@ -154,7 +159,6 @@ def open_clip_side(shape: dict, batch: int, batches: list, warmup: int) -> dict:
 # ---- mmpt ---------------------------------------------------------------------------------------------------
 
 def mmpt_config(shape: dict, batch: int, trunk: str, stage: int):
-    from mmpt.config import load_config
 
     over = [f"model.{k}={v}" for k, v in {**shape, **BPE}.items()]
     over += ["data.tokenizer=openclip", "model.modalities=[image, text]",
@@ -167,9 +171,6 @@ def mmpt_config(shape: dict, batch: int, trunk: str, stage: int):
 
 
 def mmpt_side(shape: dict, batch: int, batches: list, warmup: int, trunk: str, stage: int) -> dict:
-    from mmpt.model import build_for_run
-    from mmpt.train.engine import TrainModule, build_engine
-    from mmpt.train.loop import train_step
 
     cfg = mmpt_config(shape, batch, trunk, stage)
     torch.manual_seed(0)
@@ -201,7 +202,6 @@ def _side(seconds: float, steps: int, batch: int, memory: float, model, flops: f
 
 
 def run(shape: str = "demo", size: int | None = None, steps: int | None = None, threads: int = 2) -> dict:
-    from mmpt.distributed import init_distributed, shutdown_distributed
 
     if shape not in SHAPES:
         raise ValueError(f"--shape {shape!r}: one of {', '.join(SHAPES)}")

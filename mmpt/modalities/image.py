@@ -98,7 +98,7 @@ MAX_IMAGE_PIXELS = 64_000_000  # decompression-bomb guard: refuse, don't allocat
 def open_image(data: bytes, target: Optional[int] = None) -> Image.Image:
     nonempty(data, "image")
     try:
-        img = Image.open(io.BytesIO(data))
+        img: Image.Image = Image.open(io.BytesIO(data))
         if img.width * img.height > MAX_IMAGE_PIXELS:
             raise BadSample("oversize", f"image {img.width}x{img.height}")
         if target and img.format == "JPEG":
@@ -122,7 +122,7 @@ def image_to_tensor(img: Image.Image, size: int, train: bool, rng: random.Random
     else:
         side = min(w, h)
         left, top, cw, ch = (w - side) // 2, (h - side) // 2, side, side
-    img = img.resize((size, size), Image.BILINEAR, box=(left, top, left + cw, top + ch), reducing_gap=2.0)
+    img = img.resize((size, size), Image.Resampling.BILINEAR, box=(left, top, left + cw, top + ch), reducing_gap=2.0)
     x = torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8).view(size, size, 3).permute(2, 0, 1)
     return augment.pixel_ops(x, aug, rng) if train else x
 
