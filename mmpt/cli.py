@@ -118,7 +118,7 @@ def cmd_shards_build(args) -> int:
 
 
 def cmd_shards_check(args) -> int:
-    report = check_shards(args.spec, args.workers)
+    report = check_shards(args.shards, args.workers)
     print(json.dumps(report, indent=1) if args.json else format_report(report))
     return 1 if report["bad_fraction"] > args.max_bad else 0
 
@@ -200,7 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-shuffle", action="store_true", help="keep the manifest order")
     p.set_defaults(func=cmd_shards_build)
     p = sh.add_parser("check", help="decode every sample; report bad ones and statistics")
-    p.add_argument("spec", help="shard directory, brace pattern or glob")
+    p.add_argument("shards", help="shard directory, brace pattern or glob")
     p.add_argument("--workers", type=count(0), default=1)
     p.add_argument("--json", action="store_true")
     p.add_argument("--max-bad", type=float, default=0.0, help="bad fraction above which the exit code is 1")

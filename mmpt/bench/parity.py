@@ -117,9 +117,9 @@ def free_port() -> int:
 def run_side(side: str, s: dict) -> dict:
     """One side in a fresh process (nothing of one trainer's imports or global state reaches the other)."""
     work = Path(s["workdir"])
-    spec = work / f"{side}.settings.json"
-    result = result_path(spec, side)
-    spec.write_text(json.dumps(s))
+    settings_file = work / f"{side}.settings.json"
+    result = result_path(settings_file, side)
+    settings_file.write_text(json.dumps(s))
     result.unlink(missing_ok=True)
     shutil.rmtree(work / side, ignore_errors=True)  # a fresh run: no resuming from an earlier invocation's files
     env = {k: v for k, v in os.environ.items()
@@ -129,7 +129,7 @@ def run_side(side: str, s: dict) -> dict:
                PYTHONPATH=os.pathsep.join(filter(None, [str(PACKAGE_ROOT), env.get("PYTHONPATH")])))
     print(f"bench parity: {side} side ({s['steps']} steps of {s['batch']})", file=sys.stderr, flush=True)
     load_before = os.getloadavg()
-    proc = subprocess.run([sys.executable, "-m", f"mmpt.bench.parity_{side}", str(spec)], env=env,
+    proc = subprocess.run([sys.executable, "-m", f"mmpt.bench.parity_{side}", str(settings_file)], env=env,
                           stdout=sys.stderr, stderr=None)
     if proc.returncode != 0 or not result.is_file():
         raise SystemExit(f"bench parity: the {side} side failed (exit {proc.returncode}); its log is above")

@@ -33,8 +33,8 @@ def shape_from_demo() -> dict:
             "decoder_cross_layers": m.decoder_cross_layers}
 
 
-def shard_urls(spec: str) -> list:
-    return [str(Path(u).resolve()) if "://" not in u and not u.startswith("pipe:") else u for u in list_shards(spec)]
+def shard_urls(pattern: str) -> list:
+    return [str(Path(u).resolve()) if "://" not in u and not u.startswith("pipe:") else u for u in list_shards(pattern)]
 
 
 def timing_skip(steps: int, asked: int | None) -> int:

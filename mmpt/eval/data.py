@@ -4,7 +4,7 @@
     for batch in eval_batches("data/esc50", ["audio"], cfg, 64, workers=2, labels=True, classes=classes): ...
 
 `data` is one of
-- a shard spec (a directory with sizes.json, a brace pattern, a glob, `pipe:`/URLs): `mmpt.data.stream.eval_loader`,
+- a shard pattern (a directory with sizes.json, a brace pattern, a glob, `pipe:`/URLs): `mmpt.data.stream.eval_loader`,
   split by node and worker;
 - a folder of media files: with classes, ImageFolder style (the class of a file is its folder under the root:
   a folder is named by a class name of the classes file, or all folders are numbered by class index; see
@@ -56,7 +56,7 @@ def data_kind(data: str) -> str:
 
 
 def require_data(data: str) -> None:
-    """At training start: the eval data must be there. A path that is no folder or manifest is a shard spec, so
+    """At training start: the eval data must be there. A path that is no folder or manifest is a shard pattern, so
     listing its shards names a missing one."""
     if data_kind(data) == "shards":
         list_shards(data)
@@ -139,22 +139,22 @@ def file_rows(data: str, labels: bool, classes: Classes | None = None) -> tuple[
 class FileEvalSet(Dataset):
     """This rank's rows of a folder or manifest, decoded with the registry's decoders (eval mode)."""
 
-    def __init__(self, rows: list, base: Path, modalities: list, spec: DecodeSettings):
+    def __init__(self, rows: list, base: Path, modalities: list, settings: DecodeSettings):
         rank, world = dist_info()
-        self.rows, self.base, self.modalities, self.spec = rows[rank::world], base, modalities, spec
+        self.rows, self.base, self.modalities, self.settings = rows[rank::world], base, modalities, settings
 
     def __len__(self) -> int:
         return len(self.rows)
 
     def _source(self, row: dict, name: str):
         """The row's value for `name` (a path, or inline content), or a carrier's file (a video's sound)."""
-        spec = registry.get(name)
+        entry = registry.get(name)
         value = row.get(name)
-        if value in (None, "") and spec.carried_by is not None:
-            value = row.get(spec.carried_by)
+        if value in (None, "") and entry.carried_by is not None:
+            value = row.get(entry.carried_by)
         if value in (None, ""):
             raise BadSample(f"missing_{name}", f"row has {sorted(k for k in row if k in registry.MODALITIES)}")
-        if spec.inline:
+        if entry.inline:
             return str(value)
         path = Path(value) if os.path.isabs(str(value)) else self.base / str(value)
         try:
@@ -171,7 +171,7 @@ class FileEvalSet(Dataset):
             for name in self.modalities:
                 data = self._source(row, name)
                 try:
-                    out[name] = registry.get(name).decode(data, self.spec, False, random.Random(0))
+                    out[name] = registry.get(name).decode(data, self.settings, False, random.Random(0))
                 except BadSample as e:
                     raise BadSample(f"{e.reason}_{name}", str(e)) from None
         except BadSample as e:
@@ -197,11 +197,11 @@ def eval_batches(data: str, modalities: list, cfg, batch_size: int, workers: int
                  classes: Classes | None = None):
     """Batches of this rank's share of `data` (see the module docstring). labels: a folder's files are labelled
     by their class folder, mapped onto `classes` (shards and manifests carry their own labels)."""
-    spec = DecodeSettings.from_config(cfg)
+    settings = DecodeSettings.from_config(cfg)
     if data_kind(data) == "shards":
-        return eval_loader(data, list(modalities), spec, batch_size, workers)
+        return eval_loader(data, list(modalities), settings, batch_size, workers)
     rows, base = file_rows(data, labels, classes)
-    dataset = FileEvalSet(rows, base, list(modalities), spec)
+    dataset = FileEvalSet(rows, base, list(modalities), settings)
     return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers,
                       collate_fn=partial(collate_eval, modalities=list(modalities)))
 

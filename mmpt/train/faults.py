@@ -17,9 +17,9 @@ class InjectedFault(RuntimeError):
 
 
 def maybe(point: str, step: int, rank: int) -> None:
-    spec = os.environ.get("MMPT_FAULT")
-    if not spec or spec != f"{point}:{step}:{rank}" or os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0":
+    wanted = os.environ.get("MMPT_FAULT")
+    if not wanted or wanted != f"{point}:{step}:{rank}" or os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0":
         return
     if point == "save":
         os.kill(os.getpid(), signal.SIGKILL)
-    raise InjectedFault(f"injected fault at {point} {step} on rank {rank} (MMPT_FAULT={spec})")
+    raise InjectedFault(f"injected fault at {point} {step} on rank {rank} (MMPT_FAULT={wanted})")

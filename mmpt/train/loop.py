@@ -108,7 +108,7 @@ def contrastive_summary(cfg: Config, world: int) -> str:
 
 def train(cfg: Config) -> dict:
     # User mistakes fail here, one line each, before any process group or engine exists.
-    tasks_from_config(cfg)  # a shard spec matching nothing
+    tasks_from_config(cfg)  # a shard pattern matching nothing
     check_eval_inputs(cfg)  # eval data and classes, not first found at the first eval
     check_resumable(cfg)
     rank, world = init_distributed()
