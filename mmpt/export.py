@@ -34,7 +34,8 @@ from mmpt.errors import ConfigError, DataError
 from mmpt.evals import COUNTS, EVALS, Eval, numbers
 from mmpt.model import build_for_run
 from mmpt.model.info import model_info
-from mmpt.train.checkpoint import checkpoint_dir, consolidated_state_dict
+from mmpt.train.checkpoint import checkpoint_dir
+from mmpt.train.consolidate import consolidated_state_dict
 
 WEIGHTS, CONFIG, TOKENIZER, PREPROCESSING, CARD = (
     "model.safetensors", "config.json", "tokenizer.json", "preprocessing.json", "README.md")

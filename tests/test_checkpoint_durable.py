@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from mmpt.train.checkpoint import checkpoint_dir, consolidated_state_dict, latest_tag
+from mmpt.train.checkpoint import checkpoint_dir, latest_tag
+from mmpt.train.consolidate import consolidated_state_dict
 from mmpt.train.resume import choose_tag
 from tests.distributed import run_distributed
 from tests.test_resume import make_tag

@@ -14,7 +14,8 @@ from mmpt.config import MoEConfig, config_from_dict
 from mmpt.data.tokenizer import tokenize
 from mmpt.model import build_for_run
 from mmpt.model.moe import DeepSpeedMoE, NativeMoE, copy_native_to_deepspeed
-from mmpt.train.checkpoint import checkpoint_dir, consolidated_state_dict, native_moe_layout
+from mmpt.train.checkpoint import checkpoint_dir
+from mmpt.train.consolidate import consolidated_state_dict, native_moe_layout
 from tests.distributed import run_distributed
 from tests.test_e2e import train
 

@@ -19,10 +19,13 @@ import json
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
 import mmpt.eval  # noqa: F401  (registers the built-in evals)
 from mmpt.evals import EVALS
+from mmpt.train import checkpoint
 from mmpt.train.checkpoint import write_durable
+from mmpt.train.runlog import RunLogger
 
 
 def configured(cfg) -> list:
@@ -87,3 +90,31 @@ class BestTracker:
         self.best = {"step": step, "metric": self.metric, "value": metrics[self.metric], "tag": self.TAG}
         if write:
             write_durable(self.path, json.dumps(self.best, indent=1) + "\n")
+
+
+def evaluate(engine, model, cfg, step: int, logger: RunLogger, best: BestTracker, rank: int) -> None:
+    """Every rank evaluates its split; an improvement of eval.best saves the `best` checkpoint (all ranks)."""
+    with torch.random.fork_rng(devices=[]):  # eval loaders draw seeds; training's RNG must not see that
+        metrics = run_evals(model, cfg)
+    logger.log(step, metrics)
+    if rank == 0:
+        shown = ", ".join(f"{k.removeprefix('eval/')} {v:.3f}" for k, v in headline(metrics).items())
+        tqdm.write(f"step {step} eval: {shown}")
+    if cfg.eval.best and cfg.eval.best not in metrics and rank == 0:
+        tqdm.write(f"eval.best={cfg.eval.best!r} is not among the eval metrics ({', '.join(sorted(metrics))})")
+    if best.improved(metrics):
+        checkpoint.save_best(engine, cfg.train.out_dir, step, {"step": step, "metric": cfg.eval.best},
+                             tag=BestTracker.TAG)
+        best.record(step, metrics, write=rank == 0)
+
+
+def headline(metrics: dict) -> dict:
+    """One line's worth: each eval item's top-1 / R@1 where it has them, else its first metric."""
+    items: dict = {}
+    for key, value in metrics.items():
+        items.setdefault(key.rpartition("/")[0], {})[key] = value
+    picked = {}
+    for group in items.values():
+        best = {k: v for k, v in group.items() if k.endswith(("top1", "R@1"))}
+        picked.update(best or dict([next(iter(group.items()))]))
+    return picked

@@ -31,7 +31,7 @@ from mmpt.train import checkpoint, faults, preempt, reshard, throughput
 from mmpt.train.accelerate_plugin import warn_accelerate_disagreements
 from mmpt.train.accumulate import accumulated_step
 from mmpt.train.engine import TrainModule, build_engine, clear_grad_partitions, half_dtype, to_engine
-from mmpt.train.evaluate import BestTracker, check_eval_inputs, eval_due, run_evals
+from mmpt.train.evaluate import BestTracker, check_eval_inputs, eval_due, evaluate
 from mmpt.train.resume import check_same_run, choose_tag, seed_rank
 from mmpt.train.runlog import RunLogger
 
@@ -220,7 +220,7 @@ def _train(cfg: Config, rank: int, world: int, signals: preempt.Preemption) -> d
                                  skipped=sum(skipped["reasons"].values()))
                 check_bad_fraction(skipped, used, cfg.data.bad_sample_limit)
             if eval_due(cfg, step):
-                _evaluate(engine, model, cfg, step, logger, best, rank)
+                evaluate(engine, model, cfg, step, logger, best, rank)
             if step % cfg.train.ckpt_every == 0 or step == cfg.train.steps or stopped:
                 logger.flush()
                 _save(engine, cfg, step, skipped, used, loader)
@@ -261,34 +261,6 @@ def _report_end(out_dir: Path, step: int, used: int, skipped: dict, stopped: boo
     reasons = f" {dict(skipped['reasons'])}" if skipped["reasons"] else ""
     print(f"done: {step} steps, {used} samples, skipped {sum(skipped['reasons'].values())} bad samples{reasons}; "
           f"checkpoints in {checkpoint.checkpoint_dir(out_dir)}", flush=True)
-
-
-def _evaluate(engine, model, cfg: Config, step: int, logger: RunLogger, best: BestTracker, rank: int) -> None:
-    """Every rank evaluates its split; an improvement of eval.best saves the `best` checkpoint (all ranks)."""
-    with torch.random.fork_rng(devices=[]):  # eval loaders draw seeds; training's RNG must not see that
-        metrics = run_evals(model, cfg)
-    logger.log(step, metrics)
-    if rank == 0:
-        shown = ", ".join(f"{k.removeprefix('eval/')} {v:.3f}" for k, v in _headline(metrics).items())
-        tqdm.write(f"step {step} eval: {shown}")
-    if cfg.eval.best and cfg.eval.best not in metrics and rank == 0:
-        tqdm.write(f"eval.best={cfg.eval.best!r} is not among the eval metrics ({', '.join(sorted(metrics))})")
-    if best.improved(metrics):
-        checkpoint.save_best(engine, cfg.train.out_dir, step, {"step": step, "metric": cfg.eval.best},
-                             tag=BestTracker.TAG)
-        best.record(step, metrics, write=rank == 0)
-
-
-def _headline(metrics: dict) -> dict:
-    """One line's worth: each eval item's top-1 / R@1 where it has them, else its first metric."""
-    items: dict = {}
-    for key, value in metrics.items():
-        items.setdefault(key.rpartition("/")[0], {})[key] = value
-    picked = {}
-    for group in items.values():
-        best = {k: v for k, v in group.items() if k.endswith(("top1", "R@1"))}
-        picked.update(best or dict([next(iter(group.items()))]))
-    return picked
 
 
 def _accumulate(sums: dict, task: str, losses: dict) -> None:
