@@ -20,6 +20,8 @@ import sys
 from pathlib import Path
 from typing import NoReturn
 
+from mmpt.evals import count
+
 # name on the command line -> one-line summary (the module is mmpt.bench.<name with '-' as '_'>)
 BENCHES = {
     "data": "loader samples/s per modality against open_clip's webdataset path and decord",
@@ -37,19 +39,6 @@ class _Parser(argparse.ArgumentParser):
 
     def error(self, message: str) -> NoReturn:
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
-
-
-def count(minimum: int):
-    """An argparse type: an integer >= minimum."""
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"invalid int value: {text!r}") from None
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"{value}: must be >= {minimum}")
-        return value
-    return parse
 
 
 def given(args: argparse.Namespace, *names: str) -> dict:
