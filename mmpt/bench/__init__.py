@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 from typing import NoReturn
 
-from mmpt.evals import count
+from mmpt.evals import count as count  # the benches' --flag type, one definition
 
 # name on the command line -> one-line summary (the module is mmpt.bench.<name with '-' as '_'>)
 BENCHES = {
