@@ -39,8 +39,8 @@ SMOKE = ["model.width=32", "model.depth=2", "model.heads=2", "model.embed_dim=32
          "model.decoder_cross_layers=1", "model.image_size=32", "model.patch_size=16", "model.context_length=16",
          "data.num_workers=1", "data.shuffle_buffer=16", "data.pin_memory=false", "deepspeed.bf16=false",
          "model.grad_checkpointing=false", "data.video={num_frames: 4, fps: null, window_seconds: null}",
-         "data.audio={seconds: 1.0}", "model.video={frames: 4, tubelet: 2}",
-         "model.audio={frames: 98, mel: 128, patch: 16}", "model.moe.num_experts=4"]
+         "data.audio={seconds: 1.0}", "model.video={num_frames: 4, tubelet: 2}",
+         "model.audio={fbank_frames: 98, num_mel_bins: 128, patch: 16}", "model.moe.num_experts=4"]
 SMOKE_TASKS = {"image-text": {"batch_size": 8}, "video-text": {"batch_size": 4, "image_size": 16, "num_frames": 4},
                "audio-text": {"batch_size": 8}, "video-audio": {"batch_size": 4, "image_size": 16, "num_frames": 4}}
 
