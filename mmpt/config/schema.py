@@ -246,7 +246,13 @@ def default_config() -> Config:
 
 def augment_class() -> type:
     """data.augment's class for the registered modalities (one field per modality with an augment section)."""
-    return type(default_config().data.augment)
+    data = _field_type(config_class(), "data")
+    return _field_type(data, "augment")
+
+
+def _field_type(cls: type, name: str) -> Any:
+    """The type of a composed class's field (composition gives each section field its class, not a string)."""
+    return next(f.type for f in dataclasses.fields(cls) if f.name == name)
 
 
 def task_twins() -> dict[str, str]:

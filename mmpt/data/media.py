@@ -14,7 +14,7 @@ import dataclasses
 import warnings
 from typing import Any, Optional
 
-from mmpt.config import Config, config_class
+from mmpt.config import Config, augment_class
 from mmpt.modality import CLIP_MEAN, CLIP_STD, MODALITIES
 
 MEAN, STD = CLIP_MEAN, CLIP_STD
@@ -33,7 +33,7 @@ class DecodeSettings:
         self.image_size, self.context_length, self.tokenizer = image_size, context_length, tokenizer
         # JPEGs decode at 1/2, 1/4 or 1/8 size when that still covers image_size
         self.jpeg_draft = jpeg_draft
-        self.augment: Any = augment if augment is not None else config_class()().data.augment
+        self.augment: Any = augment if augment is not None else augment_class()()
         self.sections = {m.name: sections.get(m.name) or m.data_config() for m in MODALITIES.values()
                          if m.data_config is not None}
 
