@@ -3,6 +3,7 @@ import io
 import random
 
 import pytest
+import soundfile
 import torch
 import torchaudio
 from PIL import Image
@@ -116,6 +117,21 @@ def test_audio_utterance_norm_removes_each_bins_mean(tmp_path):
     cmn = decode_audio(data, audio(seconds=2.0, norm="utterance"), False, RNG)[0].float()
     torch.testing.assert_close(cmn.mean(0), torch.zeros(128), atol=1e-3, rtol=0)  # float16's rounding
     torch.testing.assert_close(cmn, plain - plain.mean(0, keepdim=True), atol=2e-3, rtol=0)
+
+
+def test_audio_max_hz_keeps_the_filters_to_the_telephone_band(tmp_path):
+    """data.audio.max_hz=4000: all mel filters below 4 kHz, so an 8 kHz recording and its 16 kHz original meet
+    on the same filters (with the filters up to 8 kHz, the 8 kHz copy's top bins are empty)."""
+    data = spoken(tmp_path / "seven.wav")
+    wav, sr = torchaudio.load(str(tmp_path / "seven.wav"))
+    narrow = io.BytesIO()
+    soundfile.write(narrow, torchaudio.functional.resample(wav, sr, 8000)[0].numpy(), 8000, format="WAV")
+    settings = {hz: audio(seconds=2.0, num_mel_bins=32, max_hz=hz) for hz in (0.0, 4000.0)}
+    full, band = (decode_audio(data, settings[hz], False, RNG)[0].float() for hz in (0.0, 4000.0))
+    full8k, band8k = (decode_audio(narrow.getvalue(), settings[hz], False, RNG)[0].float() for hz in (0.0, 4000.0))
+    assert not torch.allclose(full, band)
+    gap = {"nyquist": (full - full8k).abs().mean(), "4 kHz": (band - band8k).abs().mean()}
+    assert gap["4 kHz"] < 0.25 * gap["nyquist"], gap
 
 
 def test_audio_crop_is_random_in_training(tmp_path):
