@@ -14,6 +14,8 @@ def write_run(path, top1: float, hypotheses: list) -> None:
     refs = ["a handwritten digit four", "handwriting: 7", "the digit nine"]
     samples = [{"key": str(i), "hypothesis": h, "references": [r]}
                for i, (h, r) in enumerate(zip(hypotheses, refs, strict=True))]
+    pair = {"video_to_audio": {"R@1": top1 / 4}, "audio_to_video": {"R@1": top1 / 5}}
+    (path / "retrieval_video-audio.json").write_text(json.dumps({**pair, "num_samples": 100, "class_only_R@1": 0.1}))
     (path / "caption.json").write_text(json.dumps({"bleu4": 0.1, "cider": 1.0, "samples": samples}))
 
 
@@ -28,3 +30,6 @@ def test_report_over_runs_gives_mean_spread_worst_and_captions(tmp_path):
     image = next(line for line in both.stdout.splitlines() if line.strip().startswith("image"))
     assert "mean 0.900 ± 0.071" in image and "worst 0.850" in image and "target 0.90 NOT met by the worst" in image
     assert both.stdout.count("2 of 3 name their digit") == 2
+    pair = next(line for line in both.stdout.splitlines() if line.strip().startswith("video-audio"))
+    assert "worse direction 0.190 / 0.170" in pair and "class-only ceiling 0.10" in pair
+    assert "target 0.20 NOT met by the worst" in pair

@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
 
 import numpy as np
 import pytest
@@ -20,6 +21,7 @@ from mmpt.data.shards import write_shards
 from mmpt.errors import DataError
 from mmpt.eval.data import Classes, eval_batches
 from mmpt.eval.retrieval import (
+    class_only_r1,
     embedding_ranks,
     gather_unique,
     positive_ranks,
@@ -156,14 +158,29 @@ def test_ranks_give_exactly_the_single_process_result(data, world):
 
 def test_gathered_samples_count_once_by_key():
     emb = torch.arange(8.0).view(4, 2)
-    keys, a, b, skipped = gather_unique(["k2", "k1", "k2", "k0"], emb, -emb, 3)
-    assert keys == ["k0", "k1", "k2"] and skipped == 3
+    keys, a, b, skipped, labels = gather_unique(["k2", "k1", "k2", "k0"], emb, -emb, 3, [5, 4, 5, 3])
+    assert keys == ["k0", "k1", "k2"] and skipped == 3 and labels == [3, 4, 5]
     assert a.tolist() == [[6, 7], [2, 3], [0, 1]] and torch.equal(b, -a)
+
+
+def test_class_only_r1_is_the_ceiling_of_class_knowledge():
+    """Embeddings that are their class's one-hot plus tiny per-sample noise: R@1 over many draws averages to
+    class_only_r1 (one in n_c same-class candidates comes first), far below 1."""
+    labels = [0] * 4 + [1] * 2 + [2]
+    assert math.isclose(class_only_r1(labels), (4 * 0.25 + 2 * 0.5 + 1.0) / 7)
+    assert class_only_r1([0, -1]) is None and class_only_r1([]) is None
+    g = torch.Generator().manual_seed(0)
+    onehot = torch.nn.functional.one_hot(torch.tensor(labels), 3).double()
+    hits = [rank_metrics(embedding_ranks(onehot + 1e-3 * torch.randn(7, 3, generator=g, dtype=torch.float64),
+                                         onehot + 1e-3 * torch.randn(7, 3, generator=g, dtype=torch.float64)))
+            ["R@1"] for _ in range(2000)]
+    assert abs(sum(hits) / len(hits) - class_only_r1(labels)) < 0.02
 
 
 def test_retrieval_result_keys_and_counts(data):
     result = _retrieval(data, batch_size=7)
     assert result["pair"] == "image-text" and result["num_samples"] == N and result["skipped"] == 0
+    assert math.isclose(result["class_only_R@1"], 5 / N)  # the pairs' json labels: 5 classes of N / 5 samples
     for direction in ("image_to_text", "text_to_image"):
         metrics = result[direction]
         assert set(metrics) == {"R@1", "R@5", "R@10", "median_rank"}

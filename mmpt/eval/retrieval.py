@@ -3,7 +3,7 @@
     mmpt eval retrieval --model runs/demo --pair image-text
     run_retrieval(model, cfg, ["image", "text"], "data/demo/val")
     -> {"pair": "image-text", "num_samples": 297, "image_to_text": {"R@1": .., "R@5": .., "R@10": ..,
-        "median_rank": ..}, "text_to_image": {...}, "skipped": 0, "data": "data/demo/val"}
+        "median_rank": ..}, "text_to_image": {...}, "class_only_R@1": .., "skipped": 0, "data": "data/demo/val"}
 
 Each sample's positive is its own partner (a text's is its own caption, one caption per sample); every other
 sample of the set is a negative. The rank of a query is 1 + the number of candidates scoring above its
@@ -16,6 +16,10 @@ scores as a flat (query, candidate) list of N² predictions plus N² targets and
 have no median rank; with one positive per query the positive's rank gives R@k and the median directly, and
 the similarity matrix is computed in blocks of queries, never N² at once. The tests check these ranks against
 torchmetrics' RetrievalRecall.
+
+`class_only_R@1`, where every sample carries a class label, is the R@1 that embeddings knowing only each sample's
+class would reach: on a set where paired sides share nothing but the class (the demo's motion clips: the
+soundtrack says the digit, in a voice unrelated to the picture), no model can beat it by much.
 
 Under torch.distributed every rank embeds its split; the embeddings are gathered (all_gather, padded to the
 largest split) with their keys (all_gather_object), deduplicated by `__key__` and ordered by key, so each
@@ -76,19 +80,31 @@ def embedding_ranks(queries: torch.Tensor, candidates: torch.Tensor, block: int 
 
 
 @torch.no_grad()
-def embed_pairs(model, batches, a: str, b: str) -> tuple[list, torch.Tensor, torch.Tensor, int]:
-    """This rank's keys and unit embeddings of both sides (float32, CPU), and the samples skipped."""
-    keys, emb_a, emb_b, skipped = [], [], [], 0
+def embed_pairs(model, batches, a: str, b: str) -> tuple[list, torch.Tensor, torch.Tensor, int, list]:
+    """This rank's keys and unit embeddings of both sides (float32, CPU), the samples skipped, and the samples'
+    class labels (-1: none)."""
+    keys, emb_a, emb_b, skipped, labels = [], [], [], 0, []
     for batch in progress(batches, f"retrieval {a}-{b}"):
         skipped += skipped_count(batch)
         if not batch["__key__"]:
             continue
         keys += batch["__key__"]
+        labels += batch["label"].tolist() if "label" in batch else [-1] * len(batch["__key__"])
         for name, out in ((a, emb_a), (b, emb_b)):
             out.append(F.normalize(model.encode(name, model_inputs(model, batch, name))["emb"].float(), dim=-1).cpu())
     dim = model.cfg.embed_dim if hasattr(model, "cfg") else 0
     empty = torch.zeros(0, dim)
-    return keys, torch.cat(emb_a) if emb_a else empty, torch.cat(emb_b) if emb_b else empty, skipped
+    return keys, torch.cat(emb_a) if emb_a else empty, torch.cat(emb_b) if emb_b else empty, skipped, labels
+
+
+def class_only_r1(labels: list) -> float | None:
+    """The R@1 of embeddings that knew each sample's class and nothing else (every same-class candidate
+    equally likely first): the mean over queries of 1 / (samples of the query's class). Above it, a model
+    matches instances, not just classes. None unless every sample has a label."""
+    if not labels or min(labels) < 0:
+        return None
+    sizes = torch.bincount(torch.tensor(labels)).double()
+    return float((1.0 / sizes[torch.tensor(labels)]).mean())
 
 
 def _all_gather_padded(x: torch.Tensor, sizes: list) -> list:
@@ -101,21 +117,24 @@ def _all_gather_padded(x: torch.Tensor, sizes: list) -> list:
     return [p[:n].cpu() for p, n in zip(parts, sizes, strict=True)]
 
 
-def gather_unique(keys: list, emb_a: torch.Tensor, emb_b: torch.Tensor, skipped: int):
-    """All ranks' samples, each key once (the first seen), ordered by key; and the total skipped."""
+def gather_unique(keys: list, emb_a: torch.Tensor, emb_b: torch.Tensor, skipped: int, labels: list | None = None):
+    """All ranks' samples, each key once (the first seen), ordered by key; the total skipped; their labels."""
+    labels = [-1] * len(keys) if labels is None else labels
     if dist.is_available() and dist.is_initialized():
-        gathered = gather_objects((keys, emb_a.size(1), skipped))
-        sizes = [len(k) for k, _, _ in gathered]
-        dim = max(d for _, d, _ in gathered)
-        keys = [key for k, _, _ in gathered for key in k]
-        skipped = sum(s for _, _, s in gathered)
+        gathered = gather_objects((keys, emb_a.size(1), skipped, labels))
+        sizes = [len(k) for k, _, _, _ in gathered]
+        dim = max(d for _, d, _, _ in gathered)
+        keys = [key for k, _, _, _ in gathered for key in k]
+        labels = [label for _, _, _, ls in gathered for label in ls]
+        skipped = sum(s for _, _, s, _ in gathered)
         emb_a = torch.cat(_all_gather_padded(emb_a.reshape(-1, dim), sizes))
         emb_b = torch.cat(_all_gather_padded(emb_b.reshape(-1, dim), sizes))
     first = {}
     for i, key in enumerate(keys):
         first.setdefault(key, i)
-    order = torch.tensor([first[k] for k in sorted(first)], dtype=torch.long)
-    return sorted(first), emb_a[order], emb_b[order], skipped
+    index = [first[k] for k in sorted(first)]
+    order = torch.tensor(index, dtype=torch.long)
+    return sorted(first), emb_a[order], emb_b[order], skipped, [labels[i] for i in index]
 
 
 def run_retrieval(model, cfg, modalities: list, data: str, batch_size: int | None = None,
@@ -134,12 +153,13 @@ def run_retrieval(model, cfg, modalities: list, data: str, batch_size: int | Non
         local = embed_pairs(model, eval_batches(data, [a, b], cfg, batch_size, workers, labels=False), a, b)
     finally:
         model.train(was_training)
-    keys, emb_a, emb_b, skipped = gather_unique(*local)
+    keys, emb_a, emb_b, skipped, labels = gather_unique(*local)
     if not keys:
         raise DataError(f"retrieval {data}: no samples with both {a} and {b} (an empty eval set; {skipped} skipped)")
     return {"pair": registry.pair_name(a, b), "num_samples": len(keys),
             f"{a}_to_{b}": rank_metrics(embedding_ranks(emb_a, emb_b)),
-            f"{b}_to_{a}": rank_metrics(embedding_ranks(emb_b, emb_a)), "skipped": skipped, "data": data}
+            f"{b}_to_{a}": rank_metrics(embedding_ranks(emb_b, emb_a)), "class_only_R@1": class_only_r1(labels),
+            "skipped": skipped, "data": data}
 
 
 @dataclass
