@@ -3,10 +3,11 @@
     python data_pipelines/demo_report.py runs/demo
     python data_pipelines/demo_report.py runs/demo runs/demo-seed1 runs/demo-seed2     # mean, spread, worst
 
-Reads the zero-shot JSONs `make demo` writes into the run folder and prints top-1 per modality next to chance
-and the demo's targets, and video-audio retrieval's R@1 (the worse direction) beside the class-only ceiling; a missing file is reported as such. Given several runs (e.g. `make demo
-RUN=runs/demo-seed1 DEMO_ARGS=train.seed=1`), it prints each modality's mean, standard deviation and worst run;
-a target is met when the worst run meets it.
+Reads the zero-shot JSONs `make demo` writes into the run folder and prints top-1 per modality next to
+chance and the demo's targets, and video-audio retrieval's R@1 (the worse direction) beside the class-only
+ceiling; a missing file is reported as such. Given several runs (e.g. `make demo RUN=runs/demo-seed1
+DEMO_ARGS=train.seed=1`), it prints each modality's mean, standard deviation and worst run; a target is met
+when the worst run meets it.
 """
 from __future__ import annotations
 

@@ -35,7 +35,7 @@ def test_bench_parity_contract(tmp_path):
     proc = run([sys.executable, "-m", "mmpt.cli", "bench", "parity", "--train", str(tmp_path / "train"),
                 "--val", str(tmp_path / "val"), "--classes", str(tmp_path / "classes.json"), "--steps", "4",
                 "--batch", "8", "--warmup", "1", "--lr", "1e-3", "--threads", "1", "--workers", "0", "--seeds", "0,1",
-                "--workdir", str(tmp_path / "work"), "--out", str(out)],
+                "--equal-time", "--workdir", str(tmp_path / "work"), "--out", str(out)],
                timeout=900, env={"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     printed = json.loads(proc.stdout)  # stdout is the one JSON object
@@ -51,6 +51,20 @@ def test_bench_parity_contract(tmp_path):
     assert summary["time_per_step_ratio"]["max"] == max(ratios)  # the worst seed decides the target
     assert summary["meets_target"] == bool(summary["top1_ratio"] and summary["top1_ratio"]["min"] >= 1.0
                                            and max(ratios) <= 0.7)
+    check_equal_time(printed)
+
+
+def check_equal_time(printed: dict) -> None:
+    """--equal-time: mmpt trained again for open_clip's steps x the measured s/step ratio, scored the same way."""
+    for r in printed["runs"]:
+        eq, sps = r["equal_time"], r["summary"]["s_per_step"]
+        assert eq["steps"] == max(4, round(4 * sps["open_clip"] / sps["mmpt"]))
+        theirs = r["open_clip"]["zeroshot"]["top1"]
+        assert eq["top1_ratio"] is None if theirs == 0 else math.isclose(eq["top1_ratio"], eq["top1"] / theirs)
+        assert eq["train_s"]["open_clip"] > 0 and eq["train_s"]["mmpt"] > 0
+    same_time = printed["summary"]["equal_time"]
+    assert same_time["steps"] == [r["equal_time"]["steps"] for r in printed["runs"]]
+    assert same_time["top1"]["runs"] == [r["equal_time"]["top1"] for r in printed["runs"]]
 
 
 def check_one_seed(printed: dict) -> None:

