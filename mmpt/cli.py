@@ -214,7 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     md = sub.add_parser("model", help="model accounting").add_subparsers(dest="model_command", required=True)
     p = md.add_parser("info", help="parameters (total, active per token) and FLOPs per sample per modality")
-    p.add_argument("config", help="shipped config name (demo, imp_b16, imp_moe_b16, imp_moe_l16) or YAML path")
+    p.add_argument("config", help="shipped config name (demo, photos, imp_b16, imp_moe_b16, imp_moe_l16) or YAML path")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_model_info)
 

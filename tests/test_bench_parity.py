@@ -88,5 +88,6 @@ def check_one_seed(printed: dict) -> None:
     # the same settings reached both trainers
     argv = printed["open_clip"]["argv"]
     assert argv[argv.index("--batch-size") + 1] == "8" and argv[argv.index("--lr") + 1] == "0.001"
+    assert printed["mmpt"]["command"].startswith("mmpt train --config demo ")  # --mmpt-config's default
     assert "data.batch_size=8" in printed["mmpt"]["overrides"] and "optim.lr=0.001" in printed["mmpt"]["overrides"]
     assert printed["settings"]["shape"]["width"] == printed["open_clip"]["model_config"]["vision_cfg"]["width"]

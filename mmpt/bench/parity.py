@@ -75,6 +75,9 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
                     help="mmpt's image augmentation: open_clip's RandomResizedCrop(0.9-1) (same), or the demo config's")
     ap.add_argument("--sides", choices=["both", "mmpt", "open_clip"], default="both")
     ap.add_argument("--timing-skip", type=int, help="first steps left out of s/step (default max(5, steps/10))")
+    ap.add_argument("--mmpt-config", default="demo",
+                    help="the config mmpt's side starts from (a shipped name or a YAML path); open_clip keeps the "
+                         "demo's shape")
     ap.add_argument("--mmpt-override", action="append", default=[], metavar="KEY=VALUE",
                     help="extra mmpt dotted override, applied last (repeatable), e.g. loss.init_temperature=0.05")
     ap.add_argument("--open-clip-arg", action="append", default=[], metavar="ARG",
@@ -94,7 +97,8 @@ def settings(args, work: Path) -> dict:
          "trunk": args.trunk, "augment": args.augment, "zero_stage": args.zero_stage,
          "timing_skip": timing_skip(args.steps, args.timing_skip),
          "loss_weights": {"contrastive": 1.0, "caption": 1.0}, "init_temperature": 0.07,
-         "mmpt_overrides": args.mmpt_override, "open_clip_args": args.open_clip_arg,
+         "mmpt_config": args.mmpt_config, "mmpt_overrides": args.mmpt_override,
+         "open_clip_args": args.open_clip_arg,
          "workdir": str(work), "shape": shape_from_demo(), "host_cpus": os.cpu_count()}
     s["train_urls"], s["val_urls"] = shard_urls(s["train"]), shard_urls(s["val"])
     return s

@@ -33,7 +33,7 @@ from mmpt.model.info import model_info
 
 def run_mmpt(s: dict) -> dict:
     set_threads(s["threads"])
-    cfg = load_config("demo", mmpt_overrides(s))
+    cfg = load_config(s.get("mmpt_config", "demo"), mmpt_overrides(s))
     info = describe_mmpt(cfg, s)
     info["model_info"] = model_info(cfg)
     info["augment"] = mmpt_augment(cfg)
@@ -55,7 +55,8 @@ def run_mmpt(s: dict) -> dict:
         zs = run_zeroshot(model, run_cfg, "image", data=s["val"], classes=s["classes"])
     pair = "image-text"
     return {**info, "overrides": mmpt_overrides(s),
-            "command": "mmpt train --config demo " + " ".join(f"'{o}'" for o in mmpt_overrides(s)),
+            "command": f"mmpt train --config {s.get('mmpt_config', 'demo')} "
+                       + " ".join(f"'{o}'" for o in mmpt_overrides(s)),
             "trunk": s["trunk"], "steps": len(rec.losses), "timing": rec.timing(s["timing_skip"]), "wall_s": wall,
             "losses": loss_summary(rec.losses), "logit_scale_final": float(model.logit_scale(pair).detach()),
             "zeroshot": {"top1": zs["top1"], "num_samples": zs["num_samples"], "templates": zs["templates"],
