@@ -39,7 +39,9 @@ def test_shipped_demo_config_loads_with_overrides():
     ("model.dropout=1", "model.dropout=1.0: must be in [0, 1)"),
     ("loss.contrastive_chunk=0", "loss.contrastive_chunk=0: must be positive"),
     ("data.audio.seconds=0.02", "data.audio.seconds=0.02: shorter than one 25 ms fbank window"),
-    ("data.audio.max_hz=9000", "data.audio.max_hz=9000.0: must be in [0, 8000]"),
+    ("data.audio.max_hz=9000", "data.audio.max_hz=9000.0: must be 0 (the Nyquist frequency of data.audio.sample_rate) "
+                               "or in (600, 8000]"),
+    ("data.audio.max_hz=500", "data.audio.max_hz=500.0: must be 0"),
     ("model.audio.patch=99", "model.audio.patch=99: larger than data.audio's fbank (32 mel bins x 98 frames)"),
     ("model.width=[1", "override 'model.width': cannot parse value '[1': expected ',' or ']'"),
     # a number in a key indexes a list the config file holds, nothing else

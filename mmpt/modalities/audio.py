@@ -22,6 +22,9 @@ from mmpt.modalities.image import interval
 from mmpt.modality import Modality, register
 from mmpt.model.stems import PatchStem
 
+VTLN_MARGIN_HZ = 500.0  # Kaldi's vtln_high default: the warp's upper bend this far below the top filter edge
+VTLN_LOW_HZ = 100.0  # Kaldi's vtln_low default
+
 
 @dataclass
 class AudioConfig:
@@ -38,6 +41,13 @@ class AudioConfig:
     # The mel filterbank's upper edge in Hz (0: the Nyquist frequency). 4000 keeps to the band an 8 kHz or
     # telephone recording has, so speech learned at 16 kHz meets such recordings on the same filters.
     max_hz: float = 0.0
+
+    @property
+    def vtln_high(self) -> float:
+        """Where the pitch warp's piecewise-linear map bends at the top: Kaldi's 500 Hz below the filterbank's
+        upper edge (a negative value counts down from the Nyquist frequency). Kaldi refuses a warp whose bend
+        lies above the edge, which the Nyquist-relative default would with max_hz set."""
+        return self.max_hz - VTLN_MARGIN_HZ if self.max_hz else -VTLN_MARGIN_HZ
 
     @property
     def fbank_frames(self) -> int:
@@ -99,8 +109,11 @@ def _rules(cfg) -> list:
     fbank = min(d.audio.num_mel_bins, d.audio.fbank_frames)
     # A stem's patch larger than what the decoder gives it would fail at the first batch, not here.
     return [("data.audio.seconds", d.audio.seconds, d.audio.fbank_frames >= 1, "shorter than one 25 ms fbank window"),
-            ("data.audio.max_hz", d.audio.max_hz, 0 <= d.audio.max_hz <= d.audio.sample_rate / 2,
-             f"must be in [0, {d.audio.sample_rate / 2:g}] (0: the Nyquist frequency of data.audio.sample_rate)"),
+            ("data.audio.max_hz", d.audio.max_hz,
+             d.audio.max_hz == 0 or VTLN_LOW_HZ + VTLN_MARGIN_HZ < d.audio.max_hz <= d.audio.sample_rate / 2,
+             f"must be 0 (the Nyquist frequency of data.audio.sample_rate) or in "
+             f"({VTLN_LOW_HZ + VTLN_MARGIN_HZ:g}, {d.audio.sample_rate / 2:g}]: the pitch warp bends "
+             f"{VTLN_LOW_HZ:g} Hz above the bottom and {VTLN_MARGIN_HZ:g} Hz below the top"),
             ("model.audio.patch", m.audio.patch, not used or m.audio.patch <= fbank,
              f"larger than data.audio's fbank ({d.audio.num_mel_bins} mel bins x {d.audio.fbank_frames} frames)"),
             ("model.audio.patch", m.audio.patch, m.stem != "conv" or not used or _power_of_two(m.audio.patch),
@@ -145,7 +158,7 @@ def decode_audio(data: bytes, settings: DecodeSettings, train: bool, rng: random
     fbank = torchaudio.compliance.kaldi.fbank(
         wav - wav.mean(), htk_compat=True, sample_frequency=a.sample_rate, use_energy=False,
         window_type="hanning", num_mel_bins=a.num_mel_bins, dither=0.0, frame_shift=10, high_freq=a.max_hz,
-        vtln_warp=augment.pitch_warp(aug, rng) if train else 1.0)
+        vtln_low=VTLN_LOW_HZ, vtln_high=a.vtln_high, vtln_warp=augment.pitch_warp(aug, rng) if train else 1.0)
     centre = fbank.mean(0, keepdim=True) if a.norm == "utterance" else a.norm_mean
     fbank = (fbank - centre) / (2 * a.norm_std)
     fbank = fbank[: a.fbank_frames]
