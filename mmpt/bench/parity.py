@@ -11,13 +11,13 @@ Both sides train one image-text model on the same webdataset shards (default: th
 `data/demo/train`; held-out `data/demo/val` and `data/demo/classes.json`), one process each, one after the
 other, with the same thread count, one loader worker each, fp32, open_clip's BPE, the demo's model shape, and
 the same steps, batch, AdamW settings, warm-up + cosine schedule, clipping, loss weights and initial temperature.
-open_clip runs `open_clip_train.main` as shipped (mmpt/bench/parity_open_clip.py); mmpt runs `mmpt train
---config demo` with one image-text source (mmpt/bench/parity_mmpt.py). Each side's loss is wrapped to time
-every step at the same point; both are scored zero-shot on the held-out shards with the same class names and
+open_clip runs `open_clip_train.main` as shipped (mmpt/bench/parity_open_clip.py); mmpt runs `mmpt train --config
+demo` (or --mmpt-config) with one image-text source (mmpt/bench/parity_mmpt.py). Each side's loss is wrapped to
+time every step at the same point; both are scored zero-shot on the held-out shards with the same class names and
 prompts. Each seed (`--seeds`) runs both sides; `summary` holds each side's mean, standard deviation, worst and
-best over the seeds and each seed's ratio; the target holds when the worst seed meets it. With --equal-time,
-mmpt trains a third time for as long as open_clip's run took (its steps scaled by the measured s/step ratio),
-and `summary.equal_time` gives top-1 at equal wall time.
+best over the seeds and each seed's ratio; the target holds when the worst seed meets it. With --equal-time, mmpt
+trains a third time for as long as open_clip's run took (its steps scaled by the measured s/step ratio), and
+`summary.equal_time` gives top-1 at equal wall time.
 Work files (checkpoints, logs) go under --workdir. docs/benchmarks.md says what is shared and what differs.
 """
 from __future__ import annotations

@@ -1,6 +1,6 @@
-"""The mmpt side of `mmpt bench parity`: `mmpt.train.loop.train` on the demo config with one image-text source,
-its objective wrapped to record each step, then `run_zeroshot`. Run as `python -m mmpt.bench.parity_mmpt
-SETTINGS` by the driver, in a process of its own."""
+"""The mmpt side of `mmpt bench parity`: `mmpt.train.loop.train` on --mmpt-config (the demo's by default)
+with one image-text source, its objective wrapped to record each step, then `run_zeroshot`. Run as
+`python -m mmpt.bench.parity_mmpt SETTINGS` by the driver, in a process of its own."""
 from __future__ import annotations
 
 import contextlib
@@ -33,7 +33,7 @@ from mmpt.model.info import model_info
 
 def run_mmpt(s: dict) -> dict:
     set_threads(s["threads"])
-    cfg = load_config(s.get("mmpt_config", "demo"), mmpt_overrides(s))
+    cfg = load_config(s["mmpt_config"], mmpt_overrides(s))
     info = describe_mmpt(cfg, s)
     info["model_info"] = model_info(cfg)
     info["augment"] = mmpt_augment(cfg)
@@ -55,8 +55,7 @@ def run_mmpt(s: dict) -> dict:
         zs = run_zeroshot(model, run_cfg, "image", data=s["val"], classes=s["classes"])
     pair = "image-text"
     return {**info, "overrides": mmpt_overrides(s),
-            "command": f"mmpt train --config {s.get('mmpt_config', 'demo')} "
-                       + " ".join(f"'{o}'" for o in mmpt_overrides(s)),
+            "command": f"mmpt train --config {s['mmpt_config']} " + " ".join(f"'{o}'" for o in mmpt_overrides(s)),
             "trunk": s["trunk"], "steps": len(rec.losses), "timing": rec.timing(s["timing_skip"]), "wall_s": wall,
             "losses": loss_summary(rec.losses), "logit_scale_final": float(model.logit_scale(pair).detach()),
             "zeroshot": {"top1": zs["top1"], "num_samples": zs["num_samples"], "templates": zs["templates"],

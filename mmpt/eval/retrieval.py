@@ -89,7 +89,7 @@ def embed_pairs(model, batches, a: str, b: str) -> tuple[list, torch.Tensor, tor
         if not batch["__key__"]:
             continue
         keys += batch["__key__"]
-        labels += batch["label"].tolist() if "label" in batch else [-1] * len(batch["__key__"])
+        labels += batch["label"].tolist()
         for name, out in ((a, emb_a), (b, emb_b)):
             out.append(F.normalize(model.encode(name, model_inputs(model, batch, name))["emb"].float(), dim=-1).cpu())
     dim = model.cfg.embed_dim if hasattr(model, "cfg") else 0
@@ -117,9 +117,8 @@ def _all_gather_padded(x: torch.Tensor, sizes: list) -> list:
     return [p[:n].cpu() for p, n in zip(parts, sizes, strict=True)]
 
 
-def gather_unique(keys: list, emb_a: torch.Tensor, emb_b: torch.Tensor, skipped: int, labels: list | None = None):
+def gather_unique(keys: list, emb_a: torch.Tensor, emb_b: torch.Tensor, skipped: int, labels: list):
     """All ranks' samples, each key once (the first seen), ordered by key; the total skipped; their labels."""
-    labels = [-1] * len(keys) if labels is None else labels
     if dist.is_available() and dist.is_initialized():
         gathered = gather_objects((keys, emb_a.size(1), skipped, labels))
         sizes = [len(k) for k, _, _, _ in gathered]
