@@ -107,11 +107,14 @@ def test_every_file_and_directory_is_fsynced_before_rename_and_before_pruning(ro
         assert hits, (path, [e[0] for e in events])
         return hits[0]
 
-    files = [f for f in rank0["files25"] if not (ckpt / final / f).is_dir()]
-    assert files and all(str(ckpt / tmp / f) in where for f in files)  # under the tmp name: before the rename
-    own = [str(ckpt / tmp / f) for f in files if "rank_1" in f or "rank_00001" in f]
-    assert len(own) == 2 and set(own) <= {p for p, _, _ in rank1["events"]}  # rank 1 syncs what it wrote
-    last_file = max(where[str(ckpt / tmp / f)] for f in files)
+    files = [str(ckpt / tmp / f) for f in rank0["files25"] if not (ckpt / final / f).is_dir()]
+    # each rank syncs what it wrote, under the tmp name; rank 0 may or may not see rank 1's files before the
+    # barrier, so only rank 0's own files are ordered against its rename (rank 1's come before the barrier)
+    theirs = [f for f in files if "rank_1" in f or "rank_00001" in f]
+    mine = [f for f in files if f not in theirs]
+    assert len(theirs) == 2 and set(theirs) <= {p for p, _, _ in rank1["events"]}
+    assert len(mine) == 3 and all(f in where for f in mine)
+    last_file = max(where[f] for f in mine)
     tmp_dir = first(ckpt / tmp, lambda listing, latest: final not in listing)
     renamed = first(ckpt, lambda listing, latest: final in listing and tmp not in listing and latest == "step0000020")
     latest_file = first(ckpt / "latest.tmp", lambda listing, latest: True)
