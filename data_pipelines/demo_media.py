@@ -1,5 +1,5 @@
 """Media for the embedded demo: spoken digit words (espeak-ng and flite) and short videos of a digit moving in a named
-direction with the spoken word as their audio track (encoded by PyAV: H.264 + AAC in MP4).
+direction with a voice saying digit and direction as their audio track (encoded by PyAV: H.264 + AAC in MP4).
 
 Used by demo_digits.py; needs the `espeak-ng` program and, for a second synthesiser, `flite` (Debian packages of
 the same names; `make` installs them as root; without flite all voices are espeak-ng's).
@@ -78,6 +78,21 @@ def flac_bytes(wav: np.ndarray) -> bytes:
     buf = io.BytesIO()
     sf.write(buf, wav, SPEECH_RATE, format="FLAC")
     return buf.getvalue()
+
+
+def soundtrack(wav: np.ndarray, clip_seconds: float, max_voiced: float, threshold: float = 0.02) -> np.ndarray:
+    """The voiced part of `wav` (samples above `threshold`), sped up to at most `max_voiced` seconds, centred in
+    `clip_seconds` of silence: float32 at SPEECH_RATE."""
+    loud = np.nonzero(np.abs(wav) > threshold)[0]
+    voiced = wav[loud[0]:loud[-1] + 1] if len(loud) else wav
+    most = int(max_voiced * SPEECH_RATE)
+    if len(voiced) > most:  # a slightly faster voice, rather than a word cut off by the audio window
+        voiced = np.interp(np.linspace(0, len(voiced) - 1, most), np.arange(len(voiced)), voiced)
+    total = max(int(clip_seconds * SPEECH_RATE), len(voiced))
+    out = np.zeros(total, dtype=np.float32)
+    start = (total - len(voiced)) // 2
+    out[start:start + len(voiced)] = voiced
+    return out
 
 
 def motion_frames(digit: np.ndarray, direction: str, frames: int, size: int, glyph_size: int,

@@ -26,6 +26,8 @@ def test_shipped_demo_config_loads_with_overrides():
     ("deepspeed.zero_stage=5", "deepspeed.zero_stage=5"),
     ("model.heads=3", "divisible by model.heads=3"),
     ("model.modalities=[image, smell]", "unknown modality 'smell'"),
+    ("model.own_trunk=[smell]", "model.own_trunk: 'smell' is not in model.modalities"),
+    ("model.own_trunk=[image]", "model.own_trunk: 'image' borrows the video encoder"),
     ("data.batch_size=0", "data.batch_size=0"),
     ("model", "expected dotted.key=value"),
     ("model.video_frames=4", "it is model.video.num_frames now"),

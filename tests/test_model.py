@@ -83,3 +83,21 @@ def test_grad_checkpointing_gives_same_gradients(cfg):
         objective(m(b), cfg.loss)["loss"].backward()
     for (name, p), q in zip(plain.named_parameters(), ckpt.parameters(), strict=True):
         torch.testing.assert_close(p.grad, q.grad, msg=name, rtol=1e-4, atol=1e-6)
+
+
+def test_own_trunk_gives_text_a_tower_of_its_own(cfg):
+    """model.own_trunk=[text]: open_clip's two towers. Text's gradient reaches only its own trunk, the image's
+    only the shared one; with the same weights in both trunks the embeddings equal the shared model's."""
+    from dataclasses import replace
+
+    torch.manual_seed(0)
+    shared = build_model(cfg.model)
+    towers = build_model(replace(cfg.model, own_trunk=["text"]))
+    towers.load_state_dict({**shared.state_dict(), **{f"own_trunks.text.{k}": v
+                                                       for k, v in shared.trunk.state_dict().items()}})
+    x = batch()
+    for m in ("image", "text"):
+        torch.testing.assert_close(towers.encode(m, x[m])["emb"], shared.encode(m, x[m])["emb"])
+    towers.encode("text", x["text"])["emb"].sum().backward()
+    assert all(p.grad is None for p in towers.trunk.parameters())
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in towers.own_trunks["text"].parameters())

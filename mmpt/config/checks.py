@@ -12,7 +12,7 @@ from mmpt.config.build import source_augment
 from mmpt.config.schema import Config, replaced, task_twins
 from mmpt.errors import ConfigError
 from mmpt.evals import EVALS
-from mmpt.modality import MODALITIES, pair_name
+from mmpt.modality import MODALITIES, pair_name, stem_plan
 
 # Sizes, counts and rates; checked first, so no later check (or the model) divides by zero. None (unset) passes.
 _POSITIVE = """data.batch_size data.shuffle_slots data.prefetch data.max_consecutive_bad
@@ -151,6 +151,7 @@ def _validate_modalities(cfg: Config) -> None:
         if mod not in MODALITIES:
             raise ConfigError(f"model.modalities: unknown modality '{mod}' (known: {known}; more come from plugins)")
     _raise(_broken(_drop_token_rules("model.drop_token", m.drop_token, MODALITIES, "a known modality")))
+    _validate_own_trunk(cfg)
     if not cfg.data.sources:
         raise ConfigError("data.sources: at least one source is needed")
     for i, src in enumerate(cfg.data.sources):
@@ -166,6 +167,16 @@ def _validate_modalities(cfg: Config) -> None:
             problem = entry.check(cfg, item)
             if problem:
                 raise ConfigError(f"eval.{name}[{i}].{problem}")
+
+
+def _validate_own_trunk(cfg: Config) -> None:
+    m, plan = cfg.model, stem_plan(cfg.model)
+    for mod in m.own_trunk:
+        if mod not in m.modalities:
+            raise ConfigError(f"model.own_trunk: '{mod}' is not in model.modalities={m.modalities}")
+        if plan[mod][0] != mod:
+            raise ConfigError(f"model.own_trunk: '{mod}' borrows the {plan[mod][0]} encoder (model.image_as_video); "
+                              f"name '{plan[mod][0]}' instead")
 
 
 def _validate_moe(cfg: Config) -> None:

@@ -111,6 +111,9 @@ class ModelConfig:
     drop_token: dict[str, float] = field(default_factory=dict)  # modality -> fraction of tokens dropped in training
     image_as_video: bool = False  # images go through the video stem as repeated frames (IMP)
     stem: Literal["linear", "conv"] = "linear"  # patch projection of image/video/audio: one linear layer, or convs
+    # Modalities that get a trunk of their own, the same shape as the shared one (open_clip's separate text
+    # tower: [text]); the rest share one trunk (IMP).
+    own_trunk: list[str] = field(default_factory=list)
     moe: MoEConfig = field(default_factory=MoEConfig)
 
 

@@ -19,6 +19,10 @@ def build_stems(cfg) -> nn.ModuleDict:
     return nn.ModuleDict({m: registry.get(m).stem(cfg) for m in cfg.modalities if plan[m][0] == m})
 
 
+def build_trunk(cfg) -> Trunk:
+    return Trunk(cfg.width, cfg.depth, cfg.heads, lambda i: make_ffn(cfg, i), cfg.dropout, cfg.grad_checkpointing)
+
+
 class MultimodalModel(nn.Module):
     def __init__(self, cfg, init_temperature: float = 0.07, max_logit_scale: float = 100.0,
                  init_logit_bias: Optional[float] = None):
@@ -31,8 +35,9 @@ class MultimodalModel(nn.Module):
         # embedding and pooling head too, so what image-text teaches is the video encoder (IMP).
         own = [m for m in cfg.modalities if self.plan[m][0] == m]
         self.modality = nn.ParameterDict({m: nn.Parameter(torch.zeros(1, 1, cfg.width)) for m in own})
-        self.trunk = Trunk(cfg.width, cfg.depth, cfg.heads, lambda i: make_ffn(cfg, i), cfg.dropout,
-                           cfg.grad_checkpointing)
+        self.trunk = build_trunk(cfg)
+        # model.own_trunk: separate towers (open_clip's text tower) where asked; modality is data here too
+        self.own_trunks = nn.ModuleDict({m: build_trunk(cfg) for m in cfg.own_trunk})
         self.heads = nn.ModuleDict({m: EmbeddingHead(cfg.width, cfg.heads, cfg.embed_dim) for m in own})
         pairs = [registry.pair_name(a, b) for a, b in registry.pairs(cfg.modalities)]
         # One learnable temperature per modality pair (log scale, clamped in forward). Shape (1,), not a
@@ -54,7 +59,8 @@ class MultimodalModel(nn.Module):
         volume = entry.stem_input(x, repeat)
         # A plugin's stem may not take a rate; it is only passed when a task sets one.
         tokens, mask = self.stems[stem](volume) if drop_token is None else self.stems[stem](volume, drop_token)
-        trunk = self.trunk(tokens + self.modality[stem], mask)
+        trunk = self.own_trunks[stem] if stem in self.own_trunks else self.trunk
+        trunk = trunk(tokens + self.modality[stem], mask)
         return {"emb": self.heads[stem](trunk["hidden"], mask), "hidden": trunk["hidden"], "mask": mask,
                 "aux": trunk["aux"]}
 
