@@ -26,6 +26,7 @@ def test_shipped_demo_config_loads_with_overrides():
     ("deepspeed.zero_stage=5", "deepspeed.zero_stage=5"),
     ("model.heads=3", "divisible by model.heads=3"),
     ("model.modalities=[image, smell]", "unknown modality 'smell'"),
+    ("data.tasks={image-text: {start_step: -1}}", "data.tasks.image-text.start_step=-1: must be in [0, train.steps"),
     ("model.own_trunk=[smell]", "model.own_trunk: 'smell' is not in model.modalities"),
     ("model.own_trunk=[image]", "model.own_trunk: 'image' borrows the video encoder"),
     ("data.batch_size=0", "data.batch_size=0"),
@@ -60,6 +61,12 @@ def test_shipped_demo_config_loads_with_overrides():
 def test_bad_overrides_name_the_key(override, message):
     with pytest.raises(ConfigError, match=re.escape(message)):
         load_config("demo", [override])
+
+
+def test_some_task_must_start_at_step_0():
+    with pytest.raises(ConfigError, match=re.escape("data.tasks: every task starts late (image-text.start_step=5); "
+                                                    "at least one must start at step 0")):
+        load_config("photos", ["data.tasks={image-text: {start_step: 5}}"])
 
 
 def test_indexed_overrides_reach_into_lists():

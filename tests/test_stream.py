@@ -128,6 +128,26 @@ def test_multitask_sampler_is_seeded_and_resumable(tmp_path):
         other.load_state_dict(again.state_dict())
 
 
+def test_a_late_task_joins_the_mix_at_its_start_step(tmp_path):
+    """data.tasks.<pair>.start_step: never drawn before its step, drawn by weight after, and a resumed sampler
+    keeps the schedule."""
+    src = [Source("a", list_shards(make_shards(tmp_path / "a", "a", 20, 10)), ["image", "text"])]
+
+    def loader():
+        return MultiTaskLoader({"t1": task_loader(src, 0), "t2": task_loader(src, 0)}, {"t1": 1.0, "t2": 3.0},
+                               seed=3, starts={"t2": 10})
+
+    first = loader()
+    names = [next(first)[0] for _ in range(40)]
+    assert names[:10] == ["t1"] * 10 and names[10:].count("t2") > 15
+    resumed = loader()
+    resumed.load_state_dict(first.state_dict())
+    again = loader()
+    for _ in range(40):
+        next(again)
+    assert [next(resumed)[0] for _ in range(10)] == [next(again)[0] for _ in range(10)]
+
+
 def test_a_worker_that_delivers_nothing_is_an_error_not_a_hang(tmp_path):
     """A shard on storage that never answers (a FIFO nobody writes): data.worker_timeout ends it in one line."""
     import os

@@ -47,6 +47,7 @@ class TaskConfig:
     loss_weight: float = 1.0
     drop_token: dict | None = None  # modality -> DropToken rate for this task; None: the model's
     settings: DecodeSettings | None = None  # this task's sizes (data.tasks); None: the run's
+    start_step: int = 0  # the step it joins the mix (data.tasks.<pair>.start_step)
 
 
 class TaskStream(IterableDataset):
@@ -147,11 +148,12 @@ class TaskLoader:
 
 
 class MultiTaskLoader:
-    """Alternating tasks: step k runs the task drawn from rng(seed, k) by weight, identical on every rank."""
+    """Alternating tasks: step k runs the task drawn from rng(seed, k) by weight among the tasks started by k
+    (`starts`: name -> first step, default 0), identical on every rank."""
 
-    def __init__(self, loaders: dict, weights: dict, seed: int):
+    def __init__(self, loaders: dict, weights: dict, seed: int, starts: dict | None = None):
         self.loaders, self.weights, self.seed, self.step = loaders, weights, seed, 0
-        self.names = sorted(loaders)
+        self.names, self.starts = sorted(loaders), starts or {}
 
     def __next__(self) -> tuple[str, dict]:
         name, batches = self.take(1)
@@ -159,7 +161,8 @@ class MultiTaskLoader:
 
     def take(self, k: int) -> tuple[str, list]:
         """The next step's task and k batches of it (an accumulated step is one task)."""
-        name = rng_for(self.seed, "task", self.step).choices(self.names, [self.weights[n] for n in self.names])[0]
+        names = [n for n in self.names if self.starts.get(n, 0) <= self.step]
+        name = rng_for(self.seed, "task", self.step).choices(names, [self.weights[n] for n in names])[0]
         self.step += 1
         return name, [next(self.loaders[name]) for _ in range(k)]
 
@@ -247,7 +250,8 @@ def tasks_from_config(cfg, expand: bool = True) -> tuple[dict, dict]:
             tasks[name] = TaskConfig(name, ordered(src.modalities), [],
                                      (terms and terms.batch_size) or cfg.data.batch_size,
                                      terms.loss_weight if terms else 1.0, terms.drop_token if terms else None,
-                                     DecodeSettings.from_config(task_view(cfg, terms)))
+                                     DecodeSettings.from_config(task_view(cfg, terms)),
+                                     terms.start_step if terms else 0)
         task = tasks[name]
         task.sources.append(src)
         weights[name] = weights.get(name, 0.0) + src.weight
@@ -260,4 +264,4 @@ def train_loader(cfg, seed: int) -> MultiTaskLoader:
     settings = DecodeSettings.from_config(cfg)
     loaders = {name: TaskLoader(task, settings, seed, d.num_workers, d.shuffle_slots, d.shuffle_buffer, d.pin_memory,
                                 d.prefetch, d.max_consecutive_bad, d.worker_timeout) for name, task in tasks.items()}
-    return MultiTaskLoader(loaders, weights, seed)
+    return MultiTaskLoader(loaders, weights, seed, {name: task.start_step for name, task in tasks.items()})
