@@ -26,7 +26,7 @@ def test_shipped_demo_config_loads_with_overrides():
     ("deepspeed.zero_stage=5", "deepspeed.zero_stage=5"),
     ("model.heads=3", "divisible by model.heads=3"),
     ("model.modalities=[image, smell]", "unknown modality 'smell'"),
-    ("data.tasks={image-text: {start_step: -1}}", "data.tasks.image-text.start_step=-1: must be in [0, train.steps"),
+    ("data.tasks={image-text: {start_step: -1}}", "data.tasks.image-text.start_step=-1: must be >= 0"),
     ("model.own_trunk=[smell]", "model.own_trunk: 'smell' is not in model.modalities"),
     ("model.own_trunk=[image]", "model.own_trunk: 'image' borrows the video encoder"),
     ("data.batch_size=0", "data.batch_size=0"),
@@ -48,8 +48,8 @@ def test_shipped_demo_config_loads_with_overrides():
     ("model.audio.patch=99", "model.audio.patch=99: larger than data.audio's fbank (32 mel bins x 98 frames)"),
     ("model.width=[1", "override 'model.width': cannot parse value '[1': expected ',' or ']'"),
     # a number in a key indexes a list the config file holds, nothing else
-    ("data.sources.4.weight=1", "override 'data.sources.4.weight': data.sources is a list of 3; '4' is not an index"),
-    ("data.sources.first.weight=1", "data.sources is a list of 3; 'first' is not an index 0..2"),
+    ("data.sources.7.weight=1", "override 'data.sources.7.weight': data.sources is a list of 5; '7' is not an index"),
+    ("data.sources.first.weight=1", "data.sources is a list of 5; 'first' is not an index 0..4"),
     ("data.val.0=x", "override 'data.val.0': data.val='data/demo/val' is a value, not a section or list"),
     ("model.0.width=3", "override 'model.0.width': model is a section, not a list"),
     ("eval.top_k.0=3", "eval.top_k is not in the config file; set the whole list (eval.top_k=[...])"),
@@ -121,6 +121,10 @@ def test_task_terms_name_the_pair_and_field():
 
     with pytest.raises(ConfigError, match=r"data.tasks.text-image: no source feeds this pair .*spelled 'image-text'"):
         load_config("demo", ["data.tasks={text-image: {batch_size: 8}}"])
+    # the demo's video-audio terms wait unused when the sources are overridden to image-text only
+    cfg = load_config("demo", ["data.sources=[{name: d, shards: d, modalities: [image, text]}]"])
+    assert cfg.data.tasks["video-audio"].start_step == 500 and list(tasks_from_config(cfg, expand=False)[0]) == [
+        "image-text"]
     with pytest.raises(ConfigError,
                        match=r"data.tasks.video-text.image_size=20: must be divisible by model.patch_size=8"):
         load_config("demo", ["data.tasks={video-text: {image_size: 20}}"])

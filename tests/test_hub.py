@@ -133,7 +133,7 @@ def test_model_card_parses_with_huggingface_hub(exported):
     card = ModelCard.load(out / "README.md")
     assert card.data.license == "apache-2.0" and card.data.library_name == "mmpt"
     assert {"multimodal", "contrastive", "mixture-of-experts", "image", "video", "audio", "text"} <= set(card.data.tags)
-    assert card.data.datasets == ["digits", "speech", "motion"]
+    assert card.data.datasets == ["digits", "speech", "motion", "motion-speech", "motion-sound"]
     found = {(r.task_type, r.dataset_name, r.metric_type): r.metric_value for r in card.data.eval_results}
     assert found[("zero-shot-image-classification", "demo/val", "top1")] == 0.8
     assert found[("image-text-retrieval", "demo/val", "text_to_image/R@5")] == 0.8

@@ -50,8 +50,9 @@ class TaskTerms:
     loss_weight: float = 1.0  # multiplies the task's whole loss before backward
     image_size: Optional[int] = None  # images and video frames (a multiple of model.patch_size); None: model.image_size
     drop_token: Optional[dict[str, float]] = None  # modality -> DropToken rate; None: model.drop_token
-    # The step this task joins the mix; before it the other tasks share the steps. A pair whose both sides only
-    # make sense once text has shaped them (video-audio from scratch is noise for the shared trunk) starts late.
+    # The step this task joins the mix; before it the other tasks share the steps (a run shorter than it never
+    # trains the task). A pair whose both sides only make sense once text has shaped them (video-audio from
+    # scratch is noise for the shared trunk) starts late.
     start_step: int = 0
 
 
