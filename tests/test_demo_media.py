@@ -4,13 +4,17 @@ of a word spoken at 0 s, and only the digit: a video-audio R@1 ceiling of one cl
 from __future__ import annotations
 
 import json
+import random
 import sys
 import tarfile
 from pathlib import Path
 
 import numpy as np
 
+from mmpt.config import load_config
+from mmpt.data.media import DecodeSettings
 from mmpt.data.samples import load_waveform
+from mmpt.modalities.video import decode_video_timed
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "data_pipelines"))
 from demo_media import SPEECH_RATE, soundtrack  # noqa: E402
@@ -29,11 +33,13 @@ def test_motion_soundtracks_say_digit_and_direction_inside_the_centred_window(de
     with tarfile.open(sorted((demo_data / "motion-val").glob("*.tar"))[0]) as tar:
         members = {m.name: tar.extractfile(m).read() for m in tar.getmembers() if m.isfile()}
     clips = sorted(k for k in members if k.endswith(".mp4"))[:6]
+    settings = DecodeSettings.from_config(load_config("demo"))
     for name in clips:
         wav, sr = load_waveform(members[name])
         loud = np.nonzero(np.abs(wav.mean(0).numpy()) > 0.02)[0] / sr
-        mid = 16 / 8 / 2  # VIDEO_FRAMES / VIDEO_FPS / 2: the centre of the frames the video task decodes
-        assert mid - 0.5 <= loud[0] and loud[-1] <= mid + 0.5, (name, loud[0], loud[-1])
+        _, (start, end) = decode_video_timed(members[name], settings, False, random.Random(0))
+        mid = (start + end) / 2  # where video-audio centres the clip's 1-second audio window
+        assert mid - 0.5 <= loud[0] and loud[-1] <= mid + 0.5, (name, mid, loud[0], loud[-1])
         meta = json.loads(members[name.replace(".mp4", ".json")])
         assert {"label", "direction"} <= set(meta)
     recipe = json.loads((demo_data / "recipe.json").read_text())
