@@ -62,6 +62,11 @@ def _synthesise(word: str, synth: str, voice: str, rng: random.Random, path: str
     subprocess.run(cmd, check=True, capture_output=True)
 
 
+def stretch(wav: np.ndarray, n: int) -> np.ndarray:
+    """`wav` linearly resampled to `n` samples, float32."""
+    return np.interp(np.linspace(0, len(wav) - 1, n), np.arange(len(wav)), wav).astype(np.float32)
+
+
 def speak(word: str, rng: random.Random, split: str = "train") -> tuple[np.ndarray, str]:
     """One spoken rendition of `word` by a random voice of `split`, with random speed and pitch: float32 mono
     at 16 kHz, and the voice's name ("espeak-ng:en-us+m3", "flite:slt")."""
@@ -69,8 +74,8 @@ def speak(word: str, rng: random.Random, split: str = "train") -> tuple[np.ndarr
     with tempfile.NamedTemporaryFile(suffix=".wav") as f:
         _synthesise(word, synth, voice, rng, f.name)
         wav, sr = sf.read(f.name, dtype="float32")
-    n = int(len(wav) * SPEECH_RATE / sr)  # espeak-ng speaks at 22,050 Hz, flite at 8 or 16 kHz; linear is fine here
-    wav = np.interp(np.linspace(0, len(wav) - 1, n), np.arange(len(wav)), wav).astype(np.float32)
+    # espeak-ng speaks at 22,050 Hz, flite at 8 or 16 kHz; linear is fine here
+    wav = stretch(wav, int(len(wav) * SPEECH_RATE / sr))
     return wav, f"{synth}:{voice}"
 
 
@@ -87,7 +92,7 @@ def soundtrack(wav: np.ndarray, clip_seconds: float, max_voiced: float, threshol
     voiced = wav[loud[0]:loud[-1] + 1] if len(loud) else wav
     most = int(max_voiced * SPEECH_RATE)
     if len(voiced) > most:  # a slightly faster voice, rather than a word cut off by the audio window
-        voiced = np.interp(np.linspace(0, len(voiced) - 1, most), np.arange(len(voiced)), voiced)
+        voiced = stretch(voiced, most)
     total = max(int(clip_seconds * SPEECH_RATE), len(voiced))
     out = np.zeros(total, dtype=np.float32)
     start = (total - len(voiced)) // 2
