@@ -51,8 +51,8 @@ from mmpt.train.loop import train
 def cmd_train(args) -> int:
     cfg = load_config(args.config, args.overrides)
     check_model_fits(cfg.data.tokenizer, cfg.model)  # a bad tokenizer is one line before any process group
-    train(cfg)
-    return 0
+    result = train(cfg)
+    return 0 if result.get("hub_ok", True) else 3  # trained and saved, but the Hub lacks the last checkpoint
 
 
 @contextlib.contextmanager
@@ -148,7 +148,7 @@ def cmd_model_info(args) -> int:
 
 
 def cmd_export(args) -> int:
-    print(export(args.run, args.out, args.results, trust_plugins=args.trust_plugins))
+    print(export(args.run, args.out, args.results, trust_plugins=args.trust_plugins, progress=args.progress))
     return 0
 
 
@@ -222,6 +222,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run", required=True)
     p.add_argument("--out", required=True)
     p.add_argument("--results", nargs="*", default=[], help="eval JSON files for the model card's metrics")
+    p.add_argument("--progress", action="store_true",
+                   help="add the run's training progress (RUN/metrics.jsonl: losses, evals so far) to the model card")
     p.add_argument("--trust-plugins", action="store_true",
                    help="import the modules the model's saved config names in `plugins` (code chosen by its files)")
     p.set_defaults(func=cmd_export)

@@ -36,6 +36,7 @@ from mmpt.model import build_for_run
 from mmpt.model.info import model_info
 from mmpt.train.checkpoint import checkpoint_dir
 from mmpt.train.consolidate import consolidated_state_dict
+from mmpt.train.runlog import read_metrics
 
 WEIGHTS, CONFIG, TOKENIZER, PREPROCESSING, CARD = (
     "model.safetensors", "config.json", "tokenizer.json", "preprocessing.json", "README.md")
@@ -216,8 +217,29 @@ def _architecture(cfg: Config, info: dict) -> dict:
             "parameters": f"{info['parameters']:,}", "active": f"{info['active_parameters_per_token']:,}"}
 
 
-def render_model_card(cfg: Config, results: list[tuple[str, dict]] | None = None) -> str:
-    """README.md from model_cards/default.md. results: (file stem, eval result dict) pairs."""
+def _shown(key: str) -> bool:
+    """A card's progress rows: losses and eval metrics, not sample counts."""
+    wanted = key == "loss" or key.endswith("/loss") or key.startswith("eval/")
+    return wanted and key.rsplit("/", 1)[-1] not in COUNTS
+
+
+def training_progress(records: list[dict]) -> str:
+    """A card section from a run's metrics.jsonl records: the step reached, the last logged losses and the latest
+    value of every eval metric logged during training ("" when nothing was logged)."""
+    if not records:
+        return ""
+    step = max(int(r.get("step", 0)) for r in records)
+    latest: dict = {}
+    for record in records:
+        latest.update({k: (record["step"], v) for k, v in record.items() if isinstance(v, (int, float)) and _shown(k)})
+    rows = "\n".join(f"| {k} | {v:.4g} | {s} |" for k, (s, v) in sorted(latest.items()))
+    return (f"\n### Progress\nTrained to step {step} of {{steps}} so far.\n\n| metric | value | at step |\n"
+            f"|---|---|---|\n{rows}\n")
+
+
+def render_model_card(cfg: Config, results: list[tuple[str, dict]] | None = None, progress: str = "") -> str:
+    """README.md from model_cards/default.md. results: (file stem, eval result dict) pairs; progress: a section
+    from training_progress."""
     rows = eval_rows(results or [])
     template = resources.files("mmpt.model_cards").joinpath("default.md").read_text()
     mods = registry.ordered(cfg.model.modalities)
@@ -228,6 +250,7 @@ def render_model_card(cfg: Config, results: list[tuple[str, dict]] | None = None
         pairs=", ".join(dict.fromkeys(registry.pair_name(*s.modalities) for s in cfg.data.sources)),
         modalities=", ".join(mods),
         first=next((x for x in mods if x != registry.TEXT), mods[0]), steps=cfg.train.steps, sources=sources,
+        progress=progress.replace("{steps}", str(cfg.train.steps)),
         results=_results_table(rows), config=yaml.safe_dump(cfg.to_dict(), sort_keys=False).strip(),
         **_architecture(cfg, model_info(cfg)))
 
@@ -246,9 +269,10 @@ def load_results(paths: list[str | Path]) -> list[tuple[str, dict]]:
 # ---- export ------------------------------------------------------------------------------------------------
 
 def export(run_dir: str | Path, out_dir: str | Path, results: list[str | Path] | str | Path | None = None,
-           trust_plugins: bool = False) -> Path:
+           trust_plugins: bool = False, progress: bool = False) -> Path:
     """A run (or export) directory -> an export directory (see the module docstring). results: eval JSON files
-    whose metrics go into the model card. trust_plugins: import the modules the run's config names."""
+    whose metrics go into the model card. trust_plugins: import the modules the run's config names. progress: the
+    card gets the run's metrics.jsonl so far (losses, evals during training)."""
     from safetensors.torch import save_file
 
     paths = [results] if isinstance(results, (str, Path)) else list(results or [])
@@ -263,5 +287,6 @@ def export(run_dir: str | Path, out_dir: str | Path, results: list[str | Path] |
     info = write_tokenizer(cfg, out)
     prep = preprocessing(cfg, info.get("path", OPENCLIP))
     (out / PREPROCESSING).write_text(json.dumps(prep, indent=1) + "\n")
-    (out / CARD).write_text(render_model_card(cfg, loaded))
+    section = training_progress(read_metrics(run_dir)) if progress else ""
+    (out / CARD).write_text(render_model_card(cfg, loaded, section))
     return out

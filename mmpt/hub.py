@@ -50,7 +50,16 @@ _REPO = re.compile(r"[\w.-]+/[\w.-]+")
 
 
 class HubError(DataError):
-    """A hub request failed (HTTP error, connection, bad repo id): one line, never the token."""
+    """A hub request failed (HTTP error, connection, bad repo id): one line, never the token. `status`: the HTTP
+    status when the server answered (None: no answer)."""
+
+    def __init__(self, message: str, status: int | None = None):
+        super().__init__(message)
+        self.status = status
+
+
+def _status(error: Exception) -> int | None:
+    return getattr(getattr(error, "response", None), "status_code", None)
 
 
 def _describe(error: Exception, token: Optional[str] = None) -> str:
@@ -103,8 +112,56 @@ def push(export_dir: str | Path, repo: str, private: bool = False, revision: str
         info = api.upload_folder(repo_id=repo, folder_path=str(export_dir), revision=revision,
                                  commit_message=f"mmpt export {export_dir.name}")
     except _hub_errors() as e:
-        raise HubError(f"push to {repo} failed: {_describe(e, token)}") from None
+        raise HubError(f"push to {repo} failed: {_describe(e, token)}", _status(e)) from None
     return info.commit_url
+
+
+def commit_files(repo: str, files: dict[str, Path], delete: list[str], message: str, private: bool = False,
+                 revision: str | None = None) -> str:
+    """One commit on ORG/NAME (created if missing) at `revision` (a branch, created if missing): `files` (path in
+    the repo -> local file) added, `delete` (folders in the repo, "dir/") removed. huggingface_hub uploads only
+    what changed (preupload returns each path's remote oid) and sends weights through LFS. Returns the commit URL;
+    raises HubError with the HTTP status. The token: HF_TOKEN or `huggingface-cli login`."""
+    from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi
+
+    api = HfApi()
+    operations: list = [CommitOperationAdd(path_in_repo=p, path_or_fileobj=str(f)) for p, f in sorted(files.items())]
+    operations += [CommitOperationDelete(path_in_repo=p, is_folder=True) for p in delete]
+    try:
+        api.create_repo(repo, private=private, exist_ok=True)
+        if revision:
+            api.create_branch(repo, branch=revision, exist_ok=True)
+        info = api.create_commit(repo, operations, commit_message=message, revision=revision)
+    except _hub_errors() as e:
+        raise HubError(f"push to {repo} failed: {_describe(e)}", _status(e)) from None
+    return info.commit_url
+
+
+def remote_paths(repo: str, revision: str | None = None) -> list[str]:
+    """The files of ORG/NAME at `revision` ([] for a repo that does not exist yet)."""
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import RepositoryNotFoundError, RevisionNotFoundError
+
+    try:
+        return [s.rfilename for s in HfApi().model_info(repo, revision=revision or None).siblings or []]
+    except (RepositoryNotFoundError, RevisionNotFoundError):
+        return []
+    except _hub_errors() as e:
+        raise HubError(f"listing {repo} failed: {_describe(e)}", _status(e)) from None
+
+
+def download(ref: str, patterns: list[str], dest: Path) -> Path:
+    """The files of hf-hub ref ORG/NAME[@revision] matching `patterns`, under dest (huggingface_hub's local_dir
+    download: real files, resumable). Returns dest."""
+    repo, _, revision = ref.partition("@")
+    if not _REPO.fullmatch(repo):
+        raise DataError(f"{HF_HUB}{ref}: expected {HF_HUB}ORG/NAME[@revision]")
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(repo, revision=revision or None, allow_patterns=patterns, local_dir=dest))
+    except _hub_errors() as e:
+        raise HubError(f"{HF_HUB}{ref}: download failed: {_describe(e)}", _status(e)) from None
 
 
 # ---- loading -----------------------------------------------------------------------------------------------
@@ -118,7 +175,7 @@ def _download(ref: str) -> Path:
     try:
         return Path(snapshot_download(repo, revision=revision or None, allow_patterns=EXPORT_PATTERNS))
     except _hub_errors() as e:
-        raise HubError(f"{HF_HUB}{ref}: download failed: {_describe(e)}") from None
+        raise HubError(f"{HF_HUB}{ref}: download failed: {_describe(e)}", _status(e)) from None
 
 
 def resolve_source(source: str) -> tuple[Path, bool]:

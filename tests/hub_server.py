@@ -1,11 +1,19 @@
 """A local TEST DOUBLE of the Hugging Face Hub HTTP API: just the endpoints huggingface_hub 0.36 calls for
-`create_repo`, `create_branch`, `upload_folder` (validate-yaml, preupload, commit), `model_info` / `repo_info`
-and `hf_hub_download` / `snapshot_download` (HEAD + GET resolve). It is not a hub: model repos only, no LFS
-(preupload answers uploadMode "regular", so file contents arrive base64 in the commit's NDJSON), no users.
+`create_repo`, `create_branch`, `upload_folder` / `create_commit` (validate-yaml, preupload, the LFS batch API,
+LFS upload and verify, commit), `model_info` / `repo_info` and `hf_hub_download` / `snapshot_download` (HEAD +
+GET resolve). It is not a hub: model repos only, no users.
 
-Files are stored on disk under ROOT (ORG/NAME/repo.json with branches and commits, blobs/ by sha256). Every
-Authorization header seen is recorded (`HubServer.auth_seen`), so tests can check the client sent its token;
-writes need a Bearer token (one of `tokens` when given), and so do reads of private repos.
+Uploads take the two paths the Hub gives them. Preupload answers "lfs" for weights and checkpoint files (the
+Hub's default .gitattributes: *.safetensors, *.pt, *.bin, ...) and anything over 10 MB: the client asks the
+LFS batch endpoint, PUTs the bytes to the URL it is given, has them verified, and the commit names the object by
+its sha256. Everything else is "regular": its bytes arrive base64 in the commit's NDJSON. Preupload also returns
+each path's current oid, so the client skips files that did not change (as with the Hub).
+
+Files are stored on disk under ROOT (tests/hub_store.py). Every Authorization header seen is recorded
+(`HubServer.auth_seen`), so tests can check the client sent its token; writes need a Bearer token (one of
+`tokens` when given), and so do reads of private repos. Faults for tests: `fail(n, status)` answers the next n
+write requests with `status`; `delay_s` slows every request; `die_mid_upload(down_s)` drops the next LFS upload
+half-way and stops listening for down_s seconds, then serves again on the same port.
 
     python -m tests.hub_server --port 8765 --root /tmp/hub          # then, in another shell:
     HF_ENDPOINT=http://127.0.0.1:8765 HF_TOKEN=hf_test mmpt push --export exports/demo --repo me/demo
@@ -27,85 +35,11 @@ from urllib.parse import unquote, urlsplit
 
 import yaml
 
+from tests.hub_store import HubError, Store, git_blob_sha1
 
-class HubError(Exception):
-    def __init__(self, status: int, message: str, code: str | None = None):
-        super().__init__(message)
-        self.status, self.code = status, code
-
-
-class Store:
-    """Repos on disk: ROOT/ORG/NAME/repo.json ({private, refs: {branch: sha}, commits: {sha: {parent, files:
-    {path: sha256}}}}) and ROOT/ORG/NAME/blobs/SHA256."""
-
-    def __init__(self, root: str | Path):
-        self.root = Path(root)
-        self.root.mkdir(parents=True, exist_ok=True)
-        self.lock = threading.Lock()
-
-    def _meta_path(self, repo: str) -> Path:
-        return self.root / repo / "repo.json"
-
-    def meta(self, repo: str) -> dict:
-        path = self._meta_path(repo)
-        if not path.is_file():
-            raise HubError(404, f"Repository {repo} not found", "RepoNotFound")
-        return json.loads(path.read_text())
-
-    def _save(self, repo: str, meta: dict) -> None:
-        self._meta_path(repo).write_text(json.dumps(meta, indent=1))
-
-    def create(self, repo: str, private: bool) -> bool:
-        with self.lock:
-            if self._meta_path(repo).is_file():
-                return False
-            (self.root / repo / "blobs").mkdir(parents=True)
-            initial = hashlib.sha1(f"{repo} initial {time.time_ns()}".encode()).hexdigest()
-            self._save(repo, {"private": private, "refs": {"main": initial},
-                              "commits": {initial: {"parent": None, "files": {}, "summary": "initial commit"}}})
-            return True
-
-    def resolve(self, repo: str, revision: str) -> str:
-        meta = self.meta(repo)
-        sha = meta["refs"].get(revision, revision)
-        if sha not in meta["commits"]:
-            raise HubError(404, f"Invalid rev id: {revision}", "RevisionNotFound")
-        return sha
-
-    def tree(self, repo: str, revision: str) -> tuple[str, dict]:
-        sha = self.resolve(repo, revision)
-        return sha, self.meta(repo)["commits"][sha]["files"]
-
-    def blob(self, repo: str, digest: str) -> bytes:
-        return (self.root / repo / "blobs" / digest).read_bytes()
-
-    def branch(self, repo: str, name: str, start: str) -> None:
-        with self.lock:
-            meta = self.meta(repo)
-            if name in meta["refs"]:
-                raise HubError(409, f"Reference {name} already exists")
-            meta["refs"][name] = self.resolve(repo, start)
-            self._save(repo, meta)
-
-    def commit(self, repo: str, branch: str, added: dict, deleted: list, summary: str, parent: str | None) -> str:
-        with self.lock:
-            meta = self.meta(repo)
-            if branch not in meta["refs"]:
-                raise HubError(404, f"Invalid rev id: {branch} (create the branch first)", "RevisionNotFound")
-            head = meta["refs"][branch]
-            if parent is not None and parent != head:
-                raise HubError(412, f"parent commit {parent} is not the head of {branch}")
-            files = {p: d for p, d in meta["commits"][head]["files"].items()
-                     if not any(p == x or p.startswith(x.rstrip("/") + "/") for x in deleted)}
-            for path, data in added.items():
-                digest = hashlib.sha256(data).hexdigest()
-                (self.root / repo / "blobs" / digest).write_bytes(data)
-                files[path] = digest
-            sha = hashlib.sha1(json.dumps([head, files, summary, time.time_ns()]).encode()).hexdigest()
-            meta["commits"][sha] = {"parent": head, "files": files, "summary": summary}
-            meta["refs"][branch] = sha
-            self._save(repo, meta)
-            return sha
+# The Hub's default .gitattributes sends these through LFS, and any file over 10 MB.
+LFS_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt", ".h5", ".msgpack", ".onnx", ".npy", ".tar")
+LFS_OVER_BYTES = 10 * 1000 * 1000
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -116,17 +50,28 @@ class Handler(BaseHTTPRequestHandler):
     def _dispatch(self, method: str) -> None:
         hub = self.server.hub
         hub.auth_seen.append(self.headers.get("Authorization", ""))
-        body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        if hub.delay_s:
+            time.sleep(hub.delay_s)
         parts = [unquote(p) for p in urlsplit(self.path).path.strip("/").split("/")]
+        if method == "PUT" and parts[0] == "lfs-upload":  # reads its own body: it may die half-way
+            return self._guarded(self.lfs_upload, parts, b"")
+        body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        route = (ROUTES.get((method, *parts[:2])) or ROUTES.get((method, "*", "*", parts[2] if len(parts) > 2
+                                                                else "")) or Handler.not_served)
+        if method == "POST" and parts[0] == "lfs-verify":
+            route = Handler.lfs_verify
+        self._guarded(lambda p, b: route(self, p, b), parts, body)
+
+    def _guarded(self, route, parts, body) -> None:
         try:
-            route = ROUTES.get((method, *parts[:2])) or ROUTES.get((method, "*", "*", parts[2] if len(parts) > 2
-                                                                   else ""))
-            if route is None:
-                raise HubError(404, f"{method} {self.path}: not served by this test double")
-            route(self, parts, body)
+            self.server.hub.injected_failure(self.command)
+            route(parts, body)
         except HubError as e:
             headers = {"X-Error-Message": str(e), **({"X-Error-Code": e.code} if e.code else {})}
             self._json({"error": str(e)}, e.status, headers)
+
+    def not_served(self, parts, body):
+        raise HubError(404, f"{self.command} {self.path}: not served by this test double")
 
     def do_GET(self):  # noqa: N802 (http.server's naming)
         self._dispatch("GET")
@@ -136,6 +81,9 @@ class Handler(BaseHTTPRequestHandler):
 
     def do_POST(self):  # noqa: N802
         self._dispatch("POST")
+
+    def do_PUT(self):  # noqa: N802
+        self._dispatch("PUT")
 
     def log_message(self, fmt, *args):  # request lines only (never headers): quiet in tests
         if self.server.hub.verbose:
@@ -205,12 +153,22 @@ class Handler(BaseHTTPRequestHandler):
                     "tags": [], "downloads": 0, "likes": 0})
 
     def preupload(self, repo, rev, body):
-        self.server.hub.store.resolve(repo, rev)
-        files = json.loads(body)["files"]
-        self._json({"files": [{"path": f["path"], "uploadMode": "regular", "shouldIgnore": False} for f in files]})
+        store = self.server.hub.store
+        _, files = store.tree(repo, rev)
+        large = store.lfs_paths(repo, rev)
+        answer = []
+        for f in json.loads(body)["files"]:
+            lfs = f["path"].endswith(LFS_SUFFIXES) or int(f.get("size", 0)) > LFS_OVER_BYTES
+            oid = None
+            if f["path"] in files:  # the client compares it with its own and skips an unchanged file
+                digest = files[f["path"]]
+                oid = digest if f["path"] in large else git_blob_sha1(store.blob(repo, digest))
+            answer.append({"path": f["path"], "uploadMode": "lfs" if lfs else "regular", "shouldIgnore": False,
+                           "oid": oid})
+        self._json({"files": answer})
 
     def commit(self, repo, rev, body):
-        header, added, deleted = {}, {}, []
+        header, added, lfs, deleted = {}, {}, {}, []
         for line in body.decode().splitlines():
             item = json.loads(line) if line.strip() else None
             if item is None:
@@ -220,14 +178,56 @@ class Handler(BaseHTTPRequestHandler):
                 header = value
             elif key == "file":
                 added[value["path"]] = base64.b64decode(value["content"])
+            elif key == "lfsFile":
+                lfs[value["path"]] = value["oid"]
             elif key in ("deletedFile", "deletedFolder"):
                 deleted.append(value["path"])
             else:
                 raise HubError(422, f"commit operation '{key}' is not implemented by this test double")
-        sha = self.server.hub.store.commit(repo, rev, added, deleted, header.get("summary", ""),
+        sha = self.server.hub.store.commit(repo, rev, added, lfs, deleted, header.get("summary", ""),
                                           header.get("parentCommit"))
+        self.server.hub.commits.append({"summary": header.get("summary", ""), "regular": sorted(added),
+                                        "lfs": sorted(lfs), "deleted": deleted})
         self._json({"commitUrl": f"{self.server.hub.url}/{repo}/commit/{sha}", "commitOid": sha,
                     "pullRequestUrl": None})
+
+    # ---- the large-file protocol (git LFS batch API, basic transfer) ----------------------------------------
+    def lfs_batch(self, parts, body):
+        """/ORG/NAME.git/info/lfs/objects/batch: where to PUT each object the store lacks (none: it has it)."""
+        if not parts[1].endswith(".git"):
+            return self.not_served(parts, body)
+        repo = self._repo(parts[0], parts[1][:-len(".git")], write=True)
+        req, store, url = json.loads(body), self.server.hub.store, self.server.hub.url
+        objects = []
+        for obj in req["objects"]:
+            item = {"oid": obj["oid"], "size": obj["size"]}
+            if not store.has_blob(repo, obj["oid"]):
+                item["actions"] = {"upload": {"href": f"{url}/lfs-upload/{repo}/{obj['oid']}", "header": {}},
+                                   "verify": {"href": f"{url}/lfs-verify/{repo}", "header": {}}}
+            objects.append(item)
+        self._json({"transfer": "basic", "objects": objects})
+
+    def lfs_upload(self, parts, body):
+        """PUT /lfs-upload/ORG/NAME/OID (the presigned URL of the real Hub's storage: no token needed)."""
+        hub, repo, oid = self.server.hub, f"{parts[1]}/{parts[2]}", parts[3]
+        size = int(self.headers.get("Content-Length") or 0)
+        if hub.take_death():
+            self.rfile.read(size // 2)
+            self.close_connection = True
+            self.connection.close()
+            return
+        data = self.rfile.read(size)
+        if hashlib.sha256(data).hexdigest() != oid:
+            raise HubError(400, f"LFS object {oid}: content does not match its sha256")
+        hub.store.put_blob(repo, data)
+        hub.lfs_uploads.append(oid)
+        self._send(200, b"", {})
+
+    def lfs_verify(self, parts, body):
+        repo = f"{parts[1]}/{parts[2]}"
+        if not self.server.hub.store.has_blob(repo, json.loads(body)["oid"]):
+            raise HubError(404, "LFS object not found")
+        self._json({})
 
     def branch(self, repo, name, body):
         start = (json.loads(body) if body else {}).get("startingPoint") or "main"
@@ -244,6 +244,8 @@ class Handler(BaseHTTPRequestHandler):
             raise HubError(404, f"Entry {path} not found", "EntryNotFound")
         data = store.blob(repo, files[path])
         headers = {"ETag": f'"{files[path]}"', "X-Repo-Commit": sha, "Accept-Ranges": "bytes"}
+        if path in store.lfs_paths(repo, sha):  # what the Hub sends for an LFS file (its sha256, its size)
+            headers.update({"X-Linked-Etag": f'"{files[path]}"', "X-Linked-Size": str(len(data))})
         start, end, status = _byte_range(self.headers.get("Range"), len(data))
         if status == 206:
             headers["Content-Range"] = f"bytes {start}-{end - 1}/{len(data)}"
@@ -262,7 +264,8 @@ def _byte_range(header: str | None, size: int) -> tuple[int, int, int]:
 
 ROUTES = {("POST", "api", "repos"): Handler.create_repo, ("POST", "api", "validate-yaml"): Handler.validate_yaml,
           ("GET", "api", "models"): Handler.models, ("POST", "api", "models"): Handler.models,
-          ("GET", "*", "*", "resolve"): Handler.resolve, ("HEAD", "*", "*", "resolve"): Handler.resolve}
+          ("GET", "*", "*", "resolve"): Handler.resolve, ("HEAD", "*", "*", "resolve"): Handler.resolve,
+          ("POST", "*", "*", "info"): Handler.lfs_batch}
 
 
 class _Server(ThreadingHTTPServer):
@@ -271,29 +274,80 @@ class _Server(ThreadingHTTPServer):
 
 
 class HubServer:
-    """The test double on 127.0.0.1 (port 0: a free one); a context manager serving from a thread."""
+    """The test double on 127.0.0.1 (port 0: a free one); a context manager serving from a thread. `commits`
+    (summary and which paths came regular / lfs / deleted) and `lfs_uploads` (oids PUT) record what arrived."""
 
     def __init__(self, root: str | Path, port: int = 0, tokens: list | None = None, verbose: bool = False):
         self.store, self.tokens, self.verbose = Store(root), set(tokens or []), verbose
         self.auth_seen: list[str] = []
-        self.httpd = _Server(("127.0.0.1", port), Handler)
-        self.httpd.hub = self
+        self.commits: list[dict] = []
+        self.lfs_uploads: list[str] = []
+        self.delay_s = 0.0
+        self._failures: list = []  # [count, status] of fail()
+        self._deaths: list[float] = []  # down_s of die_mid_upload()
+        self._lock = threading.Lock()
+        self._bind(port)
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
         self._thread: threading.Thread | None = None
+
+    def _bind(self, port: int) -> None:
+        self.httpd = _Server(("127.0.0.1", port), Handler)
+        self.httpd.hub = self
 
     def files(self, repo: str, revision: str = "main") -> dict[str, bytes]:
         """Path -> content of the repo at a branch or commit, read from the store."""
         _, files = self.store.tree(repo, revision)
         return {path: self.store.blob(repo, digest) for path, digest in files.items()}
 
-    def __enter__(self) -> HubServer:
+    # ---- faults -------------------------------------------------------------------------------------------
+    def fail(self, count: int, status: int = 500) -> None:
+        """The next `count` write requests (POST, PUT) answer `status`."""
+        with self._lock:
+            self._failures = [count, status]
+
+    def injected_failure(self, method: str) -> None:
+        with self._lock:
+            if method not in ("POST", "PUT") or not self._failures or self._failures[0] <= 0:
+                return
+            self._failures[0] -= 1
+            status = self._failures[1]
+        raise HubError(status, f"injected failure ({status})")
+
+    def die_mid_upload(self, down_s: float) -> None:
+        """The next LFS upload is cut half-way; the server stops listening, and serves again after down_s."""
+        with self._lock:
+            self._deaths.append(down_s)
+
+    def take_death(self) -> bool:
+        with self._lock:
+            if not self._deaths:
+                return False
+            down_s = self._deaths.pop(0)
+        threading.Thread(target=self._restart, args=(down_s,), daemon=True).start()
+        return True
+
+    def _restart(self, down_s: float) -> None:
+        port = self.httpd.server_address[1]
+        self.stop()
+        time.sleep(down_s)
+        self._bind(port)
+        self.start()
+
+    # ---- serving ------------------------------------------------------------------------------------------
+    def start(self) -> None:
         self._thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
         self._thread.start()
+
+    def stop(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+    def __enter__(self) -> HubServer:
+        self.start()
         return self
 
     def __exit__(self, *exc) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
+        self.stop()
 
 
 def main(argv=None) -> None:

@@ -102,7 +102,7 @@ def test_signal_workers_runs_without_deepspeed_and_finds_no_stranger():
 
 
 def test_out_dir_of_a_command_line():
-    assert launch.out_dir(["train", "--config", "demo"]) == "runs/demo"
+    assert launch.out_dir(["train", "--config", "demo"]) == "runs/demo-train"
     assert launch.out_dir(["train", "--config", "demo", "train.steps=3", "train.out_dir=/scratch/x"]) == "/scratch/x"
     assert launch.out_dir(["eval", "zeroshot", "--model", "runs/demo"]) is None
 

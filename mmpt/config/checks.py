@@ -6,6 +6,7 @@ own sections are checked by the rules its registry entry brings (`Modality.rules
 from __future__ import annotations
 
 import functools
+import re
 from typing import Any, Optional
 
 from mmpt.config.build import source_augment
@@ -25,7 +26,8 @@ _NON_NEGATIVE = """data.num_workers data.worker_timeout data.shuffle_buffer data
     model.decoder_cross_layers model.dropout model.moe.num_experts model.moe.every model.moe.last
     model.moe.balance_weight model.moe.z_loss_weight model.moe.local_entropy_weight model.moe.global_entropy_weight
     model.moe.global_entropy_threshold loss.contrastive_weight loss.caption_weight optim.weight_decay
-    optim.warmup_steps optim.grad_clip train.keep_checkpoints eval.workers eval.every""".split()
+    optim.warmup_steps optim.grad_clip train.keep_checkpoints eval.workers eval.every train.hub.retries
+    train.hub.backoff_s train.hub.final_wait_s""".split()
 
 
 Rule = tuple[str, object, bool, str]  # (key, value, holds, what it needs)
@@ -68,7 +70,20 @@ def _rules(cfg: Config) -> list[Rule]:
          "must be >= 0, or -1 for the ranks of one node"),
         ("model.patch_size", m.patch_size, m.stem != "conv" or _power_of_two(m.patch_size),
          "must be a power of two >= 2 with model.stem=conv (one stride-2 convolution per halving)"),
+        ("train.hub.repo", cfg.train.hub.repo, not cfg.train.hub.repo or bool(_REPO.fullmatch(cfg.train.hub.repo)),
+         "must be ORG/NAME (or empty: no pushes)"),
+        ("train.resume_from", cfg.train.resume_from, _resume_source_ok(cfg.train.resume_from),
+         "must be hf-hub:ORG/NAME[@revision] or local-dir:PATH (or empty)"),
     ]
+
+
+_REPO = re.compile(r"[\w.-]+/[\w.-]+")
+
+
+def _resume_source_ok(source: str) -> bool:
+    if source.startswith("hf-hub:"):
+        return bool(_REPO.fullmatch(source[len("hf-hub:"):].partition("@")[0]))
+    return not source or (source.startswith("local-dir:") and len(source) > len("local-dir:"))
 
 
 def _power_of_two(n: int) -> bool:

@@ -153,6 +153,22 @@ class DeepSpeedConfig:
 
 
 @dataclass
+class HubConfig:
+    """Pushes to a Hugging Face Hub repo while training (mmpt.train.hub_push). The token comes from HF_TOKEN or
+    `huggingface-cli login`, never from the config (the config is pushed with the run)."""
+    repo: str = ""  # ORG/NAME; empty: no pushes
+    # end: the export after the last step; every_save: an export at every checkpoint; checkpoint: the export and
+    # the complete resumable checkpoint under checkpoint/ (replaced at each save); all_checkpoints: every
+    # checkpoint kept under checkpoint/<tag>/.
+    strategy: Literal["end", "every_save", "checkpoint", "all_checkpoints"] = "every_save"
+    private: bool = False
+    revision: str = ""  # a branch (created from main if missing); empty: main
+    retries: int = 4  # further tries of a failed push, waiting backoff_s, 2*backoff_s, ... between them
+    backoff_s: float = 5.0
+    final_wait_s: float = 1800.0  # how long the end of the run waits for its last push (after a stop signal: 60 s)
+
+
+@dataclass
 class TrainConfig:
     steps: int = 400
     log_every: int = 10
@@ -168,6 +184,17 @@ class TrainConfig:
     # The device's dense peak in TFLOP/s for the `mfu` metric (e.g. 989 for an H100 SXM in bf16); None: the
     # datasheet table mmpt.train.throughput.PEAKS (no `mfu` on a CPU or an unlisted device).
     peak_tflops: Optional[float] = None
+    hub: HubConfig = field(default_factory=HubConfig)
+    # Where a fresh out_dir gets its checkpoint from: hf-hub:ORG/NAME[@revision] (a repo pushed with
+    # train.hub.strategy checkpoint / all_checkpoints) or local-dir:PATH (such a repo's download, or a run
+    # directory). Ignored once out_dir holds a checkpoint of its own (a restart continues from that one).
+    resume_from: str = ""
+    # Resume from a checkpoint whose pickles name functions beyond those DeepSpeed and mmpt write (loading it could
+    # run code the file chose): only for a source you trust.
+    trust_checkpoint: bool = False
+    # torch.compile the encoder, decoder and loss forward passes (mmpt.train.engine); compile time is spent at
+    # each task's first steps.
+    compile: bool = False
 
 
 @dataclass

@@ -27,7 +27,7 @@ from mmpt.distributed import (
 from mmpt.errors import ConfigError, DataError
 from mmpt.losses.contrastive import rank_groups
 from mmpt.model import build_for_run
-from mmpt.train import checkpoint, faults, preempt, reshard, throughput
+from mmpt.train import checkpoint, faults, hub_push, hub_resume, preempt, reshard, throughput
 from mmpt.train.accelerate_plugin import warn_accelerate_disagreements
 from mmpt.train.accumulate import accumulated_step
 from mmpt.train.engine import TrainModule, build_engine, clear_grad_partitions, half_dtype, to_engine
@@ -114,6 +114,8 @@ def train(cfg: Config) -> dict:
     rank, world = init_distributed()
     warn_accelerate_disagreements(cfg, rank)
     try:
+        if hub_resume.fetch(cfg, int(os.environ.get("LOCAL_RANK", rank)), print if rank == 0 else lambda m: None):
+            check_resumable(cfg)  # the downloaded config must describe this run too
         # Listening from the start: a stop signal during start-up (engine build, resume) stops the run at its
         # first step boundary instead of killing it.
         with preempt.Preemption() as signals:
@@ -187,10 +189,11 @@ def _train(cfg: Config, rank: int, world: int, signals: preempt.Preemption) -> d
     bar = tqdm(total=cfg.train.steps, initial=start, disable=rank != 0, desc="train", dynamic_ncols=True)
     pending = {"reasons": Counter(), "shards": Counter()}
     step, last, stopped = start, {}, False
+    pusher = hub_push.Pusher(cfg, tqdm.write) if rank == 0 and cfg.train.hub.repo else None
     if rank == 0:
         preempt.clear(out_dir)
     if state and state["world"] != world:  # save in this world size's layout now: a crash won't convert again
-        _save(engine, cfg, start, skipped, used, loader)
+        _save(engine, cfg, start, skipped, used, loader, pusher)
     window = throughput.open_window(cfg, world, engine.device, half_dtype(engine) or torch.float32,
                                     say=tqdm.write if rank == 0 else None)  # the first window starts here
     try:  # the bar ends its line and the metrics reach disk when a step fails, too
@@ -223,19 +226,22 @@ def _train(cfg: Config, rank: int, world: int, signals: preempt.Preemption) -> d
                 evaluate(engine, model, cfg, step, logger, best, rank)
             if step % cfg.train.ckpt_every == 0 or step == cfg.train.steps or stopped:
                 logger.flush()
-                _save(engine, cfg, step, skipped, used, loader)
+                _save(engine, cfg, step, skipped, used, loader, pusher)
     finally:
         bar.close()
         logger.close()
     summary = {"steps": step, "samples": used, "skipped": dict(skipped["reasons"]), **last}
     if rank == 0:
         _report_end(out_dir, step, used, skipped, stopped)
-    return {**summary, "preempted": stopped}
+    pushed = pusher.finish(60.0 if stopped else cfg.train.hub.final_wait_s) if pusher else True
+    return {**summary, "preempted": stopped, "hub_ok": pushed}
 
 
-def _save(engine, cfg: Config, step: int, skipped: dict, used: int, loader) -> None:
+def _save(engine, cfg: Config, step: int, skipped: dict, used: int, loader, pusher=None) -> None:
     checkpoint.save(engine, cfg.train.out_dir, step, {"skipped": {k: dict(v) for k, v in skipped.items()},
                                                       "samples": used}, cfg.train.keep_checkpoints, loader.state_dict())
+    if pusher is not None:  # rank 0, once the tag and `latest` are on disk
+        pusher.offer(step, checkpoint.TAG.format(step), final=step >= cfg.train.steps)
 
 
 def train_step(engine, modalities: list, batches: list, cfg: Config, group=None, weight: float = 1.0,
