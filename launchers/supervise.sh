@@ -5,7 +5,8 @@
 # SIGTERM to this script goes on to torchrun's workers, not to torchrun: torchrun treats its own SIGTERM as a
 # failure (it shuts the workers down, then exits 1), whereas workers that checkpoint and exit 0 end torchrun
 # with 0. When torchrun was signalled too, it exits 1 after its workers: a preempted marker written during
-# this launch then tells a clean preemption from a crash.
+# this launch then tells a clean preemption from a crash. A run whose last Hub push failed (train.hub) exits 0
+# from every worker and writes RUN/hub_incomplete; this script then exits 3.
 supervise_torchrun() {
   local torchrun_args=() pid rc=0 started
   while [[ $# -gt 0 && $1 != -- ]]; do torchrun_args+=("$1"); shift; done
@@ -22,9 +23,13 @@ supervise_torchrun() {
     kill -0 "$pid" 2>/dev/null || break
   done
   trap - TERM INT
+  local run
+  run=$(python -m mmpt.launch out-dir -- "$@" 2>/dev/null) || run=""
+  if (( rc == 0 )) && [[ -n $run && -f $run/hub_incomplete ]] && (( $(stat -c %Y "$run/hub_incomplete") >= started )); then
+    echo "mmpt: training finished, but the Hub lacks its last push: $(cat "$run/hub_incomplete")" >&2
+    return 3
+  fi
   if (( rc != 0 )); then
-    local run
-    run=$(python -m mmpt.launch out-dir -- "$@" 2>/dev/null) || run=""
     if [[ -n $run && -f $run/preempted ]] && (( $(stat -c %Y "$run/preempted") >= started )); then
       echo "mmpt: torchrun was signalled too (exit $rc), but the run checkpointed and stopped ($run/preempted)" >&2
       return 0

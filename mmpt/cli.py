@@ -52,7 +52,9 @@ def cmd_train(args) -> int:
     cfg = load_config(args.config, args.overrides)
     check_model_fits(cfg.data.tokenizer, cfg.model)  # a bad tokenizer is one line before any process group
     result = train(cfg)
-    return 0 if result.get("hub_ok", True) else 3  # trained and saved, but the Hub lacks the last checkpoint
+    # Trained and saved, but the Hub lacks the last push: exit 3, except under torchrun, where a non-zero worker
+    # means a crash (restarts, an error report) and the launchers read RUN/hub_incomplete instead.
+    return 0 if result.get("hub_ok", True) or "TORCHELASTIC_RUN_ID" in os.environ else 3
 
 
 @contextlib.contextmanager

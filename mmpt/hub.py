@@ -15,6 +15,7 @@ trust_remote_code).
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import random
 import re
@@ -116,38 +117,79 @@ def push(export_dir: str | Path, repo: str, private: bool = False, revision: str
     return info.commit_url
 
 
-def commit_files(repo: str, files: dict[str, Path], delete: list[str], message: str, private: bool = False,
-                 revision: str | None = None) -> str:
-    """One commit on ORG/NAME (created if missing) at `revision` (a branch, created if missing): `files` (path in
-    the repo -> local file) added, `delete` (folders in the repo, "dir/") removed. huggingface_hub uploads only
-    what changed (preupload returns each path's remote oid) and sends weights through LFS. Returns the commit URL;
-    raises HubError with the HTTP status. The token: HF_TOKEN or `huggingface-cli login`."""
-    from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi
+def _unchanged(path: Path, remote: dict | None) -> bool:
+    """Whether the repo's file (remote: {"sha256": LFS oid or None, "git": git blob id}) has path's content."""
+    if remote is None:
+        return False
+    if remote["sha256"]:  # an LFS file: compare sha256 (computed by huggingface_hub for the upload anyway)
+        return remote["size"] == path.stat().st_size and _sha256(path) == remote["sha256"]
+    data = path.read_bytes()  # a regular file: small
+    return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest() == remote["git"]
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def ensure_repo(repo: str, private: bool = False, revision: str | None = None) -> None:
+    """ORG/NAME exists (created if missing), and so does the branch `revision` (from main). A wrong token fails
+    here, in one request. The token: HF_TOKEN or `huggingface-cli login`."""
+    from huggingface_hub import HfApi
 
     api = HfApi()
-    operations: list = [CommitOperationAdd(path_in_repo=p, path_or_fileobj=str(f)) for p, f in sorted(files.items())]
-    operations += [CommitOperationDelete(path_in_repo=p, is_folder=True) for p in delete]
     try:
         api.create_repo(repo, private=private, exist_ok=True)
         if revision:
             api.create_branch(repo, branch=revision, exist_ok=True)
+    except _hub_errors() as e:
+        raise HubError(f"push to {repo} failed: {_describe(e)}", _status(e)) from None
+
+
+def commit_files(repo: str, files: dict[str, Path], delete: list[str], message: str, revision: str | None = None,
+                 remote: dict | None = None) -> str:
+    """One commit on ORG/NAME (see ensure_repo) at `revision`: `files` (path in the repo -> local file) added,
+    except those whose content the repo has already (`remote`, from remote_files), and `delete` (folders in the
+    repo, "dir/") removed. Weights go through LFS. Returns the commit URL; raises HubError with the HTTP status."""
+    from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi
+
+    api = HfApi()
+    remote = remote or {}
+    changed = {p: f for p, f in sorted(files.items()) if not _unchanged(Path(f), remote.get(p))}
+    operations: list = [CommitOperationAdd(path_in_repo=p, path_or_fileobj=str(f)) for p, f in changed.items()]
+    operations += [CommitOperationDelete(path_in_repo=p, is_folder=True) for p in delete]
+    if not operations:
+        return f"{constants_endpoint()}/{repo} (no file changed: no commit)"
+    try:
         info = api.create_commit(repo, operations, commit_message=message, revision=revision)
     except _hub_errors() as e:
         raise HubError(f"push to {repo} failed: {_describe(e)}", _status(e)) from None
     return info.commit_url
 
 
-def remote_paths(repo: str, revision: str | None = None) -> list[str]:
-    """The files of ORG/NAME at `revision` ([] for a repo that does not exist yet)."""
+def constants_endpoint() -> str:
+    from huggingface_hub import constants
+
+    return constants.ENDPOINT
+
+
+def remote_files(repo: str, revision: str | None = None) -> dict[str, dict]:
+    """The files of ORG/NAME at `revision`: path -> {"size", "git" (blob id), "sha256" (LFS files; else None)};
+    {} for a repo or branch that does not exist yet."""
     from huggingface_hub import HfApi
     from huggingface_hub.errors import RepositoryNotFoundError, RevisionNotFoundError
 
     try:
-        return [s.rfilename for s in HfApi().model_info(repo, revision=revision or None).siblings or []]
+        siblings = HfApi().model_info(repo, revision=revision or None, files_metadata=True).siblings or []
     except (RepositoryNotFoundError, RevisionNotFoundError):
-        return []
+        return {}
     except _hub_errors() as e:
         raise HubError(f"listing {repo} failed: {_describe(e)}", _status(e)) from None
+    return {s.rfilename: {"size": s.size, "git": s.blob_id, "sha256": s.lfs.sha256 if s.lfs else None}
+            for s in siblings}
 
 
 def download(ref: str, patterns: list[str], dest: Path) -> Path:

@@ -134,11 +134,11 @@ class Handler(BaseHTTPRequestHandler):
         self._json({"errors": [], "warnings": []})
 
     def models(self, parts, body):
-        """/api/models/ORG/NAME[/revision/REV | /preupload/REV | /commit/REV | /branch/NAME]"""
+        """/api/models/ORG/NAME[/revision/REV | /tree/REV | /preupload/REV | /commit/REV | /branch/NAME]"""
         if len(parts) < 4:
             raise HubError(404, "expected /api/models/ORG/NAME")
         org, name, action, rev = parts[2], parts[3], (parts[4:5] or ["revision"])[0], "/".join(parts[5:]) or "main"
-        handler = {("GET", "revision"): self.info, ("POST", "preupload"): self.preupload,
+        handler = {("GET", "revision"): self.info, ("GET", "tree"): self.tree, ("POST", "preupload"): self.preupload,
                    ("POST", "commit"): self.commit, ("POST", "branch"): self.branch}.get((self.command, action))
         if handler is None:
             raise HubError(404, f"{self.command} {self.path}: not served by this test double")
@@ -147,10 +147,28 @@ class Handler(BaseHTTPRequestHandler):
     def info(self, repo, rev, body):
         sha, files = self.server.hub.store.tree(repo, rev)
         store = self.server.hub.store
-        siblings = [{"rfilename": p, "size": len(store.blob(repo, d))} for p, d in sorted(files.items())]
+        large = store.lfs_paths(repo, sha)
+        siblings = []
+        for path, digest in sorted(files.items()):  # with ?blobs=true the Hub adds blobId and LFS details; so do we
+            data = store.blob(repo, digest)
+            siblings.append({"rfilename": path, "size": len(data), "blobId": git_blob_sha1(data),
+                             **({"lfs": {"sha256": digest, "size": len(data), "pointerSize": 134}}
+                                if path in large else {})})
         self._json({"id": repo, "modelId": repo, "sha": sha, "private": store.meta(repo)["private"],
                     "siblings": siblings, "lastModified": time.strftime("%Y-%m-%dT%H:%M:%S.000Z", time.gmtime()),
                     "tags": [], "downloads": 0, "likes": 0})
+
+    def tree(self, repo, rev, body):
+        """/api/models/ORG/NAME/tree/REV (recursive, one page): what snapshot_download lists for an empty repo."""
+        store = self.server.hub.store
+        sha, files = store.tree(repo, rev.split("/")[0])
+        large = store.lfs_paths(repo, sha)
+        entries = []
+        for path, digest in sorted(files.items()):
+            data = store.blob(repo, digest)
+            lfs = {"lfs": {"oid": digest, "size": len(data), "pointerSize": 134}} if path in large else {}
+            entries.append({"type": "file", "path": path, "size": len(data), "oid": git_blob_sha1(data), **lfs})
+        self._json(entries)
 
     def preupload(self, repo, rev, body):
         store = self.server.hub.store
@@ -187,7 +205,7 @@ class Handler(BaseHTTPRequestHandler):
         sha = self.server.hub.store.commit(repo, rev, added, lfs, deleted, header.get("summary", ""),
                                           header.get("parentCommit"))
         self.server.hub.commits.append({"summary": header.get("summary", ""), "regular": sorted(added),
-                                        "lfs": sorted(lfs), "deleted": deleted})
+                                        "lfs": sorted(lfs), "deleted": deleted, "time": time.time()})
         self._json({"commitUrl": f"{self.server.hub.url}/{repo}/commit/{sha}", "commitOid": sha,
                     "pullRequestUrl": None})
 
@@ -285,6 +303,7 @@ class HubServer:
         self.delay_s = 0.0
         self._failures: list = []  # [count, status] of fail()
         self._deaths: list[float] = []  # down_s of die_mid_upload()
+        self.deaths = 0  # uploads cut so far
         self._lock = threading.Lock()
         self._bind(port)
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
@@ -323,6 +342,7 @@ class HubServer:
             if not self._deaths:
                 return False
             down_s = self._deaths.pop(0)
+            self.deaths += 1
         threading.Thread(target=self._restart, args=(down_s,), daemon=True).start()
         return True
 

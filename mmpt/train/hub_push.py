@@ -28,16 +28,20 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 from mmpt.config import Config
 from mmpt.evals import COUNTS
-from mmpt.hub import HubError, commit_files, remote_paths
+from mmpt.hub import HubError, commit_files, ensure_repo, remote_files
 from mmpt.train.checkpoint import checkpoint_dir
 from mmpt.train.resume import TAG_RE
 from mmpt.train.runlog import read_metrics
 
 CHECKPOINT = "checkpoint"  # the repo folder holding resumable checkpoints
+# RUN/hub_incomplete: written when the run ends without its last push on the Hub. Workers still exit 0 (under
+# torchrun a non-zero worker is a crash: restarts, error reports); the launchers turn the marker into exit 3.
+MARKER = "hub_incomplete"
 PERMANENT = (401, 403)  # retrying cannot help
 
 
@@ -88,14 +92,14 @@ def with_checkpoint(strategy: str, final: bool) -> bool:
     return strategy == "all_checkpoints" or (strategy == "checkpoint" and not final)
 
 
-def files_to_push(staged: Path, export: Path, checkpoint: bool) -> dict[str, Path]:
-    """Path in the repo -> local file: the export, and with `checkpoint` the resumable checkpoint."""
+def files_to_push(export: Path, resumable: Path | None) -> dict[str, Path]:
+    """Path in the repo -> local file: the export, and the checkpoint of the staged run `resumable`."""
     files = {str(p.relative_to(export)): p for p in sorted(export.rglob("*")) if p.is_file()}
-    if checkpoint:
-        ckpt = checkpoint_dir(staged)
+    if resumable is not None:
+        ckpt = checkpoint_dir(resumable)
         files.update({f"{CHECKPOINT}/{p.relative_to(ckpt)}": p for p in sorted(ckpt.rglob("*")) if p.is_file()})
-        files[f"{CHECKPOINT}/config.yaml"] = staged / "config.yaml"
-        files[f"{CHECKPOINT}/metrics.jsonl"] = staged / "metrics.jsonl"
+        files[f"{CHECKPOINT}/config.yaml"] = resumable / "config.yaml"
+        files[f"{CHECKPOINT}/metrics.jsonl"] = resumable / "metrics.jsonl"
     return files
 
 
@@ -118,17 +122,49 @@ def commit_message(step: int, records: list[dict]) -> str:
     return f"mmpt step {step}" + (": " + ", ".join(figures) if figures else "")
 
 
-def push_staged(staged: Path, step: int, hub, final: bool) -> str:
-    """One commit of a staged checkpoint; returns the commit URL. hub: the run's train.hub settings."""
-    export = staged / "export"
+@dataclass
+class Push:
+    """What one commit sends: the export of `staged` (step `step`) and the checkpoint of `resumable` (None: no
+    checkpoint/ change). A newer save that replaces a waiting push keeps its checkpoint when it has none itself
+    (strategy checkpoint's last save sends the export only), so a resume point is never dropped."""
+    step: int
+    staged: Path | None
+    resumable: Path | None
+    resumable_step: int | None
+
+    def absorb(self, older: Push) -> None:
+        """Take over `older`, which is dropped: its checkpoint if this push has none; the rest of its staging is
+        removed, and `older` holds nothing after."""
+        if self.resumable is None and older.resumable is not None:
+            self.resumable, self.resumable_step = older.resumable, older.resumable_step
+        for path in {older.staged, older.resumable} - {self.staged, self.resumable, None}:
+            shutil.rmtree(path, ignore_errors=True)  # type: ignore[arg-type]
+        older.staged = older.resumable = None
+
+    def clean(self) -> None:
+        for path in {self.staged, self.resumable} - {None}:
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def push_staged(push: Push, hub) -> str:
+    """One commit; returns the commit URL. hub: the run's train.hub settings."""
+    assert push.staged is not None, "a push handed on is never sent"
+    ensure_repo(hub.repo, hub.private, hub.revision or None)  # before the export: a wrong token fails at once
+    export = push.staged / "export"
     if not (export / "model.safetensors").is_file():
-        export = export_staged(staged)
-    tag = (checkpoint_dir(staged) / "latest").read_text().strip()
-    resumable = with_checkpoint(hub.strategy, final)
-    delete = stale_tags(remote_paths(hub.repo, hub.revision), tag, hub.strategy) if resumable else []
-    message = commit_message(step, read_metrics(staged)) + ("" if resumable else " (export)")
-    return commit_files(hub.repo, files_to_push(staged, export, resumable), delete, message, hub.private,
-                        hub.revision or None)
+        export = export_staged(push.staged)
+    delete = []
+    message = commit_message(push.step, read_metrics(push.staged))
+    remote = remote_files(hub.repo, hub.revision)
+    if push.resumable is not None:
+        tag = (checkpoint_dir(push.resumable) / "latest").read_text().strip()
+        delete = stale_tags(list(remote), tag, hub.strategy)
+        if push.resumable_step != push.step:
+            message += f" (checkpoint of step {push.resumable_step})"
+    else:
+        message += " (export)"
+    return commit_files(hub.repo, files_to_push(export, push.resumable), delete, message, hub.revision or None,
+                        remote)
 
 
 class Pusher:
@@ -137,8 +173,10 @@ class Pusher:
 
     def __init__(self, cfg: Config, say: Callable[[str], None]):
         self.hub, self.out_dir, self.say = cfg.train.hub, Path(cfg.train.out_dir), say
+        shutil.rmtree(staging_dir(self.out_dir), ignore_errors=True)  # left by a run that died
+        (self.out_dir / MARKER).unlink(missing_ok=True)
         self._cond = threading.Condition()
-        self._queued: tuple[int, Path, bool] | None = None
+        self._queued: Push | None = None
         self._busy = False
         self._closing = False
         self.last_pushed: int | None = None
@@ -154,11 +192,13 @@ class Pusher:
         if self.hub.strategy == "end" and not final:
             return
         staged = stage(self.out_dir, tag, step)
+        resumable = with_checkpoint(self.hub.strategy, final)
+        push = Push(step, staged, staged if resumable else None, step if resumable else None)
         with self._cond:
             if self._queued is not None:
-                self.say(f"hub: step {step}'s push replaces step {self._queued[0]}'s, which was waiting")
-                shutil.rmtree(self._queued[1], ignore_errors=True)
-            self._queued = (step, staged, final)
+                self.say(f"hub: step {step}'s push replaces step {self._queued.step}'s, which was waiting")
+                push.absorb(self._queued)
+            self._queued = push
             self._cond.notify_all()
         if self.failing:
             self.say(f"hub: pushes to {self.hub.repo} are failing ({self.failing}); last pushed step: "
@@ -177,54 +217,59 @@ class Pusher:
         last = "none" if self.last_pushed is None else f"step {self.last_pushed}"
         if pending or self.failing:
             why = f"still pushing after {wait_s:.0f} s" if pending else self.failing
-            self.say(f"hub: the last push did not reach {self.hub.repo} ({why}); last pushed: {last}; the "
-                     f"checkpoints stay in {checkpoint_dir(self.out_dir)}")
+            line = (f"hub: the last push did not reach {self.hub.repo} ({why}); last pushed: {last}; the "
+                    f"checkpoints stay in {checkpoint_dir(self.out_dir)}")
+            self.say(line)
+            (self.out_dir / MARKER).write_text(line + "\n")
             return False
         resumable = "" if self.last_resumable is None else f", resumable checkpoint of step {self.last_resumable}"
         self.say(f"hub: {self.hub.repo} holds the export of {last}{resumable} (strategy {self.hub.strategy})")
         return True
 
-    def _take(self) -> tuple[int, Path, bool] | None:
+    def _take(self) -> Push | None:
         with self._cond:
             while self._queued is None and not self._closing:
                 self._cond.wait()
-            item, self._queued = self._queued, None
-            self._busy = item is not None
-            return item
+            push, self._queued = self._queued, None
+            self._busy = push is not None
+            return push
 
     def _run(self) -> None:
-        while (item := self._take()) is not None:
-            step, staged, final = item
+        while (push := self._take()) is not None:
             try:
-                self._push_with_retries(step, staged, final)
+                self._push_with_retries(push)
             finally:
-                shutil.rmtree(staged, ignore_errors=True)
+                push.clean()
                 with self._cond:
                     self._busy = False
                     self._cond.notify_all()
 
-    def _push_with_retries(self, step: int, staged: Path, final: bool) -> None:
+    def _push_with_retries(self, push: Push) -> None:
         for attempt in range(self.hub.retries + 1):
             try:
                 began = time.monotonic()
-                url = push_staged(staged, step, self.hub, final)
+                url = push_staged(push, self.hub)
             except Exception as e:  # noqa: BLE001 (a push must never end the run: every failure is one line)
                 self.failing = " ".join(str(e).split()) or type(e).__name__
                 wait = self.hub.backoff_s * 2 ** attempt
                 last = attempt == self.hub.retries or getattr(e, "status", None) in PERMANENT
-                self.say(f"hub: push of step {step} failed (try {attempt + 1} of {self.hub.retries + 1}): "
-                         f"{self.failing}" + ("" if last else f"; retrying in {wait:.0f} s"))
-                if last or self._newer_waiting(wait):
+                self.say(f"hub: push of step {push.step} failed (try {attempt + 1} of {self.hub.retries + 1}): "
+                         f"{self.failing}" + ("" if last else f"; retrying in {wait:.3g} s"))
+                if last or self._handed_on(push, wait):
                     return
                 continue
-            self.last_pushed, self.failing = step, None
-            if with_checkpoint(self.hub.strategy, final):
-                self.last_resumable = step
-            self.say(f"hub: pushed step {step} to {self.hub.repo} in {time.monotonic() - began:.1f} s: {url}")
+            self.last_pushed, self.failing = push.step, None
+            self.last_resumable = push.resumable_step if push.resumable is not None else self.last_resumable
+            self.say(f"hub: pushed step {push.step} to {self.hub.repo} in {time.monotonic() - began:.1f} s: {url}")
             return
 
-    def _newer_waiting(self, seconds: float) -> bool:
-        """Sleeps through a backoff; True (stop retrying) once a newer save is queued or the run ends."""
+    def _handed_on(self, push: Push, seconds: float) -> bool:
+        """Sleeps through a backoff. True (stop retrying) once the run ends, or once a newer save is waiting: it
+        takes this push over (its checkpoint too, when it has none)."""
         with self._cond:
             self._cond.wait_for(lambda: self._queued is not None or self._closing, timeout=seconds)
-            return self._queued is not None or self._closing
+            if self._queued is not None:
+                self.say(f"hub: step {self._queued.step}'s push replaces step {push.step}'s, which was retrying")
+                self._queued.absorb(push)
+                return True
+            return self._closing

@@ -65,7 +65,10 @@ def _sources(source: str, scratch: Path) -> tuple[Path, Path, str]:
 
 def check_pickles(tag_dir: Path, source: str) -> None:
     for path in sorted(tag_dir.rglob("*.pt")):
-        unsafe = sorted(set(torch.serialization.get_unsafe_globals_in_checkpoint(str(path))) - SAFE_GLOBALS)
+        try:
+            unsafe = sorted(set(torch.serialization.get_unsafe_globals_in_checkpoint(str(path))) - SAFE_GLOBALS)
+        except (ValueError, RuntimeError):  # not torch.save's zip format: a bare pickle cannot be inspected
+            unsafe = ["(a pickle that is not torch.save's zip format)"]
         if unsafe:
             raise DataError(f"{path}: names {', '.join(unsafe)}, which loading would call (code the file chose); "
                             f"resume from {source} only if you trust it: train.trust_checkpoint=true")
