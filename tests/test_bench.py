@@ -84,3 +84,7 @@ def test_bench_step_times_mmpt_and_open_clips_own_train_one_epoch():
     assert "train_one_epoch" in result["open_clip"]["how"] and "train_step" in result["mmpt_moe"]["how"]
     assert result["vs_open_clip"] == result["mmpt_moe"]["samples_per_s"] / result["open_clip"]["samples_per_s"]
     assert result["moe_over_dense"] == result["mmpt_moe"]["s_per_step"] / result["mmpt_dense"]["s_per_step"]
+    compiled = result["compile"]
+    assert result["compiled_over_eager"] == compiled["compiled_s_per_step"] / compiled["eager_s_per_step"]
+    assert compiled["steps"] == 2 and result["compile_s"] == compiled["compile_s"]
+    assert compiled["max_loss_difference"] < 1e-5 and "train.compile=true" in compiled["how"]
