@@ -137,10 +137,10 @@ def test_resume_from_the_hub_on_another_world_size(pushed, demo_data):
 
 
 def test_slow_server_never_slows_training_and_replaces_the_waiting_push(demo_data, tmp_path):
-    """Every request takes 1.5 s: the push of step 2 takes far longer than the steps after it, which all run
+    """Every request takes 1 s: the push of step 2 takes far longer than the steps after it, which all run
     meanwhile; saves at 4 and 6 land while it is in flight, so 6 replaces 4; the end waits for step 8's push."""
     with HubServer(tmp_path / "hub", tokens=[TOKEN]) as hub:
-        hub.delay_s = 1.5
+        hub.delay_s = 1.0
         proc = train(demo_data, tmp_path / "a", 8, *HUB, "train.ckpt_every=2", "train.hub.repo=me/slow",
                      "train.hub.strategy=every_save", **hub_env(hub, tmp_path))
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
