@@ -43,6 +43,8 @@ CHECKPOINT = "checkpoint"  # the repo folder holding resumable checkpoints
 # torchrun a non-zero worker is a crash: restarts, error reports); the launchers turn the marker into exit 3.
 MARKER = "hub_incomplete"
 PERMANENT = (401, 403)  # retrying cannot help
+TORCHRUN_ENV = {"RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK", "ROLE_WORLD_SIZE",
+                "MASTER_ADDR", "MASTER_PORT"}
 
 
 def staging_dir(out_dir: str | Path) -> Path:
@@ -81,7 +83,9 @@ def export_staged(staged: Path) -> Path:
     """staged/export/: the export with the progress so far in its card, made by a separate process."""
     out = staged / "export"
     cmd = [sys.executable, "-m", "mmpt", "export", "--run", str(staged), "--out", str(out), "--progress"]
-    done = subprocess.run(cmd, capture_output=True, text=True)
+    # Not a rank: without torchrun's variables nothing in it can join or wait for the training's process group.
+    env = {k: v for k, v in os.environ.items() if k not in TORCHRUN_ENV and not k.startswith("TORCHELASTIC_")}
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if done.returncode != 0:
         lines = [x for x in (done.stderr or done.stdout).splitlines() if x.strip()]
         raise HubError(f"export of {staged.name} failed: {lines[-1] if lines else f'exit {done.returncode}'}")
