@@ -185,6 +185,12 @@ class _Evil:
         return (os.system, ("touch /tmp/mmpt-should-never-exist",))
 
 
+class _Fetcher:
+    """getattr is how a pickle reaches a function no global names (module.__dict__, __globals__, ...)."""
+    def __reduce__(self):
+        return (getattr, (1, "real"))
+
+
 def test_a_checkpoint_naming_other_code_is_refused_unloaded(tmp_path):
     run = tmp_path / "run"
     tag = run / "checkpoints" / "step0000004"
@@ -193,6 +199,9 @@ def test_a_checkpoint_naming_other_code_is_refused_unloaded(tmp_path):
     torch.save({"rng": _Evil()}, tag / "rank_00000.pt")
     (run / "checkpoints" / "latest").write_text("step0000004")
     with pytest.raises(DataError, match=r"rank_00000.pt: names (posix|os)\.system.*train.trust_checkpoint=true"):
+        check_pickles(tag, "local-dir:x")
+    torch.save({"rng": _Fetcher()}, tag / "rank_00000.pt")
+    with pytest.raises(DataError, match=r"rank_00000.pt: names builtins\.getattr"):
         check_pickles(tag, "local-dir:x")
     (tag / "rank_00000.pt").write_bytes(pickle.dumps({"rng": _Evil()}))  # the legacy format: not inspectable
     with pytest.raises(DataError, match=r"rank_00000.pt: names \(a pickle that is not torch.save's zip format\)"):
