@@ -217,10 +217,14 @@ def _architecture(cfg: Config, info: dict) -> dict:
             "parameters": f"{info['parameters']:,}", "active": f"{info['active_parameters_per_token']:,}"}
 
 
+def is_eval_metric(key: str) -> bool:
+    """A metrics.jsonl key holding an eval's metric (eval/...), not its sample counts."""
+    return key.startswith("eval/") and key.rsplit("/", 1)[-1] not in COUNTS
+
+
 def _shown(key: str) -> bool:
-    """A card's progress rows: losses and eval metrics, not sample counts."""
-    wanted = key == "loss" or key.endswith("/loss") or key.startswith("eval/")
-    return wanted and key.rsplit("/", 1)[-1] not in COUNTS
+    """A card's progress rows: losses and eval metrics."""
+    return key == "loss" or key.endswith("/loss") or is_eval_metric(key)
 
 
 def training_progress(records: list[dict]) -> str:

@@ -30,6 +30,7 @@ from torch import nn
 
 from mmpt import modality as registry
 from mmpt.config import Config
+from mmpt.config.checks import HF_HUB, LOCAL_DIR, REPO_ID
 from mmpt.data.media import DecodeSettings
 from mmpt.data.tokenizer import get_tokenizer
 from mmpt.errors import DataError
@@ -44,10 +45,8 @@ from mmpt.export import (
     load_pretrained,
 )
 
-HF_HUB, LOCAL_DIR = "hf-hub:", "local-dir:"
 # What a download fetches: an export's files only (a repo's pickled checkpoints, if any, stay on the hub).
 EXPORT_PATTERNS = [WEIGHTS, CONFIG, TOKENIZER, PREPROCESSING, CARD, f"{HF_TOKENIZER_DIR}/*"]
-_REPO = re.compile(r"[\w.-]+/[\w.-]+")
 
 
 class HubError(DataError):
@@ -101,7 +100,7 @@ def push(export_dir: str | Path, repo: str, private: bool = False, revision: str
     export_dir = Path(export_dir)
     if not (export_dir / WEIGHTS).is_file() or not (export_dir / CONFIG).is_file():
         raise FileNotFoundError(f"{export_dir}: not an export directory (no {WEIGHTS} / {CONFIG}; run `mmpt export`)")
-    if not _REPO.fullmatch(repo):
+    if not REPO_ID.fullmatch(repo):
         raise DataError(f"repo '{repo}': expected ORG/NAME")
     from huggingface_hub import HfApi
 
@@ -117,22 +116,15 @@ def push(export_dir: str | Path, repo: str, private: bool = False, revision: str
     return info.commit_url
 
 
-def _unchanged(path: Path, remote: dict | None) -> bool:
-    """Whether the repo's file (remote: {"sha256": LFS oid or None, "git": git blob id}) has path's content."""
+def _unchanged(operation, remote: dict | None) -> bool:
+    """Whether the repo's file (remote: {"sha256": LFS oid or None, "git": git blob id}) has the content of this
+    CommitOperationAdd, whose sha256 huggingface_hub computed once already for the upload."""
     if remote is None:
         return False
-    if remote["sha256"]:  # an LFS file: compare sha256 (computed by huggingface_hub for the upload anyway)
-        return remote["size"] == path.stat().st_size and _sha256(path) == remote["sha256"]
-    data = path.read_bytes()  # a regular file: small
+    if remote["sha256"]:  # an LFS file
+        return operation.upload_info.sha256.hex() == remote["sha256"]
+    data = Path(operation.path_or_fileobj).read_bytes()  # a regular file: small
     return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest() == remote["git"]
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def ensure_repo(repo: str, private: bool = False, revision: str | None = None) -> None:
@@ -154,26 +146,20 @@ def commit_files(repo: str, files: dict[str, Path], delete: list[str], message: 
     """One commit on ORG/NAME (see ensure_repo) at `revision`: `files` (path in the repo -> local file) added,
     except those whose content the repo has already (`remote`, from remote_files), and `delete` (folders in the
     repo, "dir/") removed. Weights go through LFS. Returns the commit URL; raises HubError with the HTTP status."""
-    from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi
+    from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi, constants
 
     api = HfApi()
     remote = remote or {}
-    changed = {p: f for p, f in sorted(files.items()) if not _unchanged(Path(f), remote.get(p))}
-    operations: list = [CommitOperationAdd(path_in_repo=p, path_or_fileobj=str(f)) for p, f in changed.items()]
+    adds = [CommitOperationAdd(path_in_repo=p, path_or_fileobj=str(f)) for p, f in sorted(files.items())]
+    operations: list = [op for op in adds if not _unchanged(op, remote.get(op.path_in_repo))]
     operations += [CommitOperationDelete(path_in_repo=p, is_folder=True) for p in delete]
     if not operations:
-        return f"{constants_endpoint()}/{repo} (no file changed: no commit)"
+        return f"{constants.ENDPOINT}/{repo} (no file changed: no commit)"
     try:
         info = api.create_commit(repo, operations, commit_message=message, revision=revision)
     except _hub_errors() as e:
         raise HubError(f"push to {repo} failed: {_describe(e)}", _status(e)) from None
     return info.commit_url
-
-
-def constants_endpoint() -> str:
-    from huggingface_hub import constants
-
-    return constants.ENDPOINT
 
 
 def remote_files(repo: str, revision: str | None = None) -> dict[str, dict]:
@@ -192,11 +178,11 @@ def remote_files(repo: str, revision: str | None = None) -> dict[str, dict]:
             for s in siblings}
 
 
-def download(ref: str, patterns: list[str], dest: Path) -> Path:
-    """The files of hf-hub ref ORG/NAME[@revision] matching `patterns`, under dest (huggingface_hub's local_dir
-    download: real files, resumable). Returns dest."""
+def download(ref: str, patterns: list[str], dest: Path | None = None) -> Path:
+    """The files of hf-hub ref ORG/NAME[@revision] matching `patterns`: into huggingface_hub's cache (returns the
+    snapshot folder), or under `dest` (real files; returns dest)."""
     repo, _, revision = ref.partition("@")
-    if not _REPO.fullmatch(repo):
+    if not REPO_ID.fullmatch(repo):
         raise DataError(f"{HF_HUB}{ref}: expected {HF_HUB}ORG/NAME[@revision]")
     from huggingface_hub import snapshot_download
 
@@ -208,22 +194,10 @@ def download(ref: str, patterns: list[str], dest: Path) -> Path:
 
 # ---- loading -----------------------------------------------------------------------------------------------
 
-def _download(ref: str) -> Path:
-    repo, _, revision = ref.partition("@")
-    if not _REPO.fullmatch(repo):
-        raise DataError(f"{HF_HUB}{ref}: expected {HF_HUB}ORG/NAME[@revision]")
-    from huggingface_hub import snapshot_download
-
-    try:
-        return Path(snapshot_download(repo, revision=revision or None, allow_patterns=EXPORT_PATTERNS))
-    except _hub_errors() as e:
-        raise HubError(f"{HF_HUB}{ref}: download failed: {_describe(e)}", _status(e)) from None
-
-
 def resolve_source(source: str) -> tuple[Path, bool]:
     """(local directory, whether it must be an export) for a model source; downloads hf-hub repos."""
     if source.startswith(HF_HUB):
-        return _download(source[len(HF_HUB):]), True
+        return download(source[len(HF_HUB):], EXPORT_PATTERNS), True
     if source.startswith(LOCAL_DIR):
         return Path(source[len(LOCAL_DIR):]), True
     scheme = re.match(r"([A-Za-z][\w+.-]+):", source)  # two letters at least: C:\ stays a path

@@ -70,20 +70,22 @@ def _rules(cfg: Config) -> list[Rule]:
          "must be >= 0, or -1 for the ranks of one node"),
         ("model.patch_size", m.patch_size, m.stem != "conv" or _power_of_two(m.patch_size),
          "must be a power of two >= 2 with model.stem=conv (one stride-2 convolution per halving)"),
-        ("train.hub.repo", cfg.train.hub.repo, not cfg.train.hub.repo or bool(_REPO.fullmatch(cfg.train.hub.repo)),
+        ("train.hub.repo", cfg.train.hub.repo, not cfg.train.hub.repo or bool(REPO_ID.fullmatch(cfg.train.hub.repo)),
          "must be ORG/NAME (or empty: no pushes)"),
         ("train.resume_from", cfg.train.resume_from, _resume_source_ok(cfg.train.resume_from),
          "must be hf-hub:ORG/NAME[@revision] or local-dir:PATH (or empty)"),
     ]
 
 
-_REPO = re.compile(r"[\w.-]+/[\w.-]+")
+# Model and checkpoint sources (train.resume_from here; mmpt.hub's loaders use the same spellings).
+HF_HUB, LOCAL_DIR = "hf-hub:", "local-dir:"
+REPO_ID = re.compile(r"[\w.-]+/[\w.-]+")  # ORG/NAME
 
 
 def _resume_source_ok(source: str) -> bool:
-    if source.startswith("hf-hub:"):
-        return bool(_REPO.fullmatch(source[len("hf-hub:"):].partition("@")[0]))
-    return not source or (source.startswith("local-dir:") and len(source) > len("local-dir:"))
+    if source.startswith(HF_HUB):
+        return bool(REPO_ID.fullmatch(source[len(HF_HUB):].partition("@")[0]))
+    return not source or (source.startswith(LOCAL_DIR) and len(source) > len(LOCAL_DIR))
 
 
 def _power_of_two(n: int) -> bool:

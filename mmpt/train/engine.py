@@ -150,10 +150,10 @@ def compile_engine(engine, cfg) -> None:
     attention, norms and MLPs, most of a step's work; and the caption loss's vocabulary-wide softmax
     (mmpt.losses.captioning.compiled_caption_loss). In place, so parameter names, checkpoints and DeepSpeed's
     hooks stay as they are; AOTAutograd compiles each block's backward.
-    - Why blocks, not the whole step: measured on 2 ranks, 3 tasks, 20 steps, ZeRO-2 (tests/test_compile.py's
-      run): compiling the whole TrainModule warmed up 4x longer, recompiled at every graph break (routing, the
-      losses' collectives) and moved losses by 5e-5; adding the stems and heads moved them by 5e-5 too. Blocks
-      alone stay within 1e-6 of eager.
+    - Why blocks, not the whole step: measured on tests/test_recovery.py's TINY run at ZeRO-2 (2 ranks, 3 tasks,
+      GradCache, 20 steps): compiling the whole TrainModule warmed up 4x longer, recompiled at every graph break
+      (routing, the losses' collectives) and moved losses by 5e-5; adding the stems and heads moved them by 5e-5
+      too. Blocks alone stay within 1e-6 of eager.
     - dynamic=False: a block gets one graph per input shape, and a task's shapes are fixed (its batch, its
       modality's token count, DropToken's kept count), so the graphs are bounded by the tasks; the recompile
       limit is raised to hold them all.

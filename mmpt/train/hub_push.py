@@ -20,7 +20,6 @@ uploads it, and training waits only for the last push.
 """
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import subprocess
@@ -32,11 +31,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mmpt.config import Config
-from mmpt.evals import COUNTS
+from mmpt.export import is_eval_metric
 from mmpt.hub import HubError, commit_files, ensure_repo, remote_files
 from mmpt.train.checkpoint import checkpoint_dir
 from mmpt.train.resume import TAG_RE
-from mmpt.train.runlog import read_metrics
+from mmpt.train.runlog import read_metrics, truncate_metrics
 
 CHECKPOINT = "checkpoint"  # the repo folder holding resumable checkpoints
 # RUN/hub_incomplete: written when the run ends without its last push on the Hub. Workers still exit 0 (under
@@ -73,8 +72,9 @@ def stage(out_dir: str | Path, tag: str, step: int) -> Path:
     _link_tree(checkpoint_dir(out_dir) / tag, checkpoint_dir(tmp) / tag)
     (checkpoint_dir(tmp) / "latest").write_text(tag)
     shutil.copy2(out_dir / "config.yaml", tmp / "config.yaml")
-    records = [r for r in read_metrics(out_dir) if r.get("step", 0) <= step]
-    (tmp / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    if (out_dir / "metrics.jsonl").is_file():
+        shutil.copy2(out_dir / "metrics.jsonl", tmp / "metrics.jsonl")
+    truncate_metrics(tmp / "metrics.jsonl", step)
     os.replace(tmp, final)
     return final
 
@@ -120,8 +120,7 @@ def commit_message(step: int, records: list[dict]) -> str:
     loss = next((r["loss"] for r in reversed(records) if r.get("step") == step and "loss" in r), None)
     evals: dict = {}
     for record in records:
-        evals.update({k: v for k, v in record.items() if k.startswith("eval/") and isinstance(v, (int, float))
-                      and k.rsplit("/", 1)[-1] not in COUNTS})
+        evals.update({k: v for k, v in record.items() if is_eval_metric(k) and isinstance(v, (int, float))})
     figures = ([f"loss {loss:.4f}"] if loss is not None else []) + [f"{k} {v:.4g}" for k, v in sorted(evals.items())]
     return f"mmpt step {step}" + (": " + ", ".join(figures) if figures else "")
 
