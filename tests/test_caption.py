@@ -82,9 +82,9 @@ def test_teacher_forcing_forward_is_untouched_by_generate():
     tokens = torch.randint(0, 1000, (2, cfg.model.context_length))
     tokens[:, 0], tokens[:, -1] = cfg.model.sot_id, cfg.model.eot_id
     src = model.encode("image", torch.randn(2, 3, 32, 32))
-    before = model.decoder(tokens, src["hidden"], src["mask"])["caption_logits"]
+    before = model.decoder(tokens, src["hidden"], src["mask"])["caption_hidden"]
     model.decoder.generate(src["hidden"], src["mask"], num_beams=2)
-    assert torch.equal(before, model.decoder(tokens, src["hidden"], src["mask"])["caption_logits"])
+    assert torch.equal(before, model.decoder(tokens, src["hidden"], src["mask"])["caption_hidden"])
 
 
 def test_identical_captions_score_bleu4_one_and_cider_ten():

@@ -41,7 +41,7 @@ def test_decoder_names_the_class_of_its_context_within_the_demo_budget():
                  zip(classes.tolist(), torch.randint(0, len(TEMPLATES), (32,), generator=gen), strict=True)]
         out = decoder(tokenize(texts, m.context_length, cfg.data.tokenizer),
                       contexts(classes, prototypes, gen), torch.ones(32, 16, dtype=torch.bool))
-        loss = F.cross_entropy(out["caption_logits"], out["caption_targets"])
+        loss = F.cross_entropy(decoder.logits(out["caption_hidden"]), out["caption_targets"])
         optimizer.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(decoder.parameters(), o.grad_clip)
@@ -73,5 +73,5 @@ def test_checkpoint_from_before_the_token_scale_loads_the_same_decoder():
     with torch.no_grad():
         a, b = new(tokens, context, mask), loaded(tokens, context, mask)
     assert loaded.token_scale.item() == 1.0
-    torch.testing.assert_close(a["caption_logits"], b["caption_logits"])
+    torch.testing.assert_close(new.logits(a["caption_hidden"]), loaded.logits(b["caption_hidden"]))
     assert torch.equal(new.generate(context, mask), loaded.generate(context, mask))

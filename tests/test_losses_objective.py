@@ -24,14 +24,15 @@ def _loss_cfg(kind: str) -> SimpleNamespace:
 
 
 def _leaves(kind: str) -> dict:
-    """The whole batch's model outputs as leaves: embeddings, temperature (and bias), caption logits,
-    and an MoE aux loss per micro-batch."""
+    """The whole batch's model outputs as leaves: embeddings, temperature (and bias), the caption targets' hidden
+    states and the token table every micro-batch shares, and an MoE aux loss per micro-batch."""
     gen = torch.Generator().manual_seed(0)
     n = sum(ROWS)
     leaves = {"image": F.normalize(torch.randn(n, 6, generator=gen, dtype=torch.float32), dim=1),
               "text": F.normalize(torch.randn(n, 6, generator=gen, dtype=torch.float32), dim=1),
               "logit_scale": torch.tensor(4.0, dtype=torch.float32),
-              "caption_logits": torch.randn(sum(TOKENS), VOCAB, generator=gen, dtype=torch.float32),
+              "caption_hidden": torch.randn(sum(TOKENS), 6, generator=gen, dtype=torch.float32),
+              "caption_table": torch.randn(VOCAB, 6, generator=gen, dtype=torch.float32),
               "moe_loss": torch.rand(len(ROWS), generator=gen, dtype=torch.float32)}
     if kind == "sigmoid":
         leaves["logit_bias"] = torch.tensor(-2.0, dtype=torch.float32)
@@ -45,7 +46,8 @@ def _out(leaves: dict, rows: slice, tokens: slice, micro: int | None) -> dict:
     whole batch is the micro-batches' mean (per micro-batch losses, as in any gradient accumulation)."""
     moe = leaves["moe_loss"].mean() if micro is None else leaves["moe_loss"][micro]
     out = {"emb": {m: leaves[m][rows] for m in ("image", "text")}, "logit_scale": {PAIR: leaves["logit_scale"]},
-           "caption_logits": leaves["caption_logits"][tokens], "caption_targets": leaves["caption_targets"][tokens],
+           "caption_hidden": leaves["caption_hidden"][tokens], "caption_targets": leaves["caption_targets"][tokens],
+           "caption_table": leaves["caption_table"], "caption_scale": torch.tensor([1.5]),
            "aux": {"image.layer1.moe_loss": moe}}
     if "logit_bias" in leaves:
         out["logit_bias"] = {PAIR: leaves["logit_bias"]}

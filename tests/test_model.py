@@ -30,10 +30,11 @@ def test_forward_shapes_and_unit_embeddings(cfg):
         assert emb.shape == (4, 16)
         torch.testing.assert_close(emb.norm(dim=-1), torch.ones(4))
     assert out["logit_scale"]["image-text"].item() == pytest.approx(1 / 0.07, rel=1e-5)
-    # Caption logits only for real target positions: every token after SOT up to and including EOT.
+    # Caption targets only for real target positions: every token after SOT up to and including EOT.
     text = batch()["text"]
     n_targets = int(((text == cfg.model.eot_id).int().argmax(dim=1)).sum())
-    assert out["caption_logits"].shape == (n_targets, cfg.model.vocab_size)
+    assert out["caption_hidden"].shape == (n_targets, cfg.model.width)
+    assert model.decoder.logits(out["caption_hidden"]).shape == (n_targets, cfg.model.vocab_size)
     assert out["caption_targets"].shape == (n_targets,)
 
 

@@ -49,8 +49,9 @@ def local_terms(out: dict, loss_cfg, caption_share: float = 1.0, micro_batches: 
     Returns (weighted total, metrics: caption_loss, moe_loss, moe/<modality>/<metric>)."""
     metrics: dict = {}
     total: float | torch.Tensor = 0.0
-    if "caption_logits" in out and caption_share > 0:  # no caption tokens: nothing to average
-        metrics["caption_loss"] = caption_loss(out["caption_logits"], out["caption_targets"])
+    if "caption_hidden" in out and caption_share > 0:  # no caption tokens: nothing to average
+        metrics["caption_loss"] = caption_loss(out["caption_hidden"], out["caption_table"], out["caption_targets"],
+                                               out.get("caption_scale"))
         total = total + loss_cfg.caption_weight * caption_share * metrics["caption_loss"]
     return total + moe_terms(out.get("aux", {}), metrics) / micro_batches, metrics
 

@@ -86,19 +86,25 @@ class CaptionDecoder(nn.Module):
         return self.ln(x)
 
     def forward(self, tokens: torch.Tensor, context: torch.Tensor, context_mask: torch.Tensor) -> dict:
-        """Teacher forcing. Logits only for real target positions (up to EOT): the vocab projection is the
-        costliest op here and padding would waste it."""
+        """Teacher forcing: the hidden states of the real target positions (up to EOT; the vocab projection is the
+        costliest op here and padding would waste it) with the tied LM head's table and scale. The loss projects
+        them (mmpt.losses.caption_loss: hidden @ (table * scale).T, as `logits`), so that projection and softmax
+        can run as one compiled pass."""
         h = self.hidden(tokens[:, :-1], context, context_mask)
         target_mask = valid_mask(tokens, self.eot_id)[:, 1:]
-        logits = h[target_mask] @ self.lm_weight()
-        return {"caption_logits": logits, "caption_targets": tokens[:, 1:][target_mask]}
+        return {"caption_hidden": h[target_mask], "caption_table": self.token.weight,
+                "caption_scale": self.token_scale, "caption_targets": tokens[:, 1:][target_mask]}
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """(..., D) hidden states -> (..., V) logits through the tied LM head."""
+        return hidden @ self.lm_weight()
 
     def target_count(self, tokens: torch.Tensor) -> int:
         """How many positions `forward` would score (what weights micro-batches' caption losses)."""
         return int(valid_mask(tokens, self.eot_id)[:, 1:].sum())
 
     def _next_logprobs(self, seq: torch.Tensor, context: torch.Tensor, context_mask: torch.Tensor) -> torch.Tensor:
-        return (self.hidden(seq, context, context_mask)[:, -1] @ self.lm_weight()).float().log_softmax(-1)
+        return self.logits(self.hidden(seq, context, context_mask)[:, -1]).float().log_softmax(-1)
 
     def _start_cache(self, context: torch.Tensor) -> list:
         """One dict per layer (text layers, then cross layers): self-attention keys/values are appended step by
@@ -115,7 +121,7 @@ class CaptionDecoder(nn.Module):
         x = self.embed(seq[:, t:], t)
         for layer, cache in zip([*self.text_layers, *self.cross_layers], caches, strict=True):
             x = layer.step(x, cache, context_mask)
-        return (self.ln(x)[:, -1] @ self.lm_weight()).float().log_softmax(-1)
+        return self.logits(self.ln(x)[:, -1]).float().log_softmax(-1)
 
     @torch.no_grad()
     def generate(self, context: torch.Tensor, context_mask: torch.Tensor, max_len: Optional[int] = None,

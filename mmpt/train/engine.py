@@ -147,9 +147,9 @@ def adamw(groups: list, **hyper) -> torch.optim.AdamW:
 
 def compile_engine(engine, cfg) -> None:
     """train.compile: torch.compile, in place, each Transformer block (trunk, own trunks, caption decoder): the
-    attention, norms and MLPs, most of a step's work; and the caption loss's vocabulary-wide softmax
-    (mmpt.losses.captioning.compiled_caption_loss). In place, so parameter names, checkpoints and DeepSpeed's
-    hooks stay as they are; AOTAutograd compiles each block's backward.
+    attention, norms and MLPs, most of a step's work; and the caption loss, its vocabulary projection and softmax
+    as one graph (mmpt.losses.captioning.compiled_caption_loss). In place, so parameter names, checkpoints and
+    DeepSpeed's hooks stay as they are; AOTAutograd compiles each block's backward.
     - Why blocks, not the whole step: measured on tests/test_recovery.py's TINY run at ZeRO-2 (2 ranks, 3 tasks,
       GradCache, 20 steps): compiling the whole TrainModule warmed up 4x longer, recompiled at every graph break
       (routing, the losses' collectives) and moved losses by 5e-5; adding the stems and heads moved them by 5e-5
