@@ -13,11 +13,9 @@ from mmpt.bench.step import SHAPES, compile_comparison, make_batches
 from mmpt.distributed import init_distributed
 init_distributed()
 batches = make_batches(SHAPES["demo"], 8, 21)
-out = {}
 with contextlib.redirect_stdout(None):
-    for stage in (2,):
-        out[stage] = compile_comparison(SHAPES["demo"], 8, batches, 1, stage)
-print(json.dumps(out))
+    result = compile_comparison(SHAPES["demo"], 8, batches, 1, 2)
+print(json.dumps(result))
 """
 
 
@@ -25,6 +23,5 @@ def test_compiled_steps_give_eagers_losses_under_zero_2():
     proc = run([sys.executable, "-c", SCRIPT], env={"OMP_NUM_THREADS": "2"}, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
-    for stage, r in result.items():
-        assert r["steps"] == 20 and "ZeRO-" + stage in r["how"]
-        assert r["max_loss_difference"] <= 1e-5, (stage, r)
+    assert result["steps"] == 20 and "ZeRO-2" in result["how"]
+    assert result["max_loss_difference"] <= 1e-5, result
