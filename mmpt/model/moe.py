@@ -61,9 +61,8 @@ class NativeMoE(nn.Module):
                 start += n
         return out
 
-    # Eager under train.compile: routing sizes each expert's work from the data (bincount, argsort), which would
-    # recompile at every new split of tokens; the blocks around it are compiled.
-    @torch.compiler.disable
+    # Eager under train.compile (mmpt.train.engine.compile_engine marks it): routing sizes each expert's work from
+    # the data (bincount, argsort), which would recompile at every new split of tokens.
     def forward(self, x: torch.Tensor, key_mask=None) -> tuple[torch.Tensor, dict]:
         tokens, index = valid_tokens(x, key_mask)
         logits = F.linear(tokens.float(), self.router.weight.float())

@@ -157,7 +157,9 @@ def compile_engine(engine, cfg) -> None:
     - dynamic=False: a block gets one graph per input shape, and a task's shapes are fixed (its batch, its
       modality's token count, DropToken's kept count), so the graphs are bounded by the tasks; the recompile
       limit is raised to hold them all.
-    - NativeMoE's routing stays eager (torch.compiler.disable: its per-expert splits depend on the data).
+    - NativeMoE's routing stays eager (torch.compiler.disable: its per-expert splits depend on the data). Marked
+      here, on each layer, not by a decorator in mmpt.model.moe: the decorator imports torch._dynamo, 1.4 s of
+      every `mmpt` command's start.
     - ZeRO-3 gathers each layer's parameters in module hooks, which break the graph at every layer; it works and
       matches eager, but recompiles per layer up to the limit and runs slower than eager on CPU.
     - fallback_random: dropout and DropToken draw from torch's generator as in eager, so a compiled run makes the
@@ -165,11 +167,14 @@ def compile_engine(engine, cfg) -> None:
     import torch._dynamo
     import torch._inductor.config
 
+    from mmpt.model.moe import NativeMoE
     from mmpt.model.trunk import Block
 
     tasks, _ = tasks_from_config(cfg, expand=False)
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 8 * (len(tasks) + 1))
     torch._inductor.config.fallback_random = True
+    for moe in [m for m in engine.module.modules() if isinstance(m, NativeMoE)]:
+        moe.forward = torch.compiler.disable(moe.forward)
     for block in [m for m in engine.module.modules() if isinstance(m, Block)]:
         block.compile(dynamic=False)
     engine.module.compiled_loss = True
