@@ -14,6 +14,8 @@ from mmpt.data.stream import tasks_from_config
 from mmpt.losses.accumulate import surrogate
 from mmpt.losses.captioning import compiled_caption_loss
 from mmpt.losses.objective import PAIR_PARAMS, objective
+from mmpt.model.moe import NativeMoE
+from mmpt.model.trunk import Block
 
 
 class TrainModule(nn.Module):
@@ -166,9 +168,6 @@ def compile_engine(engine, cfg) -> None:
       same random choices."""
     import torch._dynamo
     import torch._inductor.config
-
-    from mmpt.model.moe import NativeMoE
-    from mmpt.model.trunk import Block
 
     tasks, _ = tasks_from_config(cfg, expand=False)
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 8 * (len(tasks) + 1))
