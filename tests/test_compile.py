@@ -28,21 +28,19 @@ def test_compiled_steps_give_eagers_losses_under_zero_2():
 
 
 def test_moe_routing_stays_eager_in_a_compiled_engine():
-    """compile_engine marks each NativeMoE layer's forward as torch.compiler.disable'd (its per-expert splits
-    depend on the data); the mark is made there, not by a decorator at import, so that `import mmpt` does not
-    import torch._dynamo. compile_engine reads only the engine's `module`: here the model itself."""
-    from types import SimpleNamespace
-
+    """compile_engine (through compile_blocks, on the engine's module) marks each NativeMoE layer's forward as
+    torch.compiler.disable'd (its per-expert splits depend on the data); the mark is made there, not by a
+    decorator at import, so that `import mmpt` does not import torch._dynamo."""
     from mmpt.config import load_config
     from mmpt.model import build_for_run
     from mmpt.model.moe import NativeMoE
-    from mmpt.train.engine import compile_engine
+    from mmpt.train.engine import compile_blocks
 
     cfg = load_config("demo", ["model.width=32", "model.depth=2", "model.heads=2", "model.embed_dim=32"])
     model = build_for_run(cfg)
     layers = [m for m in model.modules() if isinstance(m, NativeMoE)]
     assert layers and not any(hasattr(m.forward, "_torchdynamo_disable") for m in layers)
-    compile_engine(SimpleNamespace(module=model), cfg)
+    compile_blocks(model)
     assert all(getattr(m.forward, "_torchdynamo_disable", False) for m in layers)
 
 

@@ -172,11 +172,18 @@ def compile_engine(engine, cfg) -> None:
     tasks, _ = tasks_from_config(cfg, expand=False)
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 8 * (len(tasks) + 1))
     torch._inductor.config.fallback_random = True
-    for moe in [m for m in engine.module.modules() if isinstance(m, NativeMoE)]:
-        moe.forward = torch.compiler.disable(moe.forward)
-    for block in [m for m in engine.module.modules() if isinstance(m, Block)]:
-        block.compile(dynamic=False)
+    compile_blocks(engine.module)
     engine.module.compiled_loss = True
+
+
+def compile_blocks(module: nn.Module) -> None:
+    """In place: each Transformer block of `module` compiled (dynamic=False), each NativeMoE layer's routing
+    kept eager (compile_engine says why)."""
+    for m in module.modules():
+        if isinstance(m, NativeMoE):
+            m.forward = torch.compiler.disable(m.forward)
+        elif isinstance(m, Block):
+            m.compile(dynamic=False)
 
 
 def build_engine(module: nn.Module, cfg, world_size: int, load_universal: bool = False):
