@@ -101,23 +101,24 @@ def soundtrack(wav: np.ndarray, clip_seconds: float, max_voiced: float, threshol
 
 
 def motion_frames(digit: np.ndarray, direction: str, frames: int, size: int, glyph_size: int,
-                  rng: random.Random) -> np.ndarray:
+                  rng: random.Random, overhang: int = 0) -> np.ndarray:
     """(T, size, size, 3) uint8: the digit (white on black, glyph_size pixels) sliding across the frame in
-    `direction`."""
+    `direction`, from `overhang` pixels past one edge to `overhang` past the other (partly outside at the ends)."""
     from PIL import Image
 
     glyph = np.asarray(Image.fromarray((digit * (255.0 / 16.0)).astype(np.uint8)).resize((glyph_size, glyph_size),
                                                                                           Image.BICUBIC))
     dx, dy = DIRECTIONS[direction]
-    g, travel = glyph.shape[0], size - glyph.shape[0]
-    cross = rng.randint(0, travel)  # position on the axis it does not move along
-    out = np.zeros((frames, size, size, 3), dtype=np.uint8)
+    g, o = glyph.shape[0], overhang
+    travel = size - g + 2 * o
+    cross = o + rng.randint(0, size - g)  # position on the axis it does not move along: inside the frame
+    canvas = np.zeros((frames, size + 2 * o, size + 2 * o, 3), dtype=np.uint8)  # the frame plus its margins
     for t in range(frames):
         along = int(round(t * travel / max(1, frames - 1)))
         x = (along if dx > 0 else travel - along) if dx else cross
         y = (along if dy > 0 else travel - along) if dy else cross
-        out[t, y:y + g, x:x + g] = glyph[..., None]
-    return out
+        canvas[t, y:y + g, x:x + g] = glyph[..., None]
+    return canvas[:, o:o + size, o:o + size]
 
 
 def mp4_bytes(frames: np.ndarray, fps: int, wav: np.ndarray) -> bytes:
