@@ -62,7 +62,7 @@ VIDEO_FRAMES, VIDEO_FPS = 16, 8
 # clip in (clips of that digit), 0.10 on motion-val. Its voiced part is squeezed into this many seconds and
 # centred on the clip's midpoint, where a 1-second audio window centred on the video's frames finds it whole.
 SOUNDTRACK_SECONDS = 0.95
-GLYPH_PIXELS = 48  # the moving digit's side in the 64-pixel frame: the images' scale (image_as_video)
+GLYPH_PIXELS = 48  # the moving digit's side in the 64-pixel frame (the images' digits fill theirs: image_as_video)
 # ... and how far past the frame's edges its slide starts and ends. 0: 16 px of travel, one patch at the model's
 # 32 px, and video names the direction of about half the held-out clips. 8 (32 px) taught direction (0.99) and
 # doubled video-audio R@1 on one seed but not on others, and cost video's digit (docs/demo.md, "The video
