@@ -64,9 +64,8 @@ VIDEO_FRAMES, VIDEO_FPS = 16, 8
 SOUNDTRACK_SECONDS = 0.95
 GLYPH_PIXELS = 48  # the moving digit's side in the 64-pixel frame (the images' digits fill theirs: image_as_video)
 # ... and how far past the frame's edges its slide starts and ends. 0: 16 px of travel, one patch at the model's
-# 32 px, and video names the direction of about half the held-out clips. 8 (32 px) taught direction (0.99) and
-# doubled video-audio R@1 on one seed but not on others, and cost video's digit (docs/demo.md, "The video
-# hardly moved").
+# 32 px, and video names the direction of about half the held-out clips. 8 (32 px) taught it on some seeds, not
+# others, and cost video's digit (docs/demo.md, "The video hardly moved").
 GLYPH_OVERHANG = 0
 
 
@@ -174,7 +173,7 @@ def build(out: Path, shard_size: int = 200, seed: int = 0, force: bool = False, 
     if is_complete(out, seed, shard_size) and not force:
         return {"skipped": True, "out": str(out)}
     # Most of the time is spent waiting on espeak-ng, flite and x264 (a third of a core when written one part
-    # after another): three parts at once, the longest first.
+    # after another): three parts at once, the largest first.
     with ProcessPoolExecutor(max_workers=workers) as pool:
         jobs = {part: pool.submit(write_part, out, part, seed, shard_size)
                 for part in sorted(PARTS, key=lambda p: -MEDIA_COUNTS.get(p, 0))}

@@ -47,7 +47,6 @@ def test_motion_soundtracks_say_digit_and_direction_inside_the_centred_window(de
     assert recipe["soundtrack"] == "digit direction, centred"
 
 
-
 def test_overhang_starts_and_ends_the_slide_past_the_frame_edges():
     """motion_frames' overhang o: the glyph's slide runs from o px past one edge to o px past the other, so it
     travels size - glyph + 2o; at o = 0 it stays inside the frame, as the demo's clips are built."""
