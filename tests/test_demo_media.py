@@ -21,6 +21,14 @@ from demo_digits import write_part  # noqa: E402
 from demo_media import SPEECH_RATE, motion_frames, soundtrack  # noqa: E402
 
 
+def _members(part: Path) -> dict:
+    out = {}
+    for shard in sorted(part.glob("*.tar")):
+        with tarfile.open(shard) as tar:
+            out.update({m.name: tar.extractfile(m).read() for m in tar.getmembers() if m.isfile()})
+    return out
+
+
 def test_soundtrack_centres_and_squeezes_the_voiced_part():
     voice = np.r_[np.zeros(800), np.full(24000, 0.5), np.zeros(3000)].astype(np.float32)  # 1.5 s voiced
     track = soundtrack(voice, 2.0, 0.95)
@@ -31,8 +39,7 @@ def test_soundtrack_centres_and_squeezes_the_voiced_part():
 
 
 def test_motion_soundtracks_say_digit_and_direction_inside_the_centred_window(demo_data):
-    with tarfile.open(sorted((demo_data / "motion-val").glob("*.tar"))[0]) as tar:
-        members = {m.name: tar.extractfile(m).read() for m in tar.getmembers() if m.isfile()}
+    members = _members(demo_data / "motion-val")
     clips = sorted(k for k in members if k.endswith(".mp4"))[:6]
     settings = DecodeSettings.from_config(load_config("demo"))
     for name in clips:
@@ -59,14 +66,6 @@ def test_overhang_starts_and_ends_the_slide_past_the_frame_edges():
     down = motion_frames(glyph, "down", 16, 64, 48, random.Random(0), 8)
     rows = [np.nonzero(down[t, :, :, 0].max(1))[0] for t in (0, 15)]
     assert (rows[0].max(), rows[1].min()) == (39, 24)
-
-
-def _members(part: Path) -> dict:
-    out = {}
-    for shard in sorted(part.glob("*.tar")):
-        with tarfile.open(shard) as tar:
-            out.update({m.name: tar.extractfile(m).read() for m in tar.getmembers() if m.isfile()})
-    return out
 
 
 def test_a_part_written_alone_holds_what_the_parallel_build_wrote(demo_data, tmp_path):
