@@ -44,7 +44,7 @@ demo: $(STAMP)
 	$(BIN)/python data_pipelines/demo_report.py $(RUN)
 
 # The demo's held-out evals, EVAL_JOBS at a time: each is one process, most of whose time goes to importing
-# torch and loading the model (2 cores, three runs each: 71-79 s one after another, 43-49 s two at a time).
+# torch and loading the model (2 cores, 71-79 s one after another in three runs, 43-54 s two at a time in four).
 # Each writes $(RUN)/NAME.json (zero-shot also NAME.png) and prints its one-line summary.
 EVAL_JOBS ?= 2
 EVAL := $(BIN)/mmpt eval
@@ -53,6 +53,8 @@ DEMO_EVALS := zeroshot zeroshot_audio zeroshot_audio_seen zeroshot_video retriev
 .PHONY: demo-evals $(addprefix eval-,$(DEMO_EVALS))
 
 demo-evals: $(addprefix eval-,$(DEMO_EVALS))
+
+$(addprefix eval-,$(DEMO_EVALS)): $(STAMP)
 
 eval-zeroshot:
 	$(EVAL) zeroshot --model $(RUN) --out $(RUN)/zeroshot.json > /dev/null
