@@ -47,39 +47,26 @@ demo: $(STAMP)
 # torch and loading the model (2 cores, 71-79 s one after another in three runs, 43-54 s two at a time in four).
 # Each writes $(RUN)/NAME.json (zero-shot also NAME.png) and prints its one-line summary.
 EVAL_JOBS ?= 2
-EVAL := $(BIN)/mmpt eval
 DEMO_EVALS := zeroshot zeroshot_audio zeroshot_audio_seen zeroshot_video retrieval_image-text \
   retrieval_audio-text retrieval_video-text retrieval_video-audio caption
+# What each eval is (`mmpt eval ...`, less --model and --out, which every one gets alike).
+EVAL_zeroshot := zeroshot
+EVAL_zeroshot_audio := zeroshot --modality audio --data data/demo/speech-val --classes data/demo/speech-classes.json
+EVAL_zeroshot_audio_seen := zeroshot --modality audio --data data/demo/speech-val-seen \
+  --classes data/demo/speech-classes.json
+EVAL_zeroshot_video := zeroshot --modality video --data data/demo/motion-val --classes data/demo/motion-classes.json
+EVAL_retrieval_image-text := retrieval --pair image-text --data data/demo/val
+EVAL_retrieval_audio-text := retrieval --pair audio-text --data data/demo/speech-val
+EVAL_retrieval_video-text := retrieval --pair video-text --data data/demo/motion-val
+EVAL_retrieval_video-audio := retrieval --pair video-audio --data data/demo/motion-val
+EVAL_caption := caption --data data/demo/val
 .PHONY: demo-evals $(addprefix eval-,$(DEMO_EVALS))
 
 demo-evals: $(addprefix eval-,$(DEMO_EVALS))
 
-$(addprefix eval-,$(DEMO_EVALS)): $(STAMP)
-
-eval-zeroshot:
-	$(EVAL) zeroshot --model $(RUN) --out $(RUN)/zeroshot.json > /dev/null
-eval-zeroshot_audio:
-	$(EVAL) zeroshot --model $(RUN) --modality audio --data data/demo/speech-val \
-	  --classes data/demo/speech-classes.json --out $(RUN)/zeroshot_audio.json > /dev/null
-eval-zeroshot_audio_seen:
-	$(EVAL) zeroshot --model $(RUN) --modality audio --data data/demo/speech-val-seen \
-	  --classes data/demo/speech-classes.json --out $(RUN)/zeroshot_audio_seen.json > /dev/null
-eval-zeroshot_video:
-	$(EVAL) zeroshot --model $(RUN) --modality video --data data/demo/motion-val \
-	  --classes data/demo/motion-classes.json --out $(RUN)/zeroshot_video.json > /dev/null
-eval-retrieval_image-text:
-	$(EVAL) retrieval --model $(RUN) --pair image-text --data data/demo/val --out $(RUN)/retrieval_image-text.json > /dev/null
-eval-retrieval_audio-text:
-	$(EVAL) retrieval --model $(RUN) --pair audio-text --data data/demo/speech-val \
-	  --out $(RUN)/retrieval_audio-text.json > /dev/null
-eval-retrieval_video-text:
-	$(EVAL) retrieval --model $(RUN) --pair video-text --data data/demo/motion-val \
-	  --out $(RUN)/retrieval_video-text.json > /dev/null
-eval-retrieval_video-audio:
-	$(EVAL) retrieval --model $(RUN) --pair video-audio --data data/demo/motion-val \
-	  --out $(RUN)/retrieval_video-audio.json > /dev/null
-eval-caption:
-	$(EVAL) caption --model $(RUN) --data data/demo/val --out $(RUN)/caption.json > /dev/null
+# A static pattern rule: make skips implicit (%) rules for phony targets.
+$(addprefix eval-,$(DEMO_EVALS)): eval-%: $(STAMP)
+	$(BIN)/mmpt eval $(EVAL_$*) --model $(RUN) --out $(RUN)/$*.json > /dev/null
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q tests
