@@ -33,7 +33,7 @@ from demo_digits import MOTION_CAPTIONS, WORDS  # noqa: E402
 from demo_media import DIRECTIONS  # noqa: E402
 
 from mmpt.eval.data import eval_batches  # noqa: E402
-from mmpt.eval.retrieval import class_only_r1, embed_pairs, embedding_ranks, gather_unique, rank_metrics  # noqa: E402
+from mmpt.eval.retrieval import class_only_r1, embed_pairs, gather_unique, retrieval_metrics  # noqa: E402
 from mmpt.eval.zeroshot import class_embeddings  # noqa: E402
 
 PROMPT = MOTION_CAPTIONS[0]  # "the digit {word} moving {direction}"
@@ -95,11 +95,10 @@ def probes(train: tuple, val: tuple) -> dict:
 
 def pair_scores(emb: dict, groups: torch.Tensor) -> dict:
     """Video->audio top-1 in the query's group, R@1 both ways, and the group ceiling."""
-    top = (emb["video"] @ emb["audio"].t()).argmax(1)
-    return {"top1_in_group": accuracy(groups[top], groups),
-            "video_to_audio_R@1": rank_metrics(embedding_ranks(emb["video"], emb["audio"]))["R@1"],
-            "audio_to_video_R@1": rank_metrics(embedding_ranks(emb["audio"], emb["video"]))["R@1"],
-            "ceiling_R@1": class_only_r1(groups.tolist())}
+    sim = emb["video"] @ emb["audio"].t()
+    video_to_audio, audio_to_video = retrieval_metrics(sim)
+    return {"top1_in_group": accuracy(groups[sim.argmax(1)], groups), "video_to_audio_R@1": video_to_audio["R@1"],
+            "audio_to_video_R@1": audio_to_video["R@1"], "ceiling_R@1": class_only_r1(groups.tolist())}
 
 
 def text_similarity(prompts: torch.Tensor) -> dict:
