@@ -8,36 +8,29 @@ import sys
 
 from tests.conftest import run
 
-# Each step's loss on both engines, and (MoE) each engine's router logits, caught at mmpt.model.moe.route: the
-# routing runs eagerly inside the compiled engine too, so the patched global sees both.
+# Each step's loss on both engines (bench.step.compile_comparison: two engines from the same weights, their steps
+# interleaved on the same batches) and, with MoE, each engine's router logits, caught at mmpt.model.moe.route: the
+# routing runs eagerly inside the compiled engine too, so the patched global sees both, in step order.
 SCRIPT = """
-import json, sys, torch
+import contextlib, json, sys
 import mmpt.model.moe as moe
-from mmpt.bench.step import SHAPES, make_batches, mmpt_config
+from mmpt.bench.step import SHAPES, compile_comparison, make_batches
 from mmpt.distributed import init_distributed
-from mmpt.model import build_for_run
-from mmpt.train.engine import TrainModule, build_engine
-from mmpt.train.loop import train_step
 init_distributed()
 caught = []
 route = moe.route
-moe.route = lambda logits, *a, **k: caught.append(logits.detach().clone()) or route(logits, *a, **k)
+moe.route = lambda logits, *a, **k: caught.append(logits.detach().tolist()) or route(logits, *a, **k)
+batches = make_batches(SHAPES["demo"], 8, 20)
 out = {}
 for trunk in ("dense", "moe"):
-    cfgs = [mmpt_config(SHAPES["demo"], 8, trunk, 2, compiled) for compiled in (False, True)]
-    engines = []
-    for cfg in cfgs:
-        torch.manual_seed(0)
-        engines.append(build_engine(TrainModule(build_for_run(cfg), cfg.loss), cfg, 1))
-    steps = []
-    for image, text in make_batches(SHAPES["demo"], 8, 20):
-        step = []
-        for engine, cfg in zip(engines, cfgs):
-            caught.clear()
-            loss = train_step(engine, ["image", "text"], [{"image": image, "text": text}], cfg)["loss"].item()
-            step.append({"loss": loss, "logits": [x.tolist() for x in caught]})
-        steps.append(step)
-    out[trunk] = steps
+    caught.clear()
+    with contextlib.redirect_stdout(None):
+        result = compile_comparison(SHAPES["demo"], 8, batches, 0, 2, trunk)
+    calls = len(caught) // (2 * len(batches))  # router calls a step: the same on every step and engine
+    assert len(caught) == 2 * len(batches) * calls, (trunk, len(caught))
+    logits = [caught[i * calls:(i + 1) * calls] for i in range(2 * len(batches))]
+    out[trunk] = [[{"loss": loss, "logits": logits[2 * n + side]} for side, loss in enumerate(pair)]
+                  for n, pair in enumerate(zip(result["losses"]["eager"], result["losses"]["compiled"]))]
 print(json.dumps(out))
 """
 

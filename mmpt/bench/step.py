@@ -197,13 +197,15 @@ def mmpt_side(shape: dict, batch: int, batches: list, warmup: int, trunk: str, s
                  f"mmpt.train.loop.train_step on a DeepSpeed ZeRO-{stage} engine ({trunk} trunk)")
 
 
-def compile_comparison(shape: dict, batch: int, batches: list, warmup: int, stage: int = 0) -> dict:
-    """The demo's step (MoE, ZeRO `stage`) eager and with train.compile, two engines from the same initial weights
-    taking the same batches, their steps interleaved (eager, compiled, eager, ...) so that the machine's drift
-    falls on both alike. compile_s: the compiled engine's warm-up steps' time over eager's."""
+def compile_comparison(shape: dict, batch: int, batches: list, warmup: int, stage: int = 0,
+                       trunk: str = "moe") -> dict:
+    """The demo's step (`trunk`, ZeRO `stage`) eager and with train.compile, two engines from the same initial
+    weights taking the same batches, their steps interleaved (eager, compiled, eager, ...) so that the machine's
+    drift falls on both alike. compile_s: the compiled engine's warm-up steps' time over eager's; losses: each
+    engine's loss at every step, warm-up included."""
     engines, cfgs = [], []
     for compiled in (False, True):
-        cfgs.append(mmpt_config(shape, batch, "moe", stage, compiled))
+        cfgs.append(mmpt_config(shape, batch, trunk, stage, compiled))
         torch.manual_seed(0)
         engines.append(build_engine(TrainModule(build_for_run(cfgs[-1]), cfgs[-1].loss), cfgs[-1], 1))
     data = [{"image": im, "text": txt} for im, txt in batches]
@@ -215,12 +217,13 @@ def compile_comparison(shape: dict, batch: int, batches: list, warmup: int, stag
             losses[side].append(train_step(engines[side], ["image", "text"], [b], cfgs[side])["loss"].item())
             spent["warmup" if i < warmup else "timed"][side] += time.perf_counter() - began
     steps = len(data) - warmup
-    return {"how": f"the mmpt_moe step (ZeRO-{stage}) eager and with train.compile=true (each Transformer block and "
-                   "the caption loss compiled by torch.compile, inductor), steps interleaved",
+    return {"how": f"the mmpt_{trunk} step (ZeRO-{stage}) eager and with train.compile=true (each Transformer block "
+                   "and the caption loss compiled by torch.compile, inductor), steps interleaved",
             "steps": steps, "eager_s_per_step": spent["timed"][0] / steps,
             "compiled_s_per_step": spent["timed"][1] / steps,
             "compile_s": spent["warmup"][1] - spent["warmup"][0],
-            "max_loss_difference": max(abs(a - b) for a, b in zip(*losses, strict=True))}
+            "max_loss_difference": max(abs(a - b) for a, b in zip(*losses, strict=True)),
+            "losses": {"eager": losses[0], "compiled": losses[1]}}
 
 
 # ---- both ----------------------------------------------------------------------------------------------------
