@@ -165,8 +165,18 @@ def _validate_tasks(cfg: Config) -> None:
         # No run-wide twin: loss.*_weight weigh loss terms, this weighs a whole task (0 would train it for nothing)
         _raise(_broken([(f"data.tasks.{key}.loss_weight", t.loss_weight, t.loss_weight > 0, "must be positive"),
                         (f"data.tasks.{key}.start_step", t.start_step, t.start_step >= 0, "must be >= 0")]
+                       + _grouping_rules(cfg, key, t)
                        + _drop_token_rules(f"data.tasks.{key}.drop_token", t.drop_token or {}, names,
                                            "a modality of the pair")))
+
+
+def _grouping_rules(cfg: Config, key: str, t) -> list[Rule]:
+    """group_by and group_size come together; a batch holds whole groups."""
+    if not t.group_by:
+        return [(f"data.tasks.{key}.group_size", t.group_size, t.group_size == 0, f"needs data.tasks.{key}.group_by")]
+    batch = t.batch_size or cfg.data.batch_size
+    return [(f"data.tasks.{key}.group_size", t.group_size, t.group_size >= 2 and batch % t.group_size == 0,
+             f"must be >= 2 and divide the task's batch size {batch} (data.tasks.{key}.group_by is set)")]
 
 
 def _validate_modalities(cfg: Config) -> None:

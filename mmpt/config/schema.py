@@ -54,6 +54,11 @@ class TaskTerms:
     # trains the task). A pair whose both sides only make sense once text has shaped them (video-audio from
     # scratch is noise for the shared trunk) starts late.
     start_step: int = 0
+    # Hard negatives: each batch is made of runs of group_size samples sharing this field of their json (e.g.
+    # "label"), so every sample meets group_size - 1 negatives of its own group, which the easier attribute cannot
+    # tell apart. group_size divides the task's batch size.
+    group_by: Optional[str] = None
+    group_size: int = 0
 
 
 @dataclass

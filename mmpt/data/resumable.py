@@ -5,9 +5,14 @@ Every random decision is drawn from an RNG seeded by (seed, rank, logical worker
 stream is a pure function of its counters. The state is those counters, the open shard of each slot with
 its offset, and the shuffle buffer as (shard, index) references; restoring re-opens each slot's shard and
 skips to its offset, and re-reads the buffered samples by reference. No sample is repeated or skipped.
+
+Grouped (data.tasks.<pair>.group_by): the stream hands out runs of `size` buffered samples that share one field of
+their json (e.g. the class), so a batch of B holds B/size groups: each sample meets size-1 negatives of its own
+group (P x K sampling, as in metric learning). The run's group and the samples left in it are part of the state.
 """
 from __future__ import annotations
 
+import json
 import random
 import zlib
 from collections import Counter
@@ -28,6 +33,25 @@ class Source:
     modalities: list
     weight: float = 1.0
     augment: Any = None  # this source's AugmentConfig (mmpt.config.source_augment); None: the loader's settings'
+
+
+@dataclass
+class Grouping:
+    field: str  # the json field samples of a group share
+    size: int  # samples in a row from one group
+
+
+def group_of(sample: dict, field: str) -> str | None:
+    """The sample's json[field] as a key (None without a json, a readable one, or the field): such samples form
+    a group of their own. Cached in the sample, as the buffer asks again for each pop."""
+    if "__group__" not in sample:
+        try:
+            meta = json.loads(sample["json"]) if "json" in sample else None
+        except (ValueError, UnicodeDecodeError):
+            meta = None  # the decoder counts the bad json when this sample is decoded
+        value = meta.get(field) if isinstance(meta, dict) else None
+        sample["__group__"] = None if value is None else json.dumps(value, sort_keys=True)
+    return sample["__group__"]
 
 
 def rng_for(*parts) -> random.Random:
@@ -71,8 +95,8 @@ class WorkerStream:
     """One logical worker's infinite, exactly resumable stream of raw samples."""
 
     def __init__(self, sources: list, seed: int, rank: int, worker: int, slots: int, buffer: int,
-                 counter: SkipCounter, state: dict | None = None):
-        self.sources, self.key = sources, (seed, rank, worker)
+                 counter: SkipCounter, state: dict | None = None, grouping: Grouping | None = None):
+        self.sources, self.key, self.grouping = sources, (seed, rank, worker), grouping
         self.n_slots, self.buffer_size, self.counter = max(1, slots), buffer, counter
         self.weights = [s.weight for s in sources]
         state = state or {}
@@ -83,6 +107,9 @@ class WorkerStream:
             src, slot, url, offset = entry
             self.slots[(src, slot)] = [url, offset, self._open(url, skip=offset)]
         self.buffer = self._rebuild(state.get("buffer", []))
+        # Grouped streams: samples handed out, the current run's group and how many of it are still to come.
+        self.emitted, self.run_group, self.run_left = state.get("emitted", 0), state.get("run_group"), \
+            state.get("run_left", 0)
 
     def _open(self, url: str, skip: int = 0):
         it = shard_samples(url, self.counter.tar_handler(url))
@@ -128,19 +155,58 @@ class WorkerStream:
         return self._next_from_slot(src, pick.randrange(self.n_slots))
 
     def __iter__(self):
+        if self.grouping is not None:
+            yield from self._grouped()
         while True:
             self.buffer.append(self._draw())
             if len(self.buffer) >= self.buffer_size:
                 i = rng_for(*self.key, "pop", self.drawn).randrange(len(self.buffer))
-                self.buffer[i], self.buffer[-1] = self.buffer[-1], self.buffer[i]
-                sample = self.buffer.pop()
+                sample = self._take(i)
                 sample["__seed__"] = zlib.crc32(f"{self.key}:aug:{self.drawn}".encode())
                 yield sample
 
+    def _take(self, i: int) -> dict:
+        self.buffer[i], self.buffer[-1] = self.buffer[-1], self.buffer[i]
+        return self.buffer.pop()
+
+    def _grouped(self):
+        """Runs of `grouping.size` samples sharing json[field], each drawn at random among the buffered ones of
+        the run's group; a run starts with the group of a random buffered sample, so groups come as often as
+        the stream holds them. A group the next buffer_size draws do not bring back ends its run early."""
+        while True:
+            while len(self.buffer) < max(1, self.buffer_size):
+                self.buffer.append(self._draw())
+            pick = rng_for(*self.key, "group-pop", self.emitted)
+            if self.run_left <= 0:
+                self.run_group = self._group(pick.randrange(len(self.buffer)))
+                self.run_left = self.grouping.size
+            members = [i for i in range(len(self.buffer)) if self._group(i) == self.run_group]
+            for _ in range(max(1, self.buffer_size)):
+                if members:
+                    break
+                self.buffer.append(self._draw())
+                if self._group(-1) == self.run_group:
+                    members = [len(self.buffer) - 1]
+            if not members:  # the group ran out: a new run from any buffered sample
+                members = [pick.randrange(len(self.buffer))]
+                self.run_group, self.run_left = self._group(members[0]), self.grouping.size
+            sample = self._take(members[pick.randrange(len(members))])
+            self.run_left -= 1
+            self.emitted += 1
+            sample["__seed__"] = zlib.crc32(f"{self.key}:aug:group:{self.emitted}".encode())
+            yield sample
+
+    def _group(self, i: int) -> str | None:
+        assert self.grouping is not None
+        return group_of(self.buffer[i], self.grouping.field)
+
     def state(self) -> dict:
-        return {"drawn": self.drawn, "opened": list(self.opened),
-                "slots": [[src, slot, url, offset] for (src, slot), (url, offset, _) in sorted(self.slots.items())],
-                "buffer": [[s["__url__"], s["__index__"], s["__source__"]] for s in self.buffer]}
+        state = {"drawn": self.drawn, "opened": list(self.opened),
+                 "slots": [[src, slot, url, offset] for (src, slot), (url, offset, _) in sorted(self.slots.items())],
+                 "buffer": [[s["__url__"], s["__index__"], s["__source__"]] for s in self.buffer]}
+        if self.grouping is not None:
+            state.update(emitted=self.emitted, run_group=self.run_group, run_left=self.run_left)
+        return state
 
 
 def collate(samples: list, modalities: list) -> dict:

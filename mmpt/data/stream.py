@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from mmpt.config import source_augment, task_view
 from mmpt.data.decode import SampleDecoder
 from mmpt.data.media import DecodeSettings
-from mmpt.data.resumable import SkipCounter, Source, WorkerStream, batches, collate, rng_for
+from mmpt.data.resumable import Grouping, SkipCounter, Source, WorkerStream, batches, collate, rng_for
 from mmpt.data.samples import BadSample
 from mmpt.data.shards import list_shards
 from mmpt.distributed import dist_info, shield_from_stop_signals
@@ -48,6 +48,7 @@ class TaskConfig:
     drop_token: dict | None = None  # modality -> DropToken rate for this task; None: the model's
     settings: DecodeSettings | None = None  # this task's sizes (data.tasks); None: the run's
     start_step: int = 0  # the step it joins the mix (data.tasks.<pair>.start_step)
+    grouping: Grouping | None = None  # batches of groups sharing a json field (data.tasks.<pair>.group_by)
 
 
 class TaskStream(IterableDataset):
@@ -70,7 +71,7 @@ class TaskStream(IterableDataset):
         seed = f"{self.seed}:task:{self.task.name}"
         seed = seed if not self.restart else f"{seed}:restart:{self.restart}"
         stream = WorkerStream(self.task.sources, seed, rank, worker, self.slots, self.buffer, counter,
-                              self.resume_states.get(worker))
+                              self.resume_states.get(worker), self.task.grouping)
         decoders = [SampleDecoder(s.modalities, self.source_settings(s), train=True) for s in self.task.sources]
         return batches(stream, decoders, self.task.batch_size, self.task.modalities, counter, worker, self.max_bad)
 
@@ -251,11 +252,15 @@ def tasks_from_config(cfg, expand: bool = True) -> tuple[dict, dict]:
                                      (terms and terms.batch_size) or cfg.data.batch_size,
                                      terms.loss_weight if terms else 1.0, terms.drop_token if terms else None,
                                      DecodeSettings.from_config(task_view(cfg, terms)),
-                                     terms.start_step if terms else 0)
+                                     terms.start_step if terms else 0, grouping_of(terms))
         task = tasks[name]
         task.sources.append(src)
         weights[name] = weights.get(name, 0.0) + src.weight
     return tasks, weights
+
+
+def grouping_of(terms) -> Grouping | None:
+    return Grouping(terms.group_by, terms.group_size) if terms is not None and terms.group_by else None
 
 
 def train_loader(cfg, seed: int) -> MultiTaskLoader:
