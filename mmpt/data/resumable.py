@@ -107,9 +107,8 @@ class WorkerStream:
             src, slot, url, offset = entry
             self.slots[(src, slot)] = [url, offset, self._open(url, skip=offset)]
         self.buffer = self._rebuild(state.get("buffer", []))
-        # Grouped streams: samples handed out, the current run's group and how many of it are still to come.
-        self.emitted, self.run_group, self.run_left = state.get("emitted", 0), state.get("run_group"), \
-            state.get("run_left", 0)
+        # Grouped streams: the current run's group and how many of it are still to come.
+        self.run_group, self.run_left = state.get("run_group"), state.get("run_left", 0)
 
     def _open(self, url: str, skip: int = 0):
         it = shard_samples(url, self.counter.tar_handler(url))
@@ -192,7 +191,6 @@ class WorkerStream:
                 self.run_group, self.run_left = self._group(members[0]), self.grouping.size
             sample = self._take(members[pick.randrange(len(members))])
             self.run_left -= 1
-            self.emitted += 1
             sample["__seed__"] = zlib.crc32(f"{self.key}:aug:group:{self.emitted}".encode())
             yield sample
 
@@ -205,8 +203,13 @@ class WorkerStream:
                  "slots": [[src, slot, url, offset] for (src, slot), (url, offset, _) in sorted(self.slots.items())],
                  "buffer": [[s["__url__"], s["__index__"], s["__source__"]] for s in self.buffer]}
         if self.grouping is not None:
-            state.update(emitted=self.emitted, run_group=self.run_group, run_left=self.run_left)
+            state.update(run_group=self.run_group, run_left=self.run_left)
         return state
+
+    @property
+    def emitted(self) -> int:
+        """Samples handed out so far: every drawn sample is either handed out or still buffered."""
+        return self.drawn - len(self.buffer)
 
 
 def collate(samples: list, modalities: list) -> dict:
