@@ -138,6 +138,9 @@ class LossConfig:
     contrastive_ring: bool = False  # stream column blocks around the ranks instead of gathering them
     contrastive_kind: Literal["softmax", "sigmoid"] = "softmax"  # InfoNCE, or SigLIP (a learnable bias per pair)
     init_logit_bias: float = -10.0  # sigmoid only (SigLIP's init; pair it with init_temperature: 0.1)
+    # Subtract the batch's mean embedding of each modality before the contrastive losses (mmpt.losses.centre);
+    # evaluation subtracts the model's running mean of it.
+    centre_embeddings: bool = False
 
 
 @dataclass

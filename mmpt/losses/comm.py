@@ -56,3 +56,21 @@ def circulate(tensors: list, group):
         # The block just sent is free now (unless it is this rank's own input): it takes the next receive.
         spare = current if step > 0 else None
         current = incoming if incoming is not None else []
+
+
+class AllReduceWithGrad(torch.autograd.Function):
+    """all_reduce (sum) whose backward all-reduces the gradient: every rank's loss uses the sum, so each rank's
+    share of it gets every rank's gradient (then averaged across ranks like any gradient, as GatherWithGrad's)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, group) -> torch.Tensor:
+        ctx.group = group
+        out = x.clone().contiguous()
+        dist.all_reduce(out, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        grad = grad.clone().contiguous()
+        dist.all_reduce(grad, group=ctx.group)
+        return grad, None

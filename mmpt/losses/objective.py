@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 
 from mmpt.losses.captioning import caption_loss
+from mmpt.losses.centre import centred
 from mmpt.losses.contrastive import contrastive_loss
 from mmpt.modality import pair_name, pairs
 
@@ -24,11 +25,14 @@ MOE_METRICS = ("dropped_rate", "router_entropy", "global_entropy", "balance")
 
 def contrastive_terms(emb: dict, logit_scale: dict, loss_cfg, group=None, logit_bias: dict | None = None) -> tuple:
     """Weighted sum of the contrastive losses of every modality pair in `emb`, and the per-pair metrics
-    (`contrastive_loss/<pair>`, `logit_scale/<pair>`, `logit_bias/<pair>`; pairs spelled as mmpt.modality)."""
+    (`contrastive_loss/<pair>`, `logit_scale/<pair>`, `logit_bias/<pair>`; pairs spelled as mmpt.modality).
+    With `loss.centre_embeddings` each modality's embeddings are first centred on the group batch's mean."""
     losses, total = {}, 0.0
     if loss_cfg.contrastive_kind == "sigmoid" and logit_bias is None:
         raise ValueError("loss.contrastive_kind=sigmoid, but the model has no logit biases: build it with "
                          "mmpt.model.build_for_run(cfg) (or build_model(..., init_logit_bias=...))")
+    if loss_cfg.centre_embeddings:  # each modality once, whatever pairs it is in (mmpt.losses.centre)
+        emb = {m: centred(e, group) for m, e in emb.items()}
     for a, b in pairs(emb):
         pair = pair_name(a, b)
         bias = logit_bias[pair] if logit_bias is not None and loss_cfg.contrastive_kind == "sigmoid" else None

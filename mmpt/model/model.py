@@ -5,6 +5,7 @@ import math
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from mmpt import modality as registry
@@ -23,6 +24,33 @@ def build_trunk(cfg) -> Trunk:
     return Trunk(cfg.width, cfg.depth, cfg.heads, lambda i: make_ffn(cfg, i), cfg.dropout, cfg.grad_checkpointing)
 
 
+class Centres(nn.Module):
+    """Per modality, a running mean of the training batches' mean unit embedding (`loss.centre_embeddings`,
+    mmpt.losses.centre): evaluation subtracts it where training subtracted the batch's own mean. All zeros (a
+    run trained without centring, or a checkpoint from before it): embeddings are left as they are."""
+
+    MOMENTUM = 0.9  # a modality's centre follows its last ~10 batches: the embeddings drift as they train
+
+    def __init__(self, modalities: list, dim: int):
+        super().__init__()
+        for m in modalities:
+            self.register_buffer(m, torch.zeros(dim))
+
+    def subtract(self, modality: str, emb: torch.Tensor) -> torch.Tensor:
+        centre = getattr(self, modality)
+        if not bool(centre.any()):
+            return emb
+        return F.normalize(emb - centre.to(emb.dtype), dim=-1)
+
+    @torch.no_grad()
+    def update(self, modality: str, mean: torch.Tensor) -> None:
+        centre = getattr(self, modality)
+        if bool(centre.any()):
+            centre.lerp_(mean.to(centre.dtype), 1 - self.MOMENTUM)
+        else:
+            centre.copy_(mean)
+
+
 class MultimodalModel(nn.Module):
     def __init__(self, cfg, init_temperature: float = 0.07, max_logit_scale: float = 100.0,
                  init_logit_bias: Optional[float] = None):
@@ -39,6 +67,7 @@ class MultimodalModel(nn.Module):
         # model.own_trunk: separate towers (open_clip's text tower) where asked; modality is data here too
         self.own_trunks = nn.ModuleDict({m: build_trunk(cfg) for m in cfg.own_trunk})
         self.heads = nn.ModuleDict({m: EmbeddingHead(cfg.width, cfg.heads, cfg.embed_dim) for m in own})
+        self.centres = Centres(list(cfg.modalities), cfg.embed_dim)  # per modality: image and video share a head
         pairs = [registry.pair_name(a, b) for a, b in registry.pairs(cfg.modalities)]
         # One learnable temperature per modality pair (log scale, clamped in forward). Shape (1,), not a
         # scalar: DeepSpeed's parameter broadcast cannot view 0-dim tensors as bytes.
@@ -61,8 +90,10 @@ class MultimodalModel(nn.Module):
         tokens, mask = self.stems[stem](volume) if drop_token is None else self.stems[stem](volume, drop_token)
         trunk = self.own_trunks[stem] if stem in self.own_trunks else self.trunk
         trunk = trunk(tokens + self.modality[stem], mask)
-        return {"emb": self.heads[stem](trunk["hidden"], mask), "hidden": trunk["hidden"], "mask": mask,
-                "aux": trunk["aux"]}
+        emb = self.heads[stem](trunk["hidden"], mask)
+        if not self.training:  # training centres on the batch, in the loss
+            emb = self.centres.subtract(modality, emb)
+        return {"emb": emb, "hidden": trunk["hidden"], "mask": mask, "aux": trunk["aux"]}
 
     def logit_scale(self, pair: str) -> torch.Tensor:
         return self.log_scales[pair].clamp(max=self.max_log_scale).exp()[0]
@@ -99,7 +130,10 @@ class MultimodalModel(nn.Module):
 
 
 def _rename_old_pair_keys(module, state_dict, prefix, *args) -> None:
-    """Checkpoints from before the one pair spelling named pair parameters `a_b` (alphabetical): rename them."""
+    """Checkpoints from before the one pair spelling named pair parameters `a_b` (alphabetical): rename them.
+    Checkpoints from before `loss.centre_embeddings` have no centres: zeros, which leave embeddings as they are."""
+    for m in module.cfg.modalities:
+        state_dict.setdefault(f"{prefix}centres.{m}", torch.zeros(module.cfg.embed_dim))
     for group in ("log_scales", "logit_biases"):
         start = f"{prefix}{group}."
         for key in [k for k in state_dict if k.startswith(start) and "_" in k[len(start):]]:

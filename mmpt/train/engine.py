@@ -13,6 +13,7 @@ from torch import nn
 from mmpt.data.stream import tasks_from_config
 from mmpt.losses.accumulate import surrogate
 from mmpt.losses.captioning import compiled_caption_loss
+from mmpt.losses.centre import batch_mean
 from mmpt.losses.objective import PAIR_PARAMS, objective
 from mmpt.model.moe import NativeMoE
 from mmpt.model.trunk import Block
@@ -33,13 +34,24 @@ class TrainModule(nn.Module):
         """drop_token: the task's DropToken rates by modality (data.tasks), over the model's own."""
         if encode_only:
             out = self.model(batch, caption=False, drop_token=drop_token)
+            self._track_centres(out["emb"])
             keep = ("emb", *PAIR_PARAMS)
             return {**{k: out[k] for k in keep if k in out}, "caption_tokens": out.get("caption_tokens", 0)}
         out = self.model(batch, drop_token=drop_token)
+        if cached is None:  # an accumulated step tracked its micro-batch in the encode_only pass
+            self._track_centres(out["emb"])
         with compiled_caption_loss(self.compiled_loss):
             losses = surrogate(out, cached, self.loss_cfg) if cached is not None else objective(out, self.loss_cfg,
                                                                                                  self.group)
         return {**losses, **{f"tokens/{m}": n.float() for m, n in out["tokens"].items()}}
+
+
+    def _track_centres(self, emb: dict) -> None:
+        """The model's running centres (what evaluation subtracts) follow the batch means over every rank, so
+        that every rank keeps the same buffers."""
+        if self.loss_cfg.centre_embeddings and self.training:
+            for m, e in emb.items():
+                self.model.centres.update(m, batch_mean(e.detach(), grad=False))
 
 
 def clear_grad_partitions(engine) -> None:
