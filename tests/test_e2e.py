@@ -10,6 +10,7 @@ import torch
 from mmpt.export import load_pretrained
 from mmpt.hub import from_pretrained
 from mmpt.train.checkpoint import latest_tag
+from mmpt.train.consolidate import consolidated_state_dict
 from mmpt.train.runlog import read_metrics
 from tests.conftest import run
 
@@ -66,6 +67,10 @@ def test_train_checkpoint_resume_eval_export(demo_data, tmp_path):
     tasks = {m["task"] for m in metrics}
     assert len(tasks) >= 2 and tasks <= {"image-text", "audio-text", "video-text", "video-audio"}, tasks
     assert any(k.startswith("moe/") and k.endswith("/dropped_rate") for m in metrics for k in m)
+    # The demo config centres embeddings (loss.centre_embeddings): the running centres of every trained
+    # modality reach the consolidated weights that evaluation and export load.
+    state = consolidated_state_dict(ckpt)
+    assert all(state[f"centres.{m}"].any() for m in ("image", "text")), sorted(k for k in state if "centres" in k)
 
     result_path = tmp_path / "zeroshot.json"
     proc = run([sys.executable, "-m", "mmpt.cli", "eval", "zeroshot", "--run", str(out), "--out", str(result_path)])
