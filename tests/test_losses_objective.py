@@ -18,9 +18,9 @@ PAIR = pair_name("image", "text")
 ROWS, TOKENS, VOCAB = (3, 5), (4, 7), 11  # two micro-batches: their rows and their caption tokens
 
 
-def _loss_cfg(kind: str) -> SimpleNamespace:
+def _loss_cfg(kind: str, centre: bool = False) -> SimpleNamespace:
     return SimpleNamespace(contrastive_kind=kind, contrastive_chunk=None, contrastive_ring=False, max_logit_scale=100.0,
-                           contrastive_weight=0.7, caption_weight=0.3)
+                           contrastive_weight=0.7, caption_weight=0.3, centre_embeddings=centre)
 
 
 def _leaves(kind: str) -> dict:
@@ -58,9 +58,10 @@ def _grads(leaves: dict) -> dict:
     return {k: v.grad.clone() for k, v in leaves.items() if v.grad is not None}
 
 
+@pytest.mark.parametrize("centre", [False, True])
 @pytest.mark.parametrize("kind", ["softmax", "sigmoid"])
-def test_accumulated_terms_give_the_whole_batch_objective_and_gradients(kind):
-    cfg = _loss_cfg(kind)
+def test_accumulated_terms_give_the_whole_batch_objective_and_gradients(kind, centre):
+    cfg = _loss_cfg(kind, centre)
     leaves = _leaves(kind)
     whole = objective(_out(leaves, slice(None), slice(None), None), cfg)
     whole["loss"].backward()

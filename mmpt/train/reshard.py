@@ -56,11 +56,25 @@ def load(engine, ckpt_dir: Path, universal_tag: str, zero_stage: int) -> dict:
         raise RuntimeError(f"{ckpt_dir / universal_tag}: DeepSpeed could not load the universal checkpoint")
     if zero_stage == 3:
         _fix_zero3_groups(engine, ckpt_dir / universal_tag, names)
+    _restore_buffers(engine, ckpt_dir / universal_tag[:-len(SUFFIX)])
     dist.barrier()
     if dist.get_rank() == 0:
         shutil.rmtree(ckpt_dir / universal_tag, ignore_errors=True)
         (ckpt_dir / "latest_universal").unlink(missing_ok=True)
     return client_state or {}
+
+
+def _restore_buffers(engine, step_dir: Path) -> None:
+    """DeepSpeed 0.19.8's ZeRO-3 universal load leaves the module's buffers (the model's running centres) as the
+    fresh engine built them: take them from the checkpoint that was converted."""
+    files = sorted(step_dir.glob("*mp_rank_00_model_states.pt"))
+    if not files:
+        return
+    saved = torch.load(files[0], map_location="cpu", weights_only=False).get("module") or {}
+    with torch.no_grad():
+        for name, buf in engine.module.named_buffers():
+            if name in saved:
+                buf.copy_(saved[name].to(buf.device, buf.dtype))
 
 
 def _fix_zero3_groups(engine, universal_dir: Path, names: list) -> None:
