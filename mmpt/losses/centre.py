@@ -21,16 +21,13 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from mmpt.losses.comm import AllReduceWithGrad
-
-
-def _distributed() -> bool:
-    return dist.is_available() and dist.is_initialized()
+from mmpt.losses.contrastive import _world
 
 
 def batch_mean(emb: torch.Tensor, group=None, grad: bool = True) -> torch.Tensor:
     """fp32 mean of `emb`'s rows over every rank of `group` (the default group when distributed); with
     `grad`, differentiable to every rank's rows."""
-    if not _distributed() or dist.get_world_size(group) == 1:
+    if _world(group) == 1:
         return emb.float().mean(0)
     stats = torch.cat([emb.float().sum(0), emb.new_full((1,), emb.size(0), dtype=torch.float32)])
     if grad:

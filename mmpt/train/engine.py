@@ -45,7 +45,6 @@ class TrainModule(nn.Module):
                                                                                                  self.group)
         return {**losses, **{f"tokens/{m}": n.float() for m, n in out["tokens"].items()}}
 
-
     def _track_centres(self, emb: dict) -> None:
         """The model's running centres (what evaluation subtracts) follow the batch means over every rank, so
         that every rank keeps the same buffers."""
