@@ -25,11 +25,14 @@ from tests.conftest import BIN, ROOT, run
 pytestmark = pytest.mark.slow
 
 # 2 ranks, ZeRO-3, DropToken on image and video, GradCache (2 micro-batches a step), an MoE layer, three tasks
-# (video-audio from step 0: the demo config starts it at 500).
-TINY = ["deepspeed.zero_stage=3", "model.width=32", "model.depth=2", "model.heads=2", "model.embed_dim=32",
-        "data.batch_size=8", "train.log_every=1", "train.ckpt_every=10", "optim.warmup_steps=2", "optim.lr=0.005",
-        "eval.every=0", "model.drop_token={image: 0.25, video: 0.5}", "train.accumulate=2", "model.moe.last=1",
-        "data.tasks={video-audio: {start_step: 0}}"]
+# (video-audio from step 0: the demo config starts it at 500). Uncentred embeddings: centring cancels the
+# embeddings' shared direction, which amplifies float rounding into the trajectory; the compiled and eager runs
+# (compile touches the blocks, not the loss) then part by up to 4.8e-5 by step 11 against 1.1e-7 uncentred. What
+# these tests check (restore, compile) does not depend on it; tests/test_centre.py checks centring itself.
+TINY = ["loss.centre_embeddings=false", "deepspeed.zero_stage=3", "model.width=32", "model.depth=2", "model.heads=2",
+        "model.embed_dim=32", "data.batch_size=8", "train.log_every=1", "train.ckpt_every=10",
+        "optim.warmup_steps=2", "optim.lr=0.005", "eval.every=0", "model.drop_token={image: 0.25, video: 0.5}",
+        "train.accumulate=2", "model.moe.last=1", "data.tasks={video-audio: {start_step: 0}}"]
 
 
 def args(data: Path, out: Path, steps: int, *extra) -> list:
