@@ -8,6 +8,7 @@ import pytest
 
 import mmpt.bench as bench
 from mmpt.cli import main
+from tests.conftest import ROOT
 
 # Every command line the benches took before each declared its own flags, as the README and docs show them.
 KNOWN = [["data", "--json", "--samples", "64", "--size", "64"], ["moe", "--json"], ["loss", "--json"],
@@ -70,3 +71,12 @@ def test_bench_help_lists_the_bench_flags():
     proc = subprocess.run([sys.executable, "-m", "mmpt.cli", "bench", "parity", "--help"], capture_output=True,
                           text=True, timeout=120)
     assert proc.returncode == 0 and "--mmpt-override" in proc.stdout and "--seeds" in proc.stdout
+
+
+def test_the_old_vs_open_clip_script_runs_the_parity_bench():
+    """Issue 22 and the older notes name data_pipelines/vs_open_clip.py; it forwards to `mmpt bench parity`."""
+    script = [sys.executable, "data_pipelines/vs_open_clip.py"]
+    proc = subprocess.run([*script, "--help"], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert proc.returncode == 0 and "--equal-time" in proc.stdout and "--seeds" in proc.stdout
+    proc = subprocess.run([*script, "--steps", "0"], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert proc.returncode == 2 and "mmpt bench parity: error: argument --steps" in proc.stderr
